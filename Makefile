@@ -1,0 +1,54 @@
+# Two commands on a fresh machine: `make serve` (every pattern, embedded defaults) and
+# `make test` (the whole suite). Both run `setup` first; setup is idempotent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Reinstall when the dependency files change; otherwise setup is a few seconds.
+DEPS_STAMP := $(VENV)/.deps-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: setup deps artifacts serve test lint format bench serve-config clean
+
+setup: deps artifacts
+
+deps: $(DEPS_STAMP)
+
+$(DEPS_STAMP): pyproject.toml constraints.txt
+	@echo "[setup 1/3] virtual environment in $(VENV)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "[setup 2/3] installing the project with pinned dependencies (constraints.txt)"
+	@echo "            first run: torch and ray are large; this takes a few minutes"
+	$(PY) -m pip install --progress-bar on --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	@rm -f $(VENV)/.deps-*
+	@touch $@
+
+artifacts: deps
+	@echo "[setup 3/3] default model artifacts and seed data (built only when missing)"
+	$(PY) -m scripts.build_artifacts
+
+serve: setup
+	$(PY) -m scripts.serve_all
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy core
+
+format: deps
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+serve-config: deps
+	$(PY) -m scripts.build_serve_config
+
+bench: setup
+	@for b in patterns/*/benchmark.py; do \
+		echo "== $$b"; $(PY) -m $$(echo $${b%.py} | tr / .) || exit 1; \
+	done
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,235 @@
+"""Helpers for FastAPI ingresses under ``@serve.ingress``.
+
+``install_ingress(app, ...)`` gives every pattern the same edge behaviour:
+- a request id: the one Serve's proxy assigned (``x-request-id``), or a new one outside Serve,
+  echoed in the ``X-Request-ID`` response header and in every error body;
+- a request body limit: 413 before the handler reads an oversized body;
+- JSON errors for every 4xx/5xx: ``{"error": {"status", "message", "request_id"}}`` with a
+  sentence a person can act on and never a traceback;
+- ``GET /healthz``: liveness plus whatever the pattern's ``health`` callable reports.
+  Keep dependency checks out of it: a database outage is not a reason for Serve to restart
+  the replica (that is a restart storm); report dependencies as fields instead.
+
+``api_key_auth(keys)`` is a FastAPI dependency: 401 without a key, 403 with a wrong one,
+compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import inspect
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from core.errors import Forbidden, HTTPError, Unauthorized
+
+logger = logging.getLogger("core.ingress")
+
+REQUEST_ID_HEADER = "x-request-id"
+_STATUS_SENTENCES = {
+    404: "No such route; see the OpenAPI docs at /docs under this app's prefix.",
+    405: "This route does not accept that HTTP method.",
+}
+
+
+def _in_serve_replica() -> bool:
+    try:
+        from ray.serve.context import _get_internal_replica_context
+
+        return _get_internal_replica_context() is not None
+    except Exception:
+        return False
+
+
+def request_id_of(scope_or_request: Scope | Request) -> str:
+    scope = scope_or_request.scope if isinstance(scope_or_request, Request) else scope_or_request
+    return str(scope.get("state", {}).get("request_id", "")) or "-"
+
+
+def error_body(status: int, message: str, request_id: str) -> dict[str, Any]:
+    return {"error": {"status": status, "message": message, "request_id": request_id}}
+
+
+def _json_error(
+    status: int, message: str, request_id: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(status, message, request_id), status_code=status, headers=headers
+    )
+
+
+class _EdgeMiddleware:
+    """Request id, body limit and last-resort 500, as one pure ASGI middleware."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        # Outside Serve nobody else echoes the id; inside a replica Serve's proxy already
+        # does. Decided on first request: the app object is often built at import time.
+        self.echo_request_id: bool | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.echo_request_id is None:
+            self.echo_request_id = not _in_serve_replica()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = False
+        overflow = False  # body went over the limit while the app was reading it
+
+        async def send_raw(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if self.echo_request_id:
+                    message["headers"] = [
+                        *message.get("headers", []),
+                        (b"x-request-id", request_id.encode("latin-1")),
+                    ]
+            await send(message)
+
+        async def send_app(message: Message) -> None:
+            # FastAPI turns a failed body read into its own 400; after an overflow we drop
+            # whatever the app says and answer 413 ourselves.
+            if not overflow:
+                await send_raw(message)
+
+        async def reply(status: int, message: str) -> None:
+            await _json_error(status, message, request_id)(scope, receive, send_raw)
+
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await reply(400, "Content-Length must be a whole number of bytes.")
+                return
+            if int(declared) > self.max_body_bytes:
+                await reply(413, self._too_large(int(declared)))
+                return
+
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received, overflow
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    overflow = True
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, receive_limited, send_app)
+        except _BodyTooLarge:
+            pass
+        except Exception:
+            logger.exception("unhandled error (request id %s)", request_id)
+            if not started:
+                await reply(500, f"Internal error; quote request id {request_id} when reporting.")
+                return
+        if overflow and not started:
+            await reply(413, self._too_large(received))
+
+    def _too_large(self, size: int) -> str:
+        return (
+            f"Request body is {size} bytes; this endpoint accepts at most "
+            f"{self.max_body_bytes} bytes."
+        )
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _validation_sentence(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:10]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        msg = str(err.get("msg", "invalid value"))
+        if err.get("type") == "json_invalid":
+            return "The request body is not valid JSON."
+        if err.get("type") == "missing" and loc == "body":
+            return "The request body is empty; send a JSON object."
+        parts.append(f"{loc}: {msg}")
+    return "Invalid request: " + "; ".join(parts) + "."
+
+
+def install_ingress(
+    app: FastAPI,
+    *,
+    app_name: str,
+    max_body_bytes: int = 1_000_000,
+    health: Callable[[], Awaitable[dict[str, Any]] | dict[str, Any]] | None = None,
+) -> FastAPI:
+    """Add request ids, a body limit, JSON errors and ``GET /healthz`` to ``app``."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_exc(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code in _STATUS_SENTENCES and detail in ("Not Found", "Method Not Allowed"):
+            detail = _STATUS_SENTENCES[exc.status_code]
+        return _json_error(exc.status_code, detail, request_id_of(request), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_exc(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _json_error(422, _validation_sentence(exc), request_id_of(request))
+
+    @app.exception_handler(HTTPError)
+    async def _cookbook_exc(request: Request, exc: HTTPError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if exc.status_code == 503 else None
+        if exc.status_code == 401:
+            headers = {"WWW-Authenticate": "APIKey"}
+        return _json_error(exc.status_code, exc.message, request_id_of(request), headers)
+
+    @app.get("/healthz", tags=["ops"], summary="Liveness and model/dependency info")
+    async def healthz() -> dict[str, Any]:
+        body: dict[str, Any] = {"status": "ok", "app": app_name}
+        if health is not None:
+            extra = health()
+            if inspect.isawaitable(extra):
+                extra = await extra
+            body.update(extra)
+        return body
+
+    app.add_middleware(_EdgeMiddleware, max_body_bytes=max_body_bytes)
+    return app
+
+
+def key_id(key: str) -> str:
+    """A loggable name for an API key (never log the key itself)."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def api_key_auth(
+    keys: Callable[[], Iterable[str]] | Iterable[str], header: str = "X-API-Key"
+) -> Callable[..., Awaitable[str]]:
+    """A FastAPI dependency: 401 without a key, 403 with a wrong one. Returns the key's id."""
+    scheme = APIKeyHeader(name=header, auto_error=False, description="API key")
+
+    async def check(presented: str | None = Security(scheme)) -> str:
+        if not presented:
+            raise Unauthorized(f"Missing API key: send it in the {header} header.")
+        valid = list(keys() if callable(keys) else keys)
+        # Compare against every key, always, so timing does not reveal which one was close.
+        ok = False
+        for candidate in valid:
+            ok |= hmac.compare_digest(presented.encode(), candidate.encode())
+        if not ok:
+            raise Forbidden("The API key is not valid for this service.")
+        return key_id(presented)
+
+    return check

@@ -1,0 +1,115 @@
+"""Resource profiles: ask for a GPU fraction, get a CPU placement where there is no GPU.
+
+A stage states what it wants (``StageResources``) in the pattern's config. When the app is
+built, ``resolve_actor_options`` turns that into Ray ``ray_actor_options``; on a cluster with
+no GPU a GPU request becomes a CPU placement instead of a replica that waits forever for a
+GPU. The choice is logged once per stage, so an operator can see why a replica landed where
+it did.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from core.settings import get_settings
+
+logger = logging.getLogger("core.resources")
+
+
+class StageResources(BaseModel):
+    """What one deployment's replica asks for. Config, not code."""
+
+    # Small fractions on purpose: every pattern runs together on a 2-core laptop profile.
+    num_cpus: float = Field(default=0.1, ge=0)
+    # 0.5 and 0.25 let two or four model replicas share one GPU (fractional GPUs).
+    num_gpus: float = Field(default=0.0, ge=0)
+    # CPUs to ask for instead when num_gpus cannot be honoured (None: keep num_cpus).
+    cpu_fallback_num_cpus: float | None = Field(default=None, ge=0)
+    memory_mb: int | None = Field(default=None, gt=0)
+
+
+def _local_gpu_count() -> int:
+    """GPUs on this host, without importing torch or calling Ray."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    gpus = Path("/proc/driver/nvidia/gpus")
+    try:
+        return sum(1 for _ in gpus.iterdir()) if gpus.is_dir() else 0
+    except OSError:
+        return 0
+
+
+def cluster_gpu_count() -> float:
+    """GPUs the app can be placed on: the Ray cluster's if connected, else this host's."""
+    mode = get_settings().accelerator
+    if mode == "cpu":
+        return 0.0
+    try:
+        import ray
+
+        if ray.is_initialized():
+            gpus = float(ray.cluster_resources().get("GPU", 0.0))
+            return gpus if mode == "auto" else max(gpus, 1.0)
+    except Exception:  # pragma: no cover - a broken Ray install is reported elsewhere
+        logger.warning("could not read cluster resources; assuming no GPU", exc_info=True)
+    local = float(_local_gpu_count())
+    return local if mode == "auto" else max(local, 1.0)
+
+
+def resolve_actor_options(
+    res: StageResources, stage: str, *, gpus_available: float | None = None
+) -> dict[str, Any]:
+    """Ray ``ray_actor_options`` for ``res``, falling back to CPU where no GPU exists."""
+    gpus = cluster_gpu_count() if gpus_available is None else gpus_available
+    options: dict[str, Any] = {"num_cpus": res.num_cpus}
+    if res.memory_mb:
+        options["memory"] = res.memory_mb * 1024 * 1024
+    if res.num_gpus > 0 and gpus > 0:
+        options["num_gpus"] = res.num_gpus
+        logger.info("stage %s: placed on GPU (num_gpus=%s)", stage, res.num_gpus)
+    elif res.num_gpus > 0:
+        if res.cpu_fallback_num_cpus is not None:
+            options["num_cpus"] = res.cpu_fallback_num_cpus
+        logger.warning(
+            "stage %s: asked for num_gpus=%s but the cluster has no GPU; placed on CPU "
+            "(num_cpus=%s)",
+            stage,
+            res.num_gpus,
+            options["num_cpus"],
+        )
+    return options
+
+
+def wants_gpu(options: dict[str, Any]) -> bool:
+    """Whether resolved actor options put the replica on a GPU (to pick the torch device)."""
+    return float(options.get("num_gpus", 0) or 0) > 0
+
+
+# Starting points for autoscaling_config, to copy into a deployment's config.
+# https://docs.ray.io/en/latest/serve/advanced-guides/advanced-autoscaling.html
+AUTOSCALING_PRESETS: dict[str, dict[str, Any]] = {
+    # I/O-bound (DB, cache, HTTP calls): many requests in flight per replica are cheap, so
+    # scale late and on a high target.
+    "io_bound": {
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 32,
+        "upscale_delay_s": 5,
+        "downscale_delay_s": 60,
+    },
+    # Compute-bound (model inference): a replica is busy with a couple of batches; scale early
+    # so queues do not grow, and keep a replica warm because loading a model is slow.
+    "compute_bound": {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 4,
+        "upscale_delay_s": 2,
+        "downscale_delay_s": 120,
+    },
+}

@@ -1,0 +1,149 @@
+"""Run every app in ``serve_config.yaml`` on a local Ray cluster bound to 127.0.0.1.
+
+Foreground: prints each app's URL once it is RUNNING, then serves until Ctrl-C, and takes the
+cluster down on the way out. This is ``make serve``; it is ``serve run serve_config.yaml`` plus a
+loopback-only cluster, a readiness wait and the URL list.
+
+    python -m scripts.serve_all [--config serve_config.yaml] [--num-cpus 2] [--exit-when-ready]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def side_services(config: dict[str, Any]) -> list[list[str]]:
+    """Outside services the configured apps call (a real HTTP API, say), to start beside them.
+
+    A pattern lists them in ``patterns/<name>/services.py`` as ``side_services() -> [argv]``.
+    """
+    commands: list[list[str]] = []
+    for app in config.get("applications", []):
+        package = app["import_path"].split(":")[0].rsplit(".", 1)[0]  # patterns.<name>
+        if importlib.util.find_spec(f"{package}.services") is None:
+            continue
+        module = importlib.import_module(f"{package}.services")
+        commands.extend(module.side_services())
+    return commands
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "serve_config.yaml"))
+    parser.add_argument("--num-cpus", type=float, default=float(os.cpu_count() or 2))
+    parser.add_argument("--timeout-s", type=float, default=600.0)
+    parser.add_argument("--port", type=int, help="HTTP port (default: the config's, 8000)")
+    parser.add_argument(
+        "--exit-when-ready",
+        action="store_true",
+        help="check every app's /healthz once all are RUNNING, then stop (a smoke test)",
+    )
+    args = parser.parse_args(argv)
+
+    config = yaml.safe_load(Path(args.config).read_text())
+    apps = config.get("applications") or []
+    if not apps:
+        print(f"{args.config} lists no applications yet: nothing to serve.", flush=True)
+        return 0
+    config_path = args.config
+    if args.port:
+        config.setdefault("http_options", {})["port"] = args.port
+        fd, config_path = tempfile.mkstemp(suffix=".yaml", prefix="serve_config-")
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+
+    import ray
+    from ray import serve
+    from ray.serve.scripts import run as serve_run_cli
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    print(f"[serve] starting a local Ray cluster on 127.0.0.1 ({args.num_cpus:g} CPUs)", flush=True)
+    ray.init(
+        num_cpus=int(args.num_cpus),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        namespace="serve",
+    )
+    services = []
+    for cmd in side_services(config):
+        services.append(subprocess.Popen(cmd, cwd=ROOT))
+        print(f"[serve] started side service: {' '.join(cmd)}", flush=True)
+
+    def shutdown(*_: Any) -> None:
+        print("\n[serve] shutting down", flush=True)
+        for proc in services:
+            proc.terminate()
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, shutdown)
+    try:
+        # The `serve run` CLI deploys the multi-app config into the cluster we just started.
+        serve_run_cli.main([config_path, "--non-blocking"], standalone_mode=False)
+        http = config.get("http_options", {})
+        base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+        print(f"[serve] deploying {len(apps)} application(s); waiting until they run", flush=True)
+        deadline = time.monotonic() + args.timeout_s
+        while True:
+            status = serve.status().applications
+            states = {
+                a["name"]: status[a["name"]].status if a["name"] in status else "PENDING"
+                for a in apps
+            }
+            failed = {n: s for n, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")}
+            if failed:
+                for name in failed:
+                    print(f"[serve] {name} failed: {status[name].message}", flush=True)
+                shutdown()
+                return 1
+            if all(s == "RUNNING" for s in states.values()):
+                break
+            if time.monotonic() > deadline:
+                print(f"[serve] not ready after {args.timeout_s:.0f}s: {states}", flush=True)
+                shutdown()
+                return 1
+            time.sleep(1)
+        print("[serve] ready:", flush=True)
+        for app in apps:
+            url = base + app["route_prefix"]
+            print(f"  {app['name']:<16} {url}   (docs: {url}/docs)", flush=True)
+        if args.exit_when_ready:
+            import httpx
+
+            ok = True
+            for app in apps:
+                r = httpx.get(base + app["route_prefix"] + "/healthz", timeout=30)
+                print(f"[serve] {app['name']} /healthz -> {r.status_code}", flush=True)
+                ok &= r.status_code == 200
+            for proc in services:
+                proc.terminate()
+            serve.shutdown()
+            ray.shutdown()
+            return 0 if ok else 1
+        print("[serve] Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Suite-wide fixtures: one local Ray cluster and Serve instance for the whole session.
+
+``serve_http`` starts Ray with a few logical CPUs (every deployment asks for small fractions,
+so several apps fit on a 2-core machine) and Serve's HTTP proxy on a free loopback port.
+``deploy(app, name, route_prefix)`` runs an application and returns its base URL; the apps a
+module deployed are deleted when the module ends, so modules do not see each other's apps.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def serve_http() -> Iterator[str]:
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    port = free_port()
+    ray.init(
+        num_cpus=int(os.environ.get("COOKBOOK_TEST_RAY_CPUS", "4")),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=os.environ.get("COOKBOOK_TEST_RAY_LOGS", "0") == "1",
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def deploy(serve_http: str) -> Iterator[Callable[..., str]]:
+    from ray import serve
+
+    deployed: list[str] = []
+
+    def _deploy(app, name: str, route_prefix: str) -> str:
+        serve.run(app, name=name, route_prefix=route_prefix)
+        deployed.append(name)
+        return serve_http + route_prefix
+
+    yield _deploy
+    for name in deployed:
+        serve.delete(name)

@@ -1,0 +1,37 @@
+"""A minimal ingress built only from core helpers, used by the core tests."""
+
+from fastapi import Depends, FastAPI
+from pydantic import BaseModel, Field
+from ray import serve
+
+from core.errors import ServiceUnavailable
+from core.ingress import api_key_auth, install_ingress
+
+api = FastAPI(title="core-ingress-test")
+install_ingress(api, app_name="core-test", max_body_bytes=1024, health=lambda: {"models": []})
+auth = api_key_auth(["k-alpha-123", "k-beta-456"])
+
+
+class Echo(BaseModel):
+    text: str = Field(min_length=1, max_length=500)
+    n: int = Field(ge=0, le=10)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.05})
+@serve.ingress(api)
+class EchoIngress:
+    @api.post("/echo")
+    async def echo(self, body: Echo, key: str = Depends(auth)) -> dict:
+        return {"text": body.text * body.n, "key": key}
+
+    @api.get("/down")
+    async def down(self) -> dict:
+        raise ServiceUnavailable("The feature store is unreachable; retry shortly.")
+
+    @api.get("/crash")
+    async def crash(self) -> dict:
+        raise RuntimeError("secret internals /etc/passwd")
+
+
+def build() -> serve.Application:
+    return EchoIngress.bind()

@@ -1,0 +1,168 @@
+"""Deadline + quorum fan-out, retry budget, circuit breaker: including their failure paths."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from core.resilience import (
+    CircuitBreaker,
+    CircuitOpenError,
+    RetryBudget,
+    gather_with_deadline,
+    retry_async,
+)
+
+
+async def _answer(value, delay: float = 0.0):
+    await asyncio.sleep(delay)
+    return value
+
+
+async def _boom():
+    raise RuntimeError("member exploded")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_quorum_returns_at_deadline_without_waiting_for_slow_member() -> None:
+    async def main():
+        slow = asyncio.ensure_future(_answer("late", delay=5.0))
+        t0 = time.perf_counter()
+        res = await gather_with_deadline(
+            {"a": _answer(1), "b": _answer(2, 0.01), "slow": slow}, deadline_s=0.2, quorum=2
+        )
+        return res, time.perf_counter() - t0, slow
+
+    res, elapsed, slow = asyncio.run(main())
+    assert res.results == {"a": 1, "b": 2}
+    assert res.failed == {"slow": "timeout"}
+    assert res.quorum_met and res.degraded
+    assert elapsed < 1.0  # bounded by the 0.2 s deadline, not the 5 s member
+    assert slow.cancelled()
+
+
+def test_all_fast_is_not_degraded_and_returns_early() -> None:
+    async def main():
+        t0 = time.perf_counter()
+        res = await gather_with_deadline({"a": _answer(1), "b": _answer(2)}, deadline_s=5, quorum=2)
+        return res, time.perf_counter() - t0
+
+    res, elapsed = asyncio.run(main())
+    assert res.results == {"a": 1, "b": 2} and not res.degraded and res.quorum_met
+    assert elapsed < 1.0
+
+
+def test_failed_member_counts_against_quorum() -> None:
+    res = asyncio.run(
+        gather_with_deadline({"a": _answer(1), "bad": _boom()}, deadline_s=1, quorum=2)
+    )
+    assert not res.quorum_met and res.degraded
+    assert res.failed["bad"].startswith("error: RuntimeError: member exploded")
+
+
+def test_quorum_must_be_possible() -> None:
+    with pytest.raises(ValueError):
+        asyncio.run(gather_with_deadline({"a": _answer(1)}, deadline_s=1, quorum=2))
+
+
+def test_breaker_opens_fails_fast_half_opens_and_closes() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("risk", failure_threshold=3, reset_timeout_s=10, clock=clock)
+    calls = {"n": 0}
+
+    async def flaky():
+        calls["n"] += 1
+        raise ConnectionError("down")
+
+    async def ok():
+        calls["n"] += 1
+        return "ok"
+
+    async def main():
+        for _ in range(3):
+            with pytest.raises(ConnectionError):
+                await breaker.call(flaky)
+        assert breaker.state == "open"
+        with pytest.raises(CircuitOpenError):
+            await breaker.call(ok)
+        assert calls["n"] == 3  # open: the dependency was not called
+        clock.now += 10
+        assert breaker.state == "half_open"
+        with pytest.raises(ConnectionError):  # trial fails -> open again at once
+            await breaker.call(flaky)
+        assert breaker.state == "open"
+        clock.now += 10
+        assert await breaker.call(ok) == "ok"  # trial succeeds -> closed
+        assert breaker.state == "closed"
+
+    asyncio.run(main())
+
+
+def test_half_open_allows_a_single_trial() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("x", failure_threshold=1, reset_timeout_s=1, clock=clock)
+
+    async def main():
+        with pytest.raises(ConnectionError):
+            await breaker.call(_raise_conn)
+        clock.now += 1
+        gate = asyncio.Event()
+
+        async def slow_ok():
+            await gate.wait()
+            return 1
+
+        trial = asyncio.ensure_future(breaker.call(slow_ok))
+        await asyncio.sleep(0)
+        with pytest.raises(CircuitOpenError):  # second caller while the trial is in flight
+            await breaker.call(slow_ok)
+        gate.set()
+        assert await trial == 1
+        assert breaker.state == "closed"
+
+    asyncio.run(main())
+
+
+async def _raise_conn():
+    raise ConnectionError("down")
+
+
+def test_retry_succeeds_after_transient_failures() -> None:
+    attempts = {"n": 0}
+
+    async def flaky():
+        attempts["n"] += 1
+        if attempts["n"] < 3:
+            raise TimeoutError("slow")
+        return "ok"
+
+    assert asyncio.run(retry_async(flaky, attempts=3, base_delay_s=0.001)) == "ok"
+    assert attempts["n"] == 3
+
+
+def test_retry_budget_caps_retries_during_an_outage() -> None:
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.1, min_per_s=0.0, window_s=10, clock=clock)
+    calls = {"n": 0}
+
+    async def down():
+        calls["n"] += 1
+        raise ConnectionError("down")
+
+    async def main():
+        for _ in range(50):
+            with pytest.raises(ConnectionError):
+                await retry_async(down, attempts=3, budget=budget, base_delay_s=0)
+
+    asyncio.run(main())
+    # Without a budget 50 requests x 3 attempts = 150 calls; with 10% budget about 55.
+    assert calls["n"] <= 50 + 0.1 * 50 + 1

@@ -1,0 +1,63 @@
+"""Settings refuse placeholder secrets outside development; GPU asks fall back to CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from core.resources import AUTOSCALING_PRESETS, StageResources, resolve_actor_options
+from core.settings import CoreSettings, require_real_secret
+
+
+def test_placeholder_secret_allowed_in_development_only() -> None:
+    assert require_real_secret("dev-key", "API_KEYS", "development") == "dev-key"
+    for placeholder in ("", "changeme", "dev-key", "secret"):
+        with pytest.raises(ValueError, match="placeholder"):
+            require_real_secret(placeholder, "API_KEYS", "production")
+    assert require_real_secret("k9f8a7s6d5", "API_KEYS", "production") == "k9f8a7s6d5"
+
+
+def test_settings_read_env_prefix(monkeypatch) -> None:
+    monkeypatch.setenv("COOKBOOK_MODEL_STORE_URI", "s3://bucket/models")
+    monkeypatch.setenv("COOKBOOK_ENVIRONMENT", "production")
+    s = CoreSettings()
+    assert s.model_store_uri == "s3://bucket/models" and s.environment == "production"
+    assert CoreSettings.model_fields["model_store_uri"].default_factory is not None
+
+
+def test_gpu_fraction_falls_back_to_cpu_and_says_so(caplog) -> None:
+    res = StageResources(num_cpus=0.1, num_gpus=0.5, cpu_fallback_num_cpus=0.25)
+    with caplog.at_level(logging.WARNING, logger="core.resources"):
+        opts = resolve_actor_options(res, "detector", gpus_available=0)
+    assert opts == {"num_cpus": 0.25}
+    assert "no GPU" in caplog.text and "detector" in caplog.text
+
+
+def test_gpu_fraction_kept_on_gpu_cluster() -> None:
+    res = StageResources(num_cpus=0.1, num_gpus=0.25, memory_mb=512)
+    opts = resolve_actor_options(res, "classifier", gpus_available=1)
+    assert opts == {"num_cpus": 0.1, "num_gpus": 0.25, "memory": 512 * 1024 * 1024}
+
+
+def test_accelerator_setting_forces_cpu(monkeypatch) -> None:
+    from core import settings
+
+    monkeypatch.setenv("COOKBOOK_ACCELERATOR", "cpu")
+    settings.get_settings.cache_clear()
+    try:
+        opts = resolve_actor_options(StageResources(num_gpus=1), "x")
+        assert "num_gpus" not in opts
+    finally:
+        settings.get_settings.cache_clear()
+
+
+def test_autoscaling_presets_are_valid_serve_configs() -> None:
+    from ray.serve.config import AutoscalingConfig
+
+    for preset in AUTOSCALING_PRESETS.values():
+        AutoscalingConfig(**preset)
+    assert (
+        AUTOSCALING_PRESETS["io_bound"]["target_ongoing_requests"]
+        > AUTOSCALING_PRESETS["compute_bound"]["target_ongoing_requests"]
+    )

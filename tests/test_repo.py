@@ -1,0 +1,78 @@
+"""Repository-level checks: the multi-app config, the pattern layout, `make serve` itself."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scripts import build_serve_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PATTERNS = sorted(p.parent.name for p in ROOT.glob("patterns/*/app.py"))
+
+
+def test_serve_config_is_generated_from_pattern_configs() -> None:
+    assert build_serve_config.main(["--check"]) == 0, "run `python -m scripts.build_serve_config`"
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+def test_pattern_is_a_copyable_unit(name: str) -> None:
+    folder = ROOT / "patterns" / name
+    for required in ("app.py", "config.yaml", "client.py", "README.md", "__init__.py"):
+        assert (folder / required).exists(), f"patterns/{name}/{required} is missing"
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    (app_cfg,) = config["applications"]
+    assert app_cfg["import_path"].startswith(f"patterns.{name}.")
+    module = importlib.import_module(f"patterns.{name}.app")
+    assert hasattr(module, "build_app") and hasattr(module, "app")
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+def test_importing_a_pattern_does_no_work(name: str, tmp_path) -> None:
+    """Replicas import pattern modules many times: importing must not load models, make
+    directories, touch the network or start Ray."""
+    code = (
+        "import sys, time; t=time.perf_counter();"
+        f"import patterns.{name}.app;"
+        "import ray; assert not ray.is_initialized(), 'ray started at import';"
+        "print(time.perf_counter()-t)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == [], "import created files in the working directory"
+
+
+@pytest.mark.slow
+def test_make_serve_runs_every_app_in_the_config(tmp_path) -> None:
+    """`make serve` minus the foreground wait: every app RUNNING, every /healthz 200."""
+    from tests.conftest import free_port
+
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scripts.serve_all",
+            "--exit-when-ready",
+            "--port",
+            str(free_port()),
+            "--timeout-s",
+            "420",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    if not config["applications"]:
+        assert "lists no applications yet" in out.stdout
+    for app in config["applications"]:
+        assert f"{app['name']} /healthz -> 200" in out.stdout, out.stdout[-3000:]
