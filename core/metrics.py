@@ -39,7 +39,8 @@ class ModelMetrics:
             tag_keys=keys,
         )
         for m in (self._requests, self._latency, self._batch):
-            m.set_default_tags(self.tags)
+            # Serve adds its own deployment/replica tags to the dict it is given: pass a copy.
+            m.set_default_tags(dict(self.tags))
 
     def observe(self, latency_s: float, ok: bool = True) -> None:
         self._requests.inc(tags={"outcome": "ok" if ok else "error"})

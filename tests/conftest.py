@@ -28,7 +28,10 @@ def serve_http() -> Iterator[str]:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     port = free_port()
+    metrics_port = free_port()
+    os.environ["COOKBOOK_TEST_METRICS_PORT"] = str(metrics_port)
     ray.init(
+        _metrics_export_port=metrics_port,  # Prometheus text, scraped by the metrics test
         num_cpus=int(os.environ.get("COOKBOOK_TEST_RAY_CPUS", "4")),
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
