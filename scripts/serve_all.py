@@ -70,8 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
     from ray.serve.scripts import run as serve_run_cli
 
+    from core.ingress_mode import apply_ingress_mode
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    print(f"[serve] starting a local Ray cluster on 127.0.0.1 ({args.num_cpus:g} CPUs)", flush=True)
+    mode = apply_ingress_mode()
+    print(
+        f"[serve] starting a local Ray cluster on 127.0.0.1 ({args.num_cpus:g} CPUs, "
+        f"ingress: {mode})",
+        flush=True,
+    )
     ray.init(
         num_cpus=int(args.num_cpus),
         include_dashboard=False,

@@ -26,7 +26,10 @@ def serve_http() -> Iterator[str]:
     import ray
     from ray import serve
 
+    from core.ingress_mode import apply_ingress_mode
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    apply_ingress_mode()  # COOKBOOK_INGRESS_MODE: test in the mode you ship
     port = free_port()
     metrics_port = free_port()
     os.environ["COOKBOOK_TEST_METRICS_PORT"] = str(metrics_port)
