@@ -268,10 +268,19 @@ class ModelStore:
             out[filename] = data
         return out, self._ref(manifest, raw)
 
-    def fetch(self, name: str, version: str = "latest") -> tuple[Path, ModelRef]:
-        """A verified local copy of a version (a fresh temp dir; safe for any store)."""
+    def fetch(
+        self, name: str, version: str = "latest", dest: Path | None = None
+    ) -> tuple[Path, ModelRef]:
+        """A verified local copy of a version, for loaders that need a path.
+
+        Written to ``dest`` (created if needed) or a fresh temp dir the caller owns.
+        """
         files, ref = self.read_verified(name, version)
-        local = Path(tempfile.mkdtemp(prefix=f"model-{ref.name}-{ref.version}-"))
+        if dest is None:
+            local = Path(tempfile.mkdtemp(prefix=f"model-{ref.name}-{ref.version}-"))
+        else:
+            local = Path(dest)
+            local.mkdir(parents=True, exist_ok=True)
         for filename, data in files.items():
             (local / filename).write_bytes(data)
         return local, ref
