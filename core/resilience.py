@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import random
 import time
@@ -51,6 +52,11 @@ async def gather_with_deadline(
 ) -> QuorumResult:
     """Results of the calls that answered within ``deadline_s``; the rest are cancelled."""
     if quorum < 1 or quorum > len(calls):
+        for aw in calls.values():  # never started: close them so nothing dangles
+            if inspect.iscoroutine(aw):
+                aw.close()
+            else:
+                _cancel(aw)
         raise ValueError(f"quorum must be between 1 and {len(calls)}, got {quorum}")
     start = time.perf_counter()
     tasks = {asyncio.ensure_future(_await(aw)): name for name, aw in calls.items()}
