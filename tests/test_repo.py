@@ -76,3 +76,14 @@ def test_make_serve_runs_every_app_in_the_config(tmp_path) -> None:
         assert "lists no applications yet" in out.stdout
     for app in config["applications"]:
         assert f"{app['name']} /healthz -> 200" in out.stdout, out.stdout[-3000:]
+
+
+def test_configs_validate_as_serve_deploy_schemas() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve_config.yaml").read_text()))
+    rayservice = yaml.safe_load((ROOT / "configs" / "rayservice.yaml").read_text())
+    assert rayservice["kind"] == "RayService"
+    ServeDeploySchema.model_validate(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))
+    for path in ROOT.glob("patterns/*/config.yaml"):
+        ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
