@@ -35,3 +35,13 @@ class EchoIngress:
 
 def build() -> serve.Application:
     return EchoIngress.bind()
+
+
+def sample_request(i: int) -> dict:
+    """Load-test request (see loadtests/locustfile.py)."""
+    return {
+        "method": "POST",
+        "path": "/core-test/echo",
+        "json": {"text": "ab", "n": i % 5},
+        "headers": {"X-API-Key": "k-alpha-123"},
+    }

@@ -1,0 +1,42 @@
+"""One Locust user for any pattern: it replays the pattern's own example requests.
+
+The request comes from ``LOADTEST_REQUEST=patterns.<name>.client:sample_request``, a function
+``sample_request(i: int) -> dict`` returning ``{"method", "path", ...}`` plus any of ``json``,
+``data``, ``files``, ``headers`` (the same shape the pattern's client sends), so a load test
+never drifts from what the README shows.
+
+    locust -f loadtests/locustfile.py --headless -u 16 -r 16 -t 30s --host http://127.0.0.1:8000
+(or ``python -m loadtests.run``, which also prints the figures and the cost.)
+"""
+
+import importlib
+import itertools
+import os
+
+from locust import FastHttpUser, constant, task
+
+
+def _load_sampler():
+    spec = os.environ.get("LOADTEST_REQUEST", "")
+    module, _, func = spec.partition(":")
+    if not module or not func:
+        raise SystemExit("set LOADTEST_REQUEST=patterns.<name>.client:sample_request")
+    return getattr(importlib.import_module(module), func)
+
+
+class PatternUser(FastHttpUser):
+    wait_time = constant(0)  # closed loop: each user sends its next request at once
+
+    def on_start(self) -> None:
+        self.sample = _load_sampler()
+        self.counter = itertools.count()
+
+    @task
+    def call(self) -> None:
+        req = dict(self.sample(next(self.counter)))
+        method = req.pop("method", "POST")
+        path = req.pop("path")
+        expect = req.pop("expect_status", (200,))
+        with self.client.request(method, path, name=path, catch_response=True, **req) as resp:
+            if resp.status_code not in expect:
+                resp.failure(f"status {resp.status_code}: {resp.text[:200]}")
