@@ -38,6 +38,16 @@ async def _await(aw: Awaitable[Any]) -> Any:
     return await aw
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for an answer or a log: the user's exception, not Ray's wrapper around it
+    (a RayTaskError carries pids, IPs and a remote traceback that a client must not see)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"error: {type(exc).__name__}: {first_line[:160]}".rstrip(": ")
+
+
 def _cancel(aw: Any) -> None:
     cancel = getattr(aw, "cancel", None)
     if callable(cancel):
@@ -68,7 +78,7 @@ async def gather_with_deadline(
         if exc is None:
             out.results[name] = task.result()
         else:
-            out.failed[name] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+            out.failed[name] = describe_error(exc)
     for task in pending:
         name = tasks[task]
         out.failed[name] = "timeout"

@@ -56,7 +56,8 @@ def deploy(serve_http: str) -> Iterator[Callable[..., str]]:
 
     def _deploy(app, name: str, route_prefix: str) -> str:
         serve.run(app, name=name, route_prefix=route_prefix)
-        deployed.append(name)
+        if name not in deployed:
+            deployed.append(name)
         return serve_http + route_prefix
 
     yield _deploy

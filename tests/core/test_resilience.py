@@ -166,3 +166,15 @@ def test_retry_budget_caps_retries_during_an_outage() -> None:
     asyncio.run(main())
     # Without a budget 50 requests x 3 attempts = 150 calls; with 10% budget about 55.
     assert calls["n"] <= 50 + 0.1 * 50 + 1
+
+
+def test_error_description_unwraps_ray_task_errors() -> None:
+    from core.resilience import describe_error
+
+    class RayTaskErrorLike(Exception):
+        def __init__(self) -> None:
+            super().__init__("ray::Replica (pid=1, ip=10.0.0.1)\nTraceback ...")
+            self.cause = ValueError("bad row 3\nmore detail")
+
+    assert describe_error(RayTaskErrorLike()) == "error: ValueError: bad row 3"
+    assert describe_error(TimeoutError()) == "error: TimeoutError"

@@ -1,0 +1,140 @@
+"""Shadow-challenger bookkeeping, shared by every ingress replica (one small replica).
+
+Holds what the promotion gate needs: for each prediction the ensemble's and the challenger's
+labels, how often they agree, the challenger's latency and failures, and, once labels arrive
+through ``POST /feedback``, both accuracies. Also holds the promoted/rolled-back state.
+
+State lives in this replica's memory on purpose: the config's roster is the source of truth,
+and a promotion you want to keep is written back to config (the README says how). If this
+replica restarts, the app returns to the configured roster and the gathered evidence restarts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from typing import Any
+
+from pydantic import BaseModel, Field
+from ray import serve
+
+
+class PromotionGate(BaseModel):
+    """When may the challenger vote? All conditions must hold."""
+
+    min_samples: int = Field(default=50, ge=1)  # shadowed predictions seen
+    min_agreement: float = Field(default=0.9, ge=0, le=1)  # share agreeing with the ensemble
+    min_labeled: int = Field(default=20, ge=0)  # predictions with feedback labels
+    # challenger accuracy may trail the ensemble's by at most this much on labelled rows
+    max_accuracy_drop: float = Field(default=0.0, ge=0, le=1)
+    max_p95_latency_ms: float = Field(default=200.0, gt=0)
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.02}, max_ongoing_requests=256)
+class ShadowRecorder:
+    def __init__(self, gate: dict[str, Any], challenger: str | None, keep: int = 10_000) -> None:
+        self.gate = PromotionGate(**gate)
+        self.challenger = challenger
+        self.keep = keep
+        self.promoted = False
+        self.promoted_at: float | None = None
+        self._pending: OrderedDict[str, tuple[list[int], list[int] | None]] = OrderedDict()
+        # Labels that arrived before their prediction was recorded (the shadow copy is
+        # recorded asynchronously, so a fast client can beat it): applied on record.
+        self._early: OrderedDict[str, list[int]] = OrderedDict()
+        self._latency_ms: deque[float] = deque(maxlen=2000)
+        self.samples = self.agreeing_rows = self.rows = self.failures = 0
+        self.labeled_rows = self.ensemble_correct = self.challenger_correct = 0
+
+    def state(self) -> dict[str, Any]:
+        return {"challenger": self.challenger, "promoted": self.promoted}
+
+    def record(
+        self,
+        prediction_id: str,
+        ensemble: list[int],
+        challenger: list[int] | None,
+        latency_ms: float | None,
+    ) -> None:
+        self._pending[prediction_id] = (ensemble, challenger)
+        while len(self._pending) > self.keep:
+            self._pending.popitem(last=False)
+        early = self._early.pop(prediction_id, None)
+        if challenger is None:
+            if latency_ms is not None:  # shadow call failed
+                self.failures += 1
+            return
+        self.samples += 1
+        self.rows += len(ensemble)
+        self.agreeing_rows += sum(int(a == b) for a, b in zip(ensemble, challenger, strict=True))
+        if latency_ms is not None:
+            self._latency_ms.append(latency_ms)
+        if early is not None:
+            self.feedback(prediction_id, early)
+
+    def feedback(self, prediction_id: str, labels: list[int]) -> dict[str, Any]:
+        entry = self._pending.pop(prediction_id, None)
+        if entry is None:
+            self._early[prediction_id] = labels
+            while len(self._early) > self.keep:
+                self._early.popitem(last=False)
+            return {"status": "held"}
+        ensemble, challenger = entry
+        if len(labels) != len(ensemble):
+            self._pending[prediction_id] = entry  # keep it; the caller can resend
+            return {"status": "count_mismatch", "expected": len(ensemble)}
+        self.labeled_rows += len(labels)
+        self.ensemble_correct += sum(int(a == b) for a, b in zip(ensemble, labels, strict=True))
+        if challenger is not None:
+            self.challenger_correct += sum(
+                int(a == b) for a, b in zip(challenger, labels, strict=True)
+            )
+        return {"status": "recorded", "rows": len(labels)}
+
+    def stats(self) -> dict[str, Any]:
+        lat = sorted(self._latency_ms)
+        p95 = lat[int(0.95 * (len(lat) - 1))] if lat else None
+        agreement = self.agreeing_rows / self.rows if self.rows else None
+        ens_acc = self.ensemble_correct / self.labeled_rows if self.labeled_rows else None
+        ch_acc = self.challenger_correct / self.labeled_rows if self.labeled_rows else None
+        reasons = []
+        g = self.gate
+        if self.samples < g.min_samples:
+            reasons.append(f"only {self.samples} shadowed predictions (need {g.min_samples})")
+        if agreement is not None and agreement < g.min_agreement:
+            reasons.append(f"agreement {agreement:.3f} < {g.min_agreement}")
+        if self.labeled_rows < g.min_labeled:
+            reasons.append(f"only {self.labeled_rows} labelled rows (need {g.min_labeled})")
+        if ens_acc is not None and ch_acc is not None and ch_acc < ens_acc - g.max_accuracy_drop:
+            reasons.append(f"challenger accuracy {ch_acc:.3f} < ensemble {ens_acc:.3f}")
+        if p95 is not None and p95 > g.max_p95_latency_ms:
+            reasons.append(f"challenger p95 {p95:.0f} ms > {g.max_p95_latency_ms:.0f} ms")
+        return {
+            "challenger": self.challenger,
+            "promoted": self.promoted,
+            "promoted_at": self.promoted_at,
+            "shadowed_predictions": self.samples,
+            "shadow_failures": self.failures,
+            "agreement": agreement,
+            "labeled_rows": self.labeled_rows,
+            "ensemble_accuracy": ens_acc,
+            "challenger_accuracy": ch_acc,
+            "challenger_p95_latency_ms": p95,
+            "gate": g.model_dump(),
+            "gate_passes": not reasons,
+            "gate_failures": reasons,
+        }
+
+    def promote(self) -> dict[str, Any]:
+        stats = self.stats()
+        if self.challenger is None:
+            return {**stats, "changed": False}
+        if stats["gate_passes"] and not self.promoted:
+            self.promoted, self.promoted_at = True, time.time()
+            return {**self.stats(), "changed": True}
+        return {**stats, "changed": False}
+
+    def rollback(self) -> dict[str, Any]:
+        changed = self.promoted
+        self.promoted, self.promoted_at = False, None
+        return {**self.stats(), "changed": changed}
