@@ -116,6 +116,9 @@ class EnsembleMember:
         self.model, self.ref = load_member(
             store, self.spec.family, self.spec.model, self.spec.version, device
         )
+        # One throwaway call so the first live request does not pay for lazy initialisation
+        # (torch kernels, XGBoost's DMatrix path) and blow the ensemble's deadline.
+        self.model.predict_proba(np.zeros((1, N_FEATURES), dtype=np.float32))
         self.metrics = ModelMetrics("ensemble", self.spec.name, self.ref.version)
         seed = hashlib.sha256(f"fault/{self.spec.name}".encode()).digest()
         self._rng = random.Random(int.from_bytes(seed[:8], "little"))

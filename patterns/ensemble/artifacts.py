@@ -1,6 +1,6 @@
 """Train the ensemble's members (and the challenger) and report held-out accuracy.
 
-    python -m patterns.ensemble.artifacts [--force]
+    python -m patterns.ensemble.artifacts [--force] [--report]
 
 Writes to the core model store: ensemble-logreg/v1 (skops), ensemble-xgb/v1 and the challenger
 ensemble-xgb/v2 (XGBoost UBJ), ensemble-mlp/v1 (safetensors), and ensemble-report/v1 (JSON:
@@ -113,10 +113,33 @@ def ensure_artifacts(store: ModelStore | None = None, *, force: bool = False) ->
     _log(json.dumps(report, indent=2))
 
 
+def print_report(store: ModelStore | None = None) -> dict[str, Any]:
+    """Re-evaluate the stored models on the held-out split and print the accuracy table."""
+    store = store or ModelStore.from_settings()
+    report = evaluate(store)
+    print(f"held-out accuracy, {report['dataset']}, n={report['n_test']}")
+    lines = [(f"member {n}", acc) for n, acc in report["members"].items()]
+    lines.append(("challenger xgb v2 (shadow)", report["challenger_xgb_v2"]))
+    lines += [(f"ensemble, {mode} vote", acc) for mode, acc in report["voting"].items()]
+    c = report["cascade"]
+    lines.append((f"cascade, gate {c['gate']} + soft vote", c["accuracy"]))
+    for label, acc in lines:
+        print(f"  {label:<34} {acc:.4f}")
+    print(
+        f"  (the cascade's gate answered {c['share_answered_by_gate']:.0%} of rows alone, "
+        f"{c['gate_accuracy_on_its_share']:.4f} correct on those)"
+    )
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Train the ensemble pattern's models.")
-    parser.add_argument("--force", action="store_true")
-    ensure_artifacts(force=parser.parse_args().force)
+    parser.add_argument("--force", action="store_true", help="retrain even if present")
+    parser.add_argument("--report", action="store_true", help="print held-out accuracy")
+    opts = parser.parse_args()
+    ensure_artifacts(force=opts.force)
+    if opts.report:
+        print_report()
 
 
 if __name__ == "__main__":

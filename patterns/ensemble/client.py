@@ -39,6 +39,10 @@ def main() -> None:
             timeout=30,
         )
         print("feedback:", fb.status_code, fb.json())
+        if fb.status_code == 202:
+            print("(held: the shadow copy was not recorded yet; the labels are scored when it is)")
+        stats = httpx.get(f"{args.url}/challenger", timeout=30).json()
+        print("promotion gate failures:", stats.get("gate_failures"))
 
 
 if __name__ == "__main__":

@@ -31,8 +31,14 @@ def run(deploy, split):
     def _run(**overrides) -> str:
         args = EnsembleArgs(**{**EnsembleArgs().model_dump(), **overrides})
         if current.get("args") != args:
-            current["url"] = deploy(build_app(args), name="ensemble-test", route_prefix=PREFIX)
+            current["url"] = url = deploy(
+                build_app(args), name="ensemble-test", route_prefix=PREFIX
+            )
             current["args"] = args
+            # A fresh ingress replica learns where the members are on its first calls; warm it
+            # up so the first asserted request is not measured against that one-off cost.
+            for _ in range(3):
+                httpx.post(f"{url}/predict", json={"instances": [split.x_test[0].tolist()]})
         return str(current["url"])
 
     return _run
@@ -182,7 +188,7 @@ def test_killed_member_replica_gives_degraded_answer_never_a_hang(run, split) ->
 
 
 def test_slow_member_gives_degraded_answer_within_deadline(run, split) -> None:
-    url = run(members=_members(mlp={"delay_s": 5.0}), selection={"mode": "all"}, deadline_ms=300)
+    url = run(members=_members(mlp={"delay_s": 15.0}), selection={"mode": "all"}, deadline_ms=1500)
     t0 = time.perf_counter()
     r = httpx.post(f"{url}/predict", json={"instances": split.x_test[:3].tolist()}, timeout=30)
     elapsed = time.perf_counter() - t0
@@ -190,7 +196,7 @@ def test_slow_member_gives_degraded_answer_within_deadline(run, split) -> None:
     body = r.json()
     assert body["degraded"] and body["members"]["late"] == ["mlp"]
     assert body["members"]["counted"] == ["logreg", "xgb"]
-    assert elapsed < 2.0  # bounded by the 300 ms deadline, not the member's 5 s
+    assert elapsed < 5.0  # bounded by the 1.5 s deadline, not the member's 15 s
 
 
 def test_failing_member_gives_degraded_answer(run, split) -> None:
@@ -204,21 +210,22 @@ def test_failing_member_gives_degraded_answer(run, split) -> None:
 
 def test_quorum_lost_is_a_fast_503(run, split) -> None:
     url = run(
-        members=_members(xgb={"error_rate": 1.0}, mlp={"delay_s": 5.0}),
+        members=_members(xgb={"error_rate": 1.0}, mlp={"delay_s": 15.0}),
         selection={"mode": "all"},
-        deadline_ms=300,
+        deadline_ms=1500,
     )
     t0 = time.perf_counter()
     r = httpx.post(f"{url}/predict", json={"instances": split.x_test[:2].tolist()}, timeout=30)
     assert r.status_code == 503
     msg = r.json()["error"]["message"]
     assert "Only 1 of 3" in msg and "quorum is 2" in msg
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - t0 < 5.0
 
 
 def test_slow_shadow_neither_changes_nor_delays_the_answer(run, split) -> None:
     rows = split.x_test[:20].tolist()
     url = run(selection={"mode": "all"}, challenger={"member": None})
+    httpx.post(f"{url}/predict", json={"instances": rows}, timeout=30)  # warm up
     plain = httpx.post(f"{url}/predict", json={"instances": rows}, timeout=30).json()
     assert plain["challenger"]["status"] == "none"
     slow_ch = {
@@ -226,12 +233,12 @@ def test_slow_shadow_neither_changes_nor_delays_the_answer(run, split) -> None:
         "family": "xgboost",
         "model": "ensemble-xgb",
         "version": "v2",
-        "fault": {"delay_s": 3.0},
+        "fault": {"delay_s": 10.0},
     }
     url = run(selection={"mode": "all"}, challenger={"member": slow_ch})
     t0 = time.perf_counter()
     shadowed = httpx.post(f"{url}/predict", json={"instances": rows}, timeout=30).json()
-    assert time.perf_counter() - t0 < 1.5  # the 3 s challenger is not on the request path
+    assert time.perf_counter() - t0 < 5.0  # the 10 s challenger is not on the request path
     assert shadowed["challenger"]["status"] == "shadow"
     strip = lambda b: [(p["label"], p["p_benign"]) for p in b["predictions"]]  # noqa: E731
     assert strip(shadowed) == strip(plain)
