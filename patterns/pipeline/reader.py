@@ -1,0 +1,65 @@
+"""All three models in one process: the monolith the Serve pipeline is compared with.
+
+``artifacts.py`` measures quality with it and ``benchmark.py`` uses it as the raw-PyTorch
+baseline. The Serve stages call the same functions (``run_detector``, ``crop_digits``, the
+classifiers), so both paths read a scene the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from patterns.pipeline.models import LoadedModel, crop_digits, run_detector
+
+
+@dataclass
+class DigitReader:
+    detector: LoadedModel
+    digits: LoadedModel
+    scene: LoadedModel
+    detector_arch: str = "centernet_digits"
+    score_threshold: float = 0.3
+
+    @torch.inference_mode()
+    def read(self, x: torch.Tensor) -> list[dict[str, Any]]:
+        """(N, 3, 96, 96) normalised -> per image: detections (left to right) and count."""
+        dets = run_detector(self.detector, self.detector_arch, x, self.score_threshold)
+        counts = torch.softmax(self.scene.module(x), 1)
+        boxes = [torch.as_tensor(d["boxes"]) for d in dets]
+        crops = crop_digits(x, boxes)
+        probs = (
+            torch.softmax(self.digits.module(crops), 1).numpy()
+            if len(crops)
+            else np.zeros((0, 10), np.float32)
+        )
+        out, start = [], 0
+        for i, d in enumerate(dets):
+            p = probs[start : start + len(d["boxes"])]
+            start += len(d["boxes"])
+            out.append(
+                {
+                    "detections": assemble(d["boxes"], d["scores"], p),
+                    "count": int(counts[i].argmax()),
+                    "count_confidence": float(counts[i].max()),
+                }
+            )
+        return out
+
+
+def assemble(boxes: np.ndarray, scores: np.ndarray, digit_probs: np.ndarray) -> list[dict]:
+    """Detections as the answer shows them, sorted left to right (reading order)."""
+    items = []
+    for b, s, p in zip(boxes, scores, digit_probs, strict=True):
+        items.append(
+            {
+                "box": [round(float(v), 1) for v in b],
+                "score": round(float(s), 4),
+                "label": int(p.argmax()),
+                "digit_confidence": round(float(p.max()), 4),
+            }
+        )
+    return sorted(items, key=lambda d: d["box"][0])

@@ -1,0 +1,176 @@
+"""The pipeline under Serve: held-out scenes in, codes out; every bad input gets a 4xx with
+a sentence, and the app keeps serving after it."""
+
+import httpx
+import numpy as np
+import pytest
+
+from patterns.pipeline.app import PipelineArgs, build_app
+from patterns.pipeline.artifacts import ensure_artifacts
+from patterns.pipeline.scenes import make_scene, scene_png
+from tests.pipeline.images import encode, png_bomb
+
+PREFIX = "/pipeline-test"
+PNG = {"Content-Type": "image/png"}
+
+
+@pytest.fixture(scope="module")
+def url(deploy) -> str:
+    ensure_artifacts()
+    return deploy(build_app(PipelineArgs(max_batch_images=4)), "pipeline-test", PREFIX)
+
+
+@pytest.fixture(scope="module")
+def client() -> httpx.Client:
+    with httpx.Client(timeout=60) as c:
+        yield c
+
+
+def _read(client: httpx.Client, url: str, data: bytes, headers=PNG) -> httpx.Response:
+    return client.post(f"{url}/read", content=data, headers=headers)
+
+
+def _error(r: httpx.Response, status: int, phrase: str) -> None:
+    assert r.status_code == status, r.text
+    body = r.json()["error"]
+    assert body["status"] == status and phrase in body["message"], body
+    assert "Traceback" not in r.text
+
+
+def test_reads_heldout_scenes(client, url) -> None:
+    """Scenes built from digit images never seen in training are read, digit by digit."""
+    right = total = exact = 0
+    for i in range(12):
+        scene = make_scene("heldout", 100 + i)
+        r = _read(client, url, scene_png("heldout", 100 + i))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        read = "".join(str(d["label"]) for d in body["detections"])
+        exact += read == scene.code
+        right += sum(a == b for a, b in zip(read, scene.code, strict=False))
+        total += len(scene.code)
+        assert body["decision"]["code"] == read
+        assert body["decision"]["action"] in ("accept", "review", "reject")
+    assert right / total >= 0.85 and exact >= 9, (right, total, exact)
+
+
+def test_answer_carries_boxes_decision_timings_and_versions(client, url) -> None:
+    scene = make_scene("heldout", 2)  # four digits
+    body = _read(client, url, scene_png("heldout", 2)).json()
+    assert len(body["detections"]) == len(scene.code) == 4
+    for det, gt in zip(body["detections"], scene.boxes[np.argsort(scene.boxes[:, 0])], strict=True):
+        assert det["object"] == "digit" and 0 < det["score"] <= 1
+        assert np.abs(np.asarray(det["box"]) - gt).max() < 6  # pixels
+    assert body["scene"]["digit_count"] == 4
+    assert set(body["timings_ms"]) >= {
+        "preprocess", "detector", "scene_classifier", "digit_classifier", "business_rules", "total"
+    }  # fmt: skip
+    assert body["compute_ms"]["detector"] <= body["timings_ms"]["detector"]
+    versions = body["model_versions"]
+    assert {v["name"] for v in versions.values()} == {
+        "pipeline-detector", "pipeline-scene", "pipeline-digits"
+    }  # fmt: skip
+    assert all(v["version"] == "v1" and v["device"] == "cpu" for v in versions.values())
+
+
+def test_empty_label_is_rejected_as_a_decision(client, url) -> None:
+    blank = make_scene("heldout", 0, n_digits=0).image
+    body = _read(client, url, encode(blank)).json()
+    assert body["detections"] == [] and body["decision"]["action"] == "reject"
+
+
+def test_jpeg_and_multipart_and_other_sizes(client, url) -> None:
+    scene = make_scene("heldout", 1)
+    r = _read(client, url, encode(scene.image, "JPEG", quality=95), {"Content-Type": "image/jpeg"})
+    assert r.status_code == 200 and r.json()["image"]["format"] == "JPEG"
+    jpeg_code = r.json()["decision"]["code"]
+    r = client.post(f"{url}/read", files={"image": ("label.png", scene_png("heldout", 1))})
+    assert r.status_code == 200 and r.json()["decision"]["code"] == scene.code == jpeg_code
+    # A 192x192 upload is letterboxed to the model size; boxes come back in its pixels.
+    from PIL import Image
+
+    big = np.asarray(Image.fromarray(scene.image).resize((192, 192), Image.NEAREST))
+    body = _read(client, url, encode(big)).json()
+    assert body["image"]["width"] == 192 and body["decision"]["code"] == scene.code
+    boxes = np.asarray([d["box"] for d in body["detections"]])
+    gt = scene.boxes[np.argsort(scene.boxes[:, 0])] * 2
+    assert np.abs(boxes - gt).max() < 12, (boxes, gt)
+
+
+def test_batch_of_images_in_one_request(client, url) -> None:
+    files = [("images", (f"s{i}.png", scene_png("heldout", 10 + i), "image/png")) for i in range(4)]
+    r = client.post(f"{url}/read/batch", files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["count"] == 4
+    codes = [res["decision"]["code"] for res in body["results"]]
+    truth = [make_scene("heldout", 10 + i).code for i in range(4)]
+    assert sum(a == b for a, b in zip(codes, truth, strict=True)) >= 3, (codes, truth)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "phrase"),
+    [
+        ({"content": b"just some text", "headers": PNG}, 422, "not a PNG or JPEG"),
+        ({"content": scene_png("heldout", 3)[:250], "headers": PNG}, 422, "truncated or corrupt"),
+        ({"content": b"", "headers": PNG}, 400, "empty"),
+        ({"content": b"{}", "headers": {"Content-Type": "application/json"}}, 415, "image/png"),
+        ({"content": b"abc", "headers": {}}, 415, "no Content-Type"),
+        ({"content": png_bomb(), "headers": PNG}, 413, "claims 50000x50000 pixels"),
+        (
+            {"content": encode(np.zeros((8, 8, 3), np.uint8), "GIF"), "headers": PNG},
+            415,
+            "The image is GIF",
+        ),
+    ],
+    ids=["not-image", "truncated", "empty", "json", "no-type", "bomb", "gif-as-png"],
+)
+def test_bad_single_images(client, url, kwargs, status, phrase) -> None:
+    _error(client.post(f"{url}/read", **kwargs), status, phrase)
+
+
+def test_bad_batches(client, url) -> None:
+    five = [("images", (f"{i}.png", scene_png("heldout", i), "image/png")) for i in range(5)]
+    _error(client.post(f"{url}/read/batch", files=five), 413, "at most 4 per request")
+    mixed = [
+        ("images", ("good.png", scene_png("heldout", 0), "image/png")),
+        ("images", ("bomb.png", png_bomb(), "image/png")),
+    ]
+    _error(client.post(f"{url}/read/batch", files=mixed), 413, "Image 2 (bomb.png)")
+    _error(client.post(f"{url}/read/batch", content=b"x", headers=PNG), 415, "multipart")
+    _error(client.post(f"{url}/read/batch", files={"note": (None, "hi")}), 400, "no files")
+    two = five[:2]
+    _error(client.post(f"{url}/read", files=two), 400, "use /read/batch")
+
+
+def test_still_serving_after_bad_inputs(client, url) -> None:
+    for data in (b"", b"junk", png_bomb(), scene_png("heldout", 4)[:100]):
+        assert _read(client, url, data).status_code in (400, 413, 422)
+    r = _read(client, url, scene_png("heldout", 4))
+    assert r.status_code == 200 and r.json()["decision"]["code"] == make_scene("heldout", 4).code
+
+
+def test_models_and_health(client, url) -> None:
+    body = client.get(f"{url}/models").json()
+    assert body["detector"]["version"] == "v1" and body["detector"]["source"] == "store"
+    assert body["heldout_metrics"]["detection_recall"] > 0.9
+    assert client.get(f"{url}/healthz").json()["status"] == "ok"
+
+
+def test_detector_from_a_checkpoint_uri(client, deploy, tmp_path_factory) -> None:
+    """Config switch to a checkpoint at a URI (here file://, a copy of v1): same reading,
+    and the answer names the checkpoint it came from. Runs last: it replaces the app."""
+    from safetensors.torch import save_file
+
+    from core.model_store import ModelStore
+
+    state, _ = ModelStore.from_settings().load_torch("pipeline-detector", "v1")
+    path = tmp_path_factory.mktemp("ckpt") / "detector.safetensors"
+    save_file(state, str(path))
+    args = PipelineArgs(detector={"weights": path.as_uri()})
+    url = deploy(build_app(args), "pipeline-test", PREFIX)
+    r = _read(client, url, scene_png("heldout", 4))
+    assert r.status_code == 200, r.text
+    det = r.json()["model_versions"]["detector"]
+    assert det["source"] == "uri" and det["uri"] == path.as_uri()
+    assert r.json()["decision"]["code"] == make_scene("heldout", 4).code
