@@ -1,0 +1,175 @@
+"""Fraud check on Ray Serve: an I/O-bound ingress and a compute-bound model, scaled apart.
+
+    client --X-API-Key--> BusinessIngress (FastAPI, many requests in flight per replica)
+                            |-- records: customer, merchant, FX rate  (SQLite | PostgreSQL)
+                            |-- features: precomputed vector          (SQLite | Redis)
+                            |-- risk signal: outside HTTP API          (timeout, retry budget,
+                            |                                            circuit breaker)
+                            '--> FraudModel (own deployment, @serve.batch, few in flight)
+                                   -> score -> business rules -> approve | review | decline
+
+Run: ``make setup`` then ``serve run patterns.business_logic.app:app`` (and the risk service,
+``python -m patterns.business_logic.risk_service``). Knobs: config.yaml.
+"""
+
+# No `from __future__ import annotations` here: Serve's class-based FastAPI views need real
+# annotations (with string annotations `self` becomes a required query parameter).
+import asyncio
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from core.ingress import api_key_auth, install_ingress, request_id_of
+from core.resources import StageResources, resolve_actor_options
+from patterns.business_logic.features import FeaturePolicy, open_feature_store
+from patterns.business_logic.model import MODEL_VERSION, FraudModel
+from patterns.business_logic.records import RecordStore
+from patterns.business_logic.risk_client import RiskServiceClient
+from patterns.business_logic.rules import DecisionRules
+from patterns.business_logic.scoring import Scorer, ScoreRequest
+from patterns.business_logic.settings import BusinessSettings, load_api_keys
+
+
+class RiskCallArgs(BaseModel):
+    timeout_s: float = Field(default=0.3, gt=0, le=10)  # one call to the outside service
+    attempts: int = Field(default=2, ge=1, le=5)  # retries only on connect errors and 5xx
+    retry_ratio: float = Field(default=0.2, ge=0, le=1)  # retries <= 20% of recent calls
+    breaker_failures: int = Field(default=5, ge=1)  # consecutive failures that open it
+    breaker_reset_s: float = Field(default=10.0, gt=0)  # open this long, then one trial call
+
+
+class BusinessArgs(BaseModel):
+    # None: read BUSINESS_DATABASE_URL / BUSINESS_FEATURE_STORE_URL / BUSINESS_RISK_SERVICE_URL
+    # in each replica (so passwords in DSNs stay in the environment, not in the config).
+    database_url: str | None = None
+    feature_store_url: str | None = None
+    risk_service_url: str | None = None
+    db_timeout_s: float = Field(default=2.0, gt=0, le=30)
+    db_pool_size: int = Field(default=4, ge=1, le=64)
+    feature_store_timeout_s: float = Field(default=0.25, gt=0, le=10)
+    feature_policy: FeaturePolicy = FeaturePolicy()
+    risk: RiskCallArgs = RiskCallArgs()
+    rules: DecisionRules = DecisionRules()
+    model_version: str = MODEL_VERSION
+    model_timeout_s: float = Field(default=2.0, gt=0)
+    model_store_uri: str | None = None  # default: COOKBOOK_MODEL_STORE_URI
+    log_decisions: bool = True  # write every decision to the audit table
+    ingress_resources: StageResources = StageResources(num_cpus=0.1)
+    model_resources: StageResources = StageResources(num_cpus=0.1)
+
+
+def build_scorer(args: BusinessArgs, model_call: Any) -> Scorer:
+    """The scorer with its dependencies opened from args, falling back to the environment."""
+    settings = BusinessSettings()
+    risk = args.risk
+    return Scorer(
+        records=RecordStore(
+            args.database_url or settings.database_url,
+            timeout_s=args.db_timeout_s,
+            pool_size=args.db_pool_size,
+        ),
+        features=open_feature_store(
+            args.feature_store_url or settings.feature_store_url,
+            timeout_s=args.feature_store_timeout_s,
+        ),
+        risk=RiskServiceClient(
+            args.risk_service_url or settings.risk_service_url,
+            timeout_s=risk.timeout_s,
+            attempts=risk.attempts,
+            retry_ratio=risk.retry_ratio,
+            breaker_failures=risk.breaker_failures,
+            breaker_reset_s=risk.breaker_reset_s,
+        ),
+        model_call=model_call,
+        rules=args.rules,
+        policy=args.feature_policy,
+        model_timeout_s=args.model_timeout_s,
+        log_decisions=args.log_decisions,
+    )
+
+
+# ------------------------------------------------------------------------------ ingress
+# Per-replica state that the module-level FastAPI dependencies read. Reached only through
+# named module functions: Serve ships the ingress class by value, and a lambda or the class
+# body would see a pickled copy of a module global, not the replica's own.
+_replica: dict[str, Any] = {"keys": [], "scorer": None}
+
+
+def _register_replica(keys: list[str], scorer: Scorer) -> None:
+    _replica["keys"], _replica["scorer"] = keys, scorer
+
+
+def _api_keys() -> list[str]:
+    return _replica["keys"]
+
+
+def _health() -> dict[str, Any]:
+    scorer = _replica["scorer"]
+    return scorer.health() if scorer is not None else {}
+
+
+api = FastAPI(
+    title="Fraud check",
+    description="Scores a card payment from customer records, precomputed features and an "
+    "outside risk signal; business rules turn the score into approve, review or decline.",
+)
+install_ingress(api, app_name="business_logic", max_body_bytes=16_384, health=_health)
+require_key = api_key_auth(_api_keys)
+
+
+@serve.deployment(max_ongoing_requests=128)
+@serve.ingress(api)
+class BusinessIngress:
+    """I/O-bound: mostly waits on the database, the store and the risk service, so one replica
+    holds many requests in flight; the model's CPU work happens in FraudModel."""
+
+    def __init__(self, model: DeploymentHandle, args: dict[str, Any]) -> None:
+        self.args = BusinessArgs(**args)
+        self.model = model
+        self.scorer = build_scorer(self.args, self._call_model)
+        # load_api_keys refuses placeholder keys in production
+        _register_replica(load_api_keys(), self.scorer)
+
+    async def _call_model(self, row: list[float]) -> tuple[float, str]:
+        response = self.model.score.remote(row)
+        try:
+            out = await response
+        except asyncio.CancelledError:
+            response.cancel()  # the caller's deadline passed: do not leave work queued
+            raise
+        return out["score"], out["version"]
+
+    @api.post("/score", summary="Check one card payment: approve, review or decline")
+    async def score(
+        self, body: ScoreRequest, request: Request, key_id: str = Depends(require_key)
+    ) -> dict[str, Any]:
+        return await self.scorer.score(body, request_id_of(request))
+
+    @api.get("/model", summary="The model version and where its inputs come from")
+    async def model_info(self, key_id: str = Depends(require_key)) -> dict[str, Any]:
+        info = await self.model.info.remote()
+        return {"model": info, **self.scorer.health()}
+
+    async def score_payload(self, payload: dict[str, Any], request_id: str = "-") -> dict[str, Any]:
+        """The same check for DeploymentHandle callers (other apps, the benchmark)."""
+        return await self.scorer.score(ScoreRequest(**payload), request_id)
+
+
+# ------------------------------------------------------------------------------ builder
+def build_app(args: BusinessArgs) -> Application:
+    if isinstance(args, dict):  # `serve run ... key=value` or a config's args block
+        args = BusinessArgs(**args)
+    model = FraudModel.options(
+        ray_actor_options=resolve_actor_options(args.model_resources, "business_logic/model")
+    ).bind(args.model_version, args.model_store_uri)
+    ingress = BusinessIngress.options(
+        ray_actor_options=resolve_actor_options(args.ingress_resources, "business_logic/ingress")
+    )
+    return ingress.bind(model, args.model_dump())
+
+
+app = build_app(BusinessArgs())

@@ -1,0 +1,207 @@
+"""The feature store: precomputed per-customer feature vectors with a freshness timestamp.
+
+Two backends behind one small interface:
+- embedded default: a SQLite file (``sqlite:///.../features.db``), one row per customer;
+- Redis (``redis://host:port/db``): one hash per customer, ``bizfeat:<customer_id>``.
+
+Policy for a vector that is missing, stale (older than ``max_age_s``) or unreadable (the store
+is down) lives in ``FeaturePolicy`` and is applied by the scorer:
+- ``recompute`` (default): compute the vector from the customer's history in the database (the
+  exact but slower path), answer with it, say so in the response (``features.source``), and
+  write it back to the store so the next request finds it fresh (read-through);
+  an unreachable store also marks the answer ``degraded``;
+- ``reject``: answer 503, for teams that would rather not score on a slower path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, Field
+from sqlalchemy import Column, Float, MetaData, String, Table, Text, select
+from sqlalchemy.exc import SQLAlchemyError
+
+logger = logging.getLogger("patterns.business_logic.features")
+
+FEATURE_NAMES = (
+    "txn_count",
+    "avg_amount_eur",
+    "max_amount_eur",
+    "distinct_merchants",
+    "share_foreign",
+)
+REDIS_PREFIX = "bizfeat:"
+
+feature_metadata = MetaData()
+feature_vectors = Table(
+    "feature_vectors",
+    feature_metadata,
+    Column("customer_id", String(16), primary_key=True),
+    Column("vector_json", Text, nullable=False),
+    Column("computed_at", Float, nullable=False),  # unix seconds
+)
+
+
+class FeaturePolicy(BaseModel):
+    # how old may a precomputed vector be before it is recomputed? (a nightly job: 1 day+slack)
+    max_age_s: float = Field(default=36 * 3600, gt=0)
+    on_missing_or_stale: Literal["recompute", "reject"] = "recompute"
+    write_back: bool = True  # store recomputed vectors so the next request finds them fresh
+
+
+@dataclass(frozen=True)
+class FeatureVector:
+    values: dict[str, float]
+    computed_at: float
+
+
+class FeatureStoreUnavailable(Exception):
+    """The store did not answer (down, refused, timed out, or not set up)."""
+
+
+class FeatureStore(Protocol):
+    kind: str
+
+    async def get(self, customer_id: str) -> FeatureVector | None: ...
+
+    async def put_many(self, vectors: Mapping[str, FeatureVector]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def features_from_history_row(row: Any) -> dict[str, float]:
+    """A history aggregate row (records.history_query) as a feature dict; no row: no history."""
+    if row is None:
+        return dict.fromkeys(FEATURE_NAMES, 0.0)
+    m = row._mapping
+    return {name: round(float(m[name] or 0.0), 4) for name in FEATURE_NAMES}
+
+
+# ------------------------------------------------------------------------------ SQLite
+class SQLiteFeatureStore:
+    """Embedded default: one SQLite file, read in a small thread pool with a short timeout."""
+
+    kind = "sqlite"
+
+    def __init__(self, url: str, *, timeout_s: float = 0.5, create: bool = False) -> None:
+        from patterns.business_logic.records import make_engine, sqlite_path
+
+        if create:
+            sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = make_engine(url, timeout_s=timeout_s, pool_size=2, create=create)
+        if create:
+            feature_metadata.create_all(self.engine)
+            with self.engine.connect() as conn:  # readers never wait on the write-back
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+        self.timeout_s = timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="features")
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(self._pool, fn, *args), self.timeout_s + 0.25
+            )
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            raise FeatureStoreUnavailable(type(exc).__name__) from exc
+
+    def _get_sync(self, customer_id: str) -> FeatureVector | None:
+        query = select(feature_vectors).where(feature_vectors.c.customer_id == customer_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        return FeatureVector(json.loads(row.vector_json), float(row.computed_at))
+
+    async def get(self, customer_id: str) -> FeatureVector | None:
+        return await self._run(self._get_sync, customer_id)
+
+    def put_many_sync(self, vectors: Mapping[str, FeatureVector]) -> None:
+        with self.engine.begin() as conn:
+            for cid, vec in vectors.items():
+                conn.execute(feature_vectors.delete().where(feature_vectors.c.customer_id == cid))
+                conn.execute(
+                    feature_vectors.insert(),
+                    {
+                        "customer_id": cid,
+                        "vector_json": json.dumps(vec.values, sort_keys=True),
+                        "computed_at": vec.computed_at,
+                    },
+                )
+
+    async def put_many(self, vectors: Mapping[str, FeatureVector]) -> None:
+        await self._run(self.put_many_sync, vectors)
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.engine.dispose()
+
+
+# ------------------------------------------------------------------------------ Redis
+class RedisFeatureStore:
+    """Redis hashes via redis-py asyncio; short socket timeouts and no client-side retries
+    (the scorer's circuit breaker decides when to stop trying, not the driver)."""
+
+    kind = "redis"
+
+    def __init__(self, url: str, *, timeout_s: float = 0.25) -> None:
+        import redis.asyncio as redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError, TimeoutError)
+        self.client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=True,
+        )
+        self.timeout_s = timeout_s
+
+    async def get(self, customer_id: str) -> FeatureVector | None:
+        try:
+            raw = await asyncio.wait_for(
+                self.client.hgetall(REDIS_PREFIX + customer_id), self.timeout_s * 2
+            )
+        except self._errors as exc:
+            raise FeatureStoreUnavailable(type(exc).__name__) from exc
+        if not raw:
+            return None
+        computed_at = float(raw.pop("computed_at", 0.0))
+        return FeatureVector({k: float(v) for k, v in raw.items()}, computed_at)
+
+    async def put_many(self, vectors: Mapping[str, FeatureVector]) -> None:
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for cid, vec in vectors.items():
+                    key = REDIS_PREFIX + cid
+                    pipe.delete(key)
+                    pipe.hset(key, mapping={**vec.values, "computed_at": vec.computed_at})
+                await asyncio.wait_for(pipe.execute(), max(5.0, self.timeout_s * 4))
+        except self._errors as exc:
+            raise FeatureStoreUnavailable(type(exc).__name__) from exc
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def open_feature_store(url: str, *, timeout_s: float = 0.25, create: bool = False) -> FeatureStore:
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisFeatureStore(url, timeout_s=timeout_s)
+    if url.startswith("sqlite:"):
+        return SQLiteFeatureStore(url, timeout_s=timeout_s, create=create)
+    raise ValueError(
+        f"feature store URL must be sqlite:///path.db or redis://host:port/db: {url!r}"
+    )
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,244 @@
+"""The fraud check under Serve against the embedded SQLite backends: real requests, real
+answers, every bad-input path, and the outside risk service up, slow and down."""
+
+import json
+import sqlite3
+import time
+
+import httpx
+import pytest
+
+from patterns.business_logic.app import BusinessArgs, build_app
+from patterns.business_logic.seed import MISSING_FEATURES, STALE_FEATURES
+
+PREFIX = "/business-test"
+KEY = {"X-API-Key": "dev-business-key"}
+GOOD = {
+    "customer_id": "C00042",
+    "merchant_id": "M0007",
+    "amount": 129.90,
+    "currency": "USD",
+    "channel": "online",
+    "memo": "order 118",
+}
+INJECTIONS = [
+    "C00042' OR '1'='1",
+    "'; DROP TABLE customers; --",
+    'M0007" UNION SELECT credit_limit_eur FROM customers --',
+    "EUR'--",
+    "online' OR 1=1",
+]
+
+
+def _args(urls, risk_url, **overrides) -> BusinessArgs:
+    base = {
+        "database_url": urls["database"],
+        "feature_store_url": urls["features"],
+        "risk_service_url": risk_url,
+        # short breaker settings so the outage tests see it open and close in seconds
+        "risk": {"timeout_s": 0.3, "breaker_failures": 3, "breaker_reset_s": 1.0},
+        **overrides,
+    }
+    return BusinessArgs(**base)
+
+
+@pytest.fixture(scope="module")
+def url(deploy, sqlite_urls, risk_service) -> str:
+    return deploy(build_app(_args(sqlite_urls, risk_service.url)), "business-test", PREFIX)
+
+
+def _score(url: str, body=None, headers=KEY, **kw) -> httpx.Response:
+    return httpx.post(f"{url}/score", json=body or GOOD, headers=headers, timeout=30, **kw)
+
+
+# ------------------------------------------------------------------------------ happy path
+def test_score_returns_decision_with_records_features_and_model(url, risk_service) -> None:
+    risk_service.start()
+    r = _score(url)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["decision"] in ("approve", "review", "decline") and body["reasons"]
+    assert 0 <= body["score"] <= 1
+    assert body["model"] == {"name": "business-fraud-gbm", "version": "v1"}
+    assert body["records"]["customer"]["customer_id"] == "C00042"
+    assert body["records"]["merchant"]["merchant_id"] == "M0007"
+    assert body["records"]["fx"] == {"currency": "USD", "eur_per_unit": 0.92, "amount_eur": 119.51}
+    assert body["features"]["provenance"]["source"] == "feature_store"
+    assert body["features"]["model_input"]["risk_signal_missing"] == 0.0
+    assert body["risk_signal"]["source"] == "risk_service"
+    assert body["degraded"] is False and body["degraded_reasons"] == []
+    assert set(body["timings_ms"]) >= {"records_ms", "features_ms", "risk_service_ms", "model_ms"}
+    assert r.headers["x-request-id"] == body["request_id"]
+    # the same payment twice gets the same score (deterministic data, model and signal)
+    assert _score(url).json()["score"] == body["score"]
+
+
+def test_blocked_customer_is_declined_with_the_reason(url) -> None:
+    r = _score(url, {**GOOD, "customer_id": "C00007"})
+    assert r.status_code == 200
+    assert r.json()["decision"] == "decline"
+    assert "customer account is blocked" in r.json()["reasons"]
+
+
+def test_stale_and_missing_features_are_recomputed_and_said_so(url) -> None:
+    stale = _score(url, {**GOOD, "customer_id": STALE_FEATURES[3]}).json()
+    assert stale["features"]["provenance"]["source"] == "recomputed"
+    assert stale["features"]["provenance"]["reason"] == "stale"
+    missing = _score(url, {**GOOD, "customer_id": MISSING_FEATURES[3]}).json()
+    assert missing["features"]["provenance"]["reason"] == "missing"
+    assert not missing["degraded"]  # recomputed from the database is exact
+
+
+def test_handle_callers_get_the_same_answer(url) -> None:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("BusinessIngress", app_name="business-test")
+    out = handle.score_payload.remote(GOOD, "via-handle").result(timeout_s=30)
+    assert out["request_id"] == "via-handle"
+    assert out["score"] == _score(url).json()["score"]
+
+
+def test_docs_health_and_model_routes(url) -> None:
+    spec = httpx.get(f"{url}/openapi.json", timeout=10).json()
+    assert "/score" in spec["paths"]
+    assert httpx.get(f"{url}/docs", timeout=10).status_code == 200
+    health = httpx.get(f"{url}/healthz", timeout=10).json()
+    assert health["status"] == "ok"
+    assert set(health["dependencies"]) == {"database", "feature_store", "risk_service"}
+    model = httpx.get(f"{url}/model", headers=KEY, timeout=10).json()
+    assert model["model"]["version"] == "v1"
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_missing_or_wrong_key(url) -> None:
+    r = _score(url, headers={})
+    assert r.status_code == 401 and "X-API-Key" in r.json()["error"]["message"]
+    r = _score(url, headers={"X-API-Key": "nope"})
+    assert r.status_code == 403
+    r = _score(url, headers={"X-API-Key": INJECTIONS[0]})
+    assert r.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "part"),
+    [
+        ({"customer_id": "C09999"}, 404, "Customer C09999 is not on file"),
+        ({"merchant_id": "M9999"}, 404, "Merchant M9999 is not on file"),
+        ({"currency": "XYZ"}, 422, "Currency XYZ is not supported"),
+        ({"amount": -5}, 422, "amount"),
+        ({"amount": 0}, 422, "amount"),
+        ({"amount": "a lot"}, 422, "amount"),
+        ({"amount": 1e12}, 422, "amount"),
+        ({"currency": "usd"}, 422, "currency"),
+        ({"channel": "carrier pigeon"}, 422, "channel"),
+        ({"customer_id": None}, 422, "customer_id"),
+        ({"unexpected": 1}, 422, "unexpected"),
+        ({"memo": "x" * 201}, 422, "memo"),
+    ],
+)
+def test_bad_fields_get_a_4xx_sentence(url, change, status, part) -> None:
+    r = _score(url, {**GOOD, **change})
+    assert r.status_code == status, r.text
+    assert part in r.json()["error"]["message"]
+
+
+def test_missing_fields_and_non_json(url) -> None:
+    r = _score(url, {"customer_id": "C00042"})
+    assert r.status_code == 422 and "merchant_id" in r.json()["error"]["message"]
+    r = httpx.post(
+        f"{url}/score", content=b"{not json", headers={**KEY, "content-type": "application/json"}
+    )
+    assert r.status_code == 422 and "not valid JSON" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("field", ["customer_id", "merchant_id", "currency", "channel"])
+@pytest.mark.parametrize("text", INJECTIONS)
+def test_sql_injection_in_every_id_field_is_refused(url, field, text) -> None:
+    r = _score(url, {**GOOD, field: text})
+    assert r.status_code == 422, r.text
+    assert field in r.json()["error"]["message"]
+
+
+def test_sql_injection_in_free_text_is_stored_as_data(url, sqlite_urls) -> None:
+    memo = "'); DROP TABLE decisions; --"
+    r = _score(url, {**GOOD, "memo": memo})
+    assert r.status_code == 200
+    path = sqlite_urls["database"].removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        row = conn.execute(
+            "SELECT memo FROM decisions WHERE request_id = ?", (r.json()["request_id"],)
+        ).fetchone()
+        assert row == (memo,)
+        assert conn.execute("SELECT count(*) FROM customers").fetchone()[0] == 200
+
+
+def test_oversized_body_is_413(url) -> None:
+    r = _score(url, {**GOOD, "memo": "x" * 20_000})
+    assert r.status_code == 413 and "at most" in r.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------------------ risk service
+def test_risk_service_slow_gives_a_fast_degraded_answer(url, risk_service) -> None:
+    risk_service.start(delay_ms=3000)
+    t0 = time.perf_counter()
+    r = _score(url, {**GOOD, "amount": 400})
+    elapsed = time.perf_counter() - t0
+    assert r.status_code == 200
+    body = r.json()
+    assert body["degraded"] and body["risk_signal"]["source"] == "default"
+    assert "timed out" in body["degraded_reasons"][0]
+    assert body["decision"] == "review"  # 400 USD with no outside signal goes to a person
+    assert elapsed < 2.5  # the service takes 3 s: we did not wait for it
+
+
+def test_risk_service_down_degrades_then_breaker_opens_and_recovers(url, risk_service) -> None:
+    risk_service.stop()
+    reasons = []
+    for _ in range(5):
+        r = _score(url)
+        assert r.status_code == 200
+        reasons.append(r.json()["risk_signal"]["failure"])
+    assert "circuit open" in reasons[-1], reasons
+    health = httpx.get(f"{url}/healthz", timeout=10)
+    assert health.status_code == 200  # an outage is not a failed health check
+    assert health.json()["dependencies"]["risk_service"]["circuit"] == "open"
+    risk_service.start()
+    time.sleep(1.2)  # breaker_reset_s
+    body = _score(url).json()
+    assert body["risk_signal"]["source"] == "risk_service" and not body["degraded"]
+
+
+# ------------------------------------------------------------------------------ outages
+@pytest.fixture(scope="module")
+def outage_app(deploy, sqlite_urls, risk_service, tmp_path_factory):
+    gone = tmp_path_factory.mktemp("gone")
+
+    def _deploy(**overrides) -> str:
+        args = _args(sqlite_urls, risk_service.url, **overrides)
+        return deploy(build_app(args), "business-test-outage", PREFIX + "-outage")
+
+    return _deploy, gone
+
+
+def test_feature_store_down_recomputes_from_the_database(outage_app, risk_service) -> None:
+    deploy_outage, gone = outage_app
+    risk_service.start()
+    url = deploy_outage(feature_store_url=f"sqlite:///{gone / 'features.db'}")
+    body = _score(url).json()
+    assert body["features"]["provenance"]["source"] == "recomputed"
+    assert body["features"]["provenance"]["reason"] == "unavailable"
+    assert body["degraded"] and body["degraded_reasons"][0].startswith("feature store")
+
+
+def test_database_down_is_a_fast_503_and_health_stays_ok(outage_app) -> None:
+    deploy_outage, gone = outage_app
+    url = deploy_outage(database_url=f"sqlite:///{gone / 'records.db'}")
+    t0 = time.perf_counter()
+    r = _score(url)
+    assert r.status_code == 503 and time.perf_counter() - t0 < 3.0
+    assert "records database did not answer" in r.json()["error"]["message"]
+    assert r.headers.get("retry-after") == "1"
+    health = httpx.get(f"{url}/healthz", timeout=10)
+    assert health.status_code == 200
+    assert health.json()["dependencies"]["database"]["last_error"] is not None
+    assert json.dumps(r.json()).count("Traceback") == 0
