@@ -47,6 +47,8 @@ def test_importing_a_pattern_does_no_work(name: str, tmp_path) -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert list(tmp_path.iterdir()) == [], "import created files in the working directory"
+    # Building the app (resolving placements, which logs) waits for `module.app` to be asked for.
+    assert out.stderr.strip() == "", f"import logged: {out.stderr[-500:]}"
 
 
 @pytest.mark.slow

@@ -172,4 +172,12 @@ def build_app(args: BusinessArgs) -> Application:
     return ingress.bind(model, args.model_dump())
 
 
-app = build_app(BusinessArgs())
+def __getattr__(name: str) -> Any:
+    """``serve run patterns.business_logic.app:app`` builds the default app here, on first access.
+
+    Not at import: building resolves placements against the cluster and logs, and importing
+    this module (for its args model, say) should do neither.
+    """
+    if name == "app":
+        return build_app(BusinessArgs())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

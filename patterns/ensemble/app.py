@@ -474,4 +474,12 @@ def build_app(args: EnsembleArgs) -> Application:
     return ingress.bind(members, challenger, recorder, args.model_dump())
 
 
-app = build_app(EnsembleArgs())
+def __getattr__(name: str) -> Any:
+    """``serve run patterns.ensemble.app:app`` builds the default app here, on first access.
+
+    Not at import: building resolves placements against the cluster and logs, and importing
+    this module (for its args model, say) should do neither.
+    """
+    if name == "app":
+        return build_app(EnsembleArgs())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -656,4 +656,12 @@ def build_app(args: PipelineArgs) -> Application:
     return ingress.bind(preprocess, detector, scene, digits, rules, args.model_dump())
 
 
-app = build_app(PipelineArgs())
+def __getattr__(name: str) -> Any:
+    """``serve run patterns.pipeline.app:app`` builds the default app here, on first access.
+
+    Not at import: building resolves placements against the cluster and logs, and importing
+    this module (for its args model, say) should do neither.
+    """
+    if name == "app":
+        return build_app(PipelineArgs())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
