@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -92,10 +93,39 @@ def _centernet_loss(out, heat, size, off, mask):
     return focal + 0.5 * size_loss + off_loss
 
 
-def _cosine_lr(opt, step: int, total: int, base: float) -> None:
-    lr = base * 0.5 * (1 + math.cos(math.pi * step / total))
-    for group in opt.param_groups:
-        group["lr"] = lr
+LR = 3e-3
+
+
+def _fit(model, n: int, batch: int, epochs: int, what: str, step: Callable[..., Any]):
+    """The loop all three models share: AdamW, cosine learning rate, one shuffle per epoch.
+
+    ``step(idx)`` runs the model on the rows ``idx`` and returns ``(loss, n_correct)``
+    (``n_correct`` None where accuracy means nothing, as for the detector).
+    """
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
+    total, k, t0 = epochs * (n // batch), 0, time.time()
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(n)
+        losses, correct = [], 0
+        for start in range(0, n - batch + 1, batch):
+            for group in opt.param_groups:
+                group["lr"] = LR * 0.5 * (1 + math.cos(math.pi * k / total))
+            loss, right = step(perm[start : start + batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            correct += right or 0
+            k += 1
+        acc = "" if right is None else f" train acc {correct / (n // batch * batch):.3f}"
+        _log(
+            f"{what} epoch {epoch + 1}/{epochs} loss {np.mean(losses):.3f}{acc} "
+            f"({time.time() - t0:.0f}s, {n} examples)"
+        )
+    return model.eval()
 
 
 def train_detector(x, boxes, seed: int):
@@ -106,30 +136,11 @@ def train_detector(x, boxes, seed: int):
     torch.manual_seed(seed)
     targets = [torch.as_tensor(t) for t in _centernet_targets(boxes)]
     model = DigitCenterNet()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    batch, n = 32, len(x)
-    total = DETECTOR_EPOCHS * (n // batch)
-    step, t0 = 0, time.time()
-    for epoch in range(DETECTOR_EPOCHS):
-        perm = torch.randperm(n)
-        losses = []
-        model.train()
-        for start in range(0, n - batch + 1, batch):
-            idx = perm[start : start + batch]
-            xb = x[idx]
-            tb = [t[idx] for t in targets]
-            _cosine_lr(opt, step, total, 3e-3)
-            loss = _centernet_loss(model(xb), *tb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            step += 1
-        _log(
-            f"detector epoch {epoch + 1}/{DETECTOR_EPOCHS} loss {np.mean(losses):.3f} "
-            f"({time.time() - t0:.0f}s)"
-        )
-    return model.eval()
+
+    def step(idx):
+        return _centernet_loss(model(x[idx]), *[t[idx] for t in targets]), None
+
+    return _fit(model, len(x), 32, DETECTOR_EPOCHS, "detector", step)
 
 
 def _jitter(boxes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -159,28 +170,13 @@ def train_digits(x, boxes, labels, seed: int):
                 ys.extend(np.concatenate(labels[start : start + 256]).tolist())
     cx, cy = torch.cat(crops), torch.as_tensor(ys)
     model = DigitClassifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    batch, n = 128, len(cx)
-    total, step, t0 = DIGIT_EPOCHS * (n // batch), 0, time.time()
-    for epoch in range(DIGIT_EPOCHS):
-        model.train()
-        perm = torch.randperm(n)
-        correct = 0
-        for start in range(0, n - batch + 1, batch):
-            idx = perm[start : start + batch]
-            _cosine_lr(opt, step, total, 3e-3)
-            logits = model(cx[idx])
-            loss = torch.nn.functional.cross_entropy(logits, cy[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            correct += int((logits.argmax(1) == cy[idx]).sum())
-            step += 1
-        _log(
-            f"digit classifier epoch {epoch + 1}/{DIGIT_EPOCHS} train acc "
-            f"{correct / (n // batch * batch):.3f} ({time.time() - t0:.0f}s, {n} crops)"
-        )
-    return model.eval()
+
+    def step(idx):
+        logits = model(cx[idx])
+        loss = torch.nn.functional.cross_entropy(logits, cy[idx])
+        return loss, int((logits.argmax(1) == cy[idx]).sum())
+
+    return _fit(model, len(cx), 128, DIGIT_EPOCHS, "digit classifier", step)
 
 
 def train_scene(x, labels, seed: int):
@@ -191,36 +187,21 @@ def train_scene(x, labels, seed: int):
     torch.manual_seed(seed)
     y = torch.as_tensor([len(lab) for lab in labels])
     model = SceneClassifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    batch, n = 64, len(x)
-    total, step, t0 = SCENE_EPOCHS * (n // batch), 0, time.time()
-    for epoch in range(SCENE_EPOCHS):
-        model.train()
-        perm = torch.randperm(n)
-        correct = 0
-        for start in range(0, n - batch + 1, batch):
-            idx = perm[start : start + batch]
-            _cosine_lr(opt, step, total, 3e-3)
-            xb = x[idx]
-            # Flips and transposes never change how many digits there are: 8x the scenes.
-            if torch.rand(()) < 0.5:
-                xb = xb.flip(3)
-            if torch.rand(()) < 0.5:
-                xb = xb.flip(2)
-            if torch.rand(()) < 0.5:
-                xb = xb.transpose(2, 3)
-            logits = model(xb)
-            loss = torch.nn.functional.cross_entropy(logits, y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            correct += int((logits.argmax(1) == y[idx]).sum())
-            step += 1
-        _log(
-            f"scene classifier epoch {epoch + 1}/{SCENE_EPOCHS} train acc "
-            f"{correct / (n // batch * batch):.3f} ({time.time() - t0:.0f}s)"
-        )
-    return model.eval()
+
+    def step(idx):
+        xb = x[idx]
+        # Flips and transposes never change how many digits there are: 8x the scenes.
+        if torch.rand(()) < 0.5:
+            xb = xb.flip(3)
+        if torch.rand(()) < 0.5:
+            xb = xb.flip(2)
+        if torch.rand(()) < 0.5:
+            xb = xb.transpose(2, 3)
+        logits = model(xb)
+        loss = torch.nn.functional.cross_entropy(logits, y[idx])
+        return loss, int((logits.argmax(1) == y[idx]).sum())
+
+    return _fit(model, len(x), 64, SCENE_EPOCHS, "scene classifier", step)
 
 
 # ------------------------------------------------------------------------------ evaluation
