@@ -33,6 +33,7 @@ from core.errors import (
     HTTPError,
     PayloadTooLarge,
     ServiceUnavailable,
+    Unprocessable,
     UnsupportedMediaType,
 )
 from core.ingress import install_ingress, request_id_of
@@ -52,6 +53,13 @@ from patterns.pipeline.scenes import CANVAS
 
 logger = logging.getLogger("patterns.pipeline")
 RAW_TYPES = ("image/png", "image/jpeg", "image/jpg")
+# The statuses Preprocess refuses an image with, as the ingress raises them.
+REFUSALS: dict[int, type[HTTPError]] = {
+    400: BadRequest,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+    422: Unprocessable,
+}
 
 
 # ------------------------------------------------------------------------------ config
@@ -120,7 +128,17 @@ class Preprocess:
 
     def run(self, data: bytes) -> dict[str, Any]:
         t0 = time.perf_counter()
-        out = prepare(data, self.limits)
+        try:
+            out = prepare(data, self.limits)
+        except Exception as exc:
+            # prepare() names every refusal it knows; anything else the decoder raised is
+            # still about these bytes (retrying them cannot help), so it is a 422 too.
+            logger.warning("preprocess: unexpected error from prepare()", exc_info=True)
+            out = ImageRejected(
+                422,
+                f"The image could not be decoded ({type(exc).__name__}); send a complete, "
+                "valid PNG or JPEG file.",
+            )
         ms = round((time.perf_counter() - t0) * 1000, 2)
         if isinstance(out, ImageRejected):
             return {"ok": False, "status": out.status, "message": out.message, "compute_ms": ms}
@@ -128,63 +146,73 @@ class Preprocess:
 
 
 class _TorchStage:
-    """Shared by the model stages: load weights, pick the device, batching knobs."""
+    """Shared by the model stages: load weights, pick the device, warm up, batching knobs.
+
+    A subclass names its config model (``spec_cls``) and its metric tag (``stage``), and
+    defines ``_batched`` (a ``@serve.batch`` method) and, where a plain forward pass on one
+    blank image does not fit its model, ``_warm_up``.
+    """
 
     stage = "model"
-    spec: ModelStage
+    spec_cls: type[ModelStage] = ModelStage
 
-    def _load(self, spec: ModelStage, store_uri: str | None, on_gpu: bool, opts: dict) -> None:
+    def __init__(self, spec: dict, store_uri: str | None, on_gpu: bool, opts: dict) -> None:
         import torch
 
         from patterns.pipeline.models import load_model
 
+        self.spec = self.spec_cls(**spec)
         # A replica owns a fraction of a core: more threads would only contend.
         torch.set_num_threads(1)
         self.device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
         store = ModelStore(store_uri) if store_uri else ModelStore.from_settings()
-        self.model = load_model(spec.arch, spec.weights, store, storage_options=opts)
+        self.model = load_model(self.spec.arch, self.spec.weights, store, storage_options=opts)
         self.model.module.to(self.device)
-        self.info = {**self.model.info, "arch": spec.arch, "device": self.device}
+        self.info = {**self.model.info, "arch": self.spec.arch, "device": self.device}
         self.metrics = ModelMetrics("pipeline", self.stage, str(self.info.get("version")))
-        self._warm_up()
-
-    def _warm_up(self) -> None:
-        """One forward pass before traffic: the first one pays for lazy initialisation."""
-        import torch
-
-        from patterns.pipeline.models import crop_digits, run_detector
-
-        x = torch.zeros(1, 3, CANVAS, CANVAS, device=self.device)
+        # One forward pass before traffic: the first one pays for lazy initialisation.
         with torch.inference_mode():
-            if self.stage == "detector":
-                run_detector(self.model, self.spec.arch, x, 1.0)
-            elif self.stage == "digit_classifier":
-                box = torch.tensor([[10.0, 10.0, 40.0, 40.0]], device=self.device)
-                self.model.module(crop_digits(x, [box]))
-            else:
-                self.model.module(x)
+            self._warm_up(torch.zeros(1, 3, CANVAS, CANVAS, device=self.device))
+
+    def _warm_up(self, x: Any) -> None:
+        self.model.module(x)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        # how many requests may share one forward pass, and how long may a batch wait to fill?
-        self._batched.set_max_batch_size(int(config.get("max_batch_size", 16)))
-        self._batched.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
+        """user_config (max_batch_size, batch_wait_timeout_s; see _model_stage), applied
+        live when it changes; validated as the stage's config, a knob left out keeps its
+        value."""
+        self.spec = self.spec_cls(**{**self.spec.model_dump(), **config})
+        self._batched.set_max_batch_size(self.spec.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
 
     def _stack(self, tensors: list[np.ndarray]):
         import torch
 
         return torch.as_tensor(np.stack(tensors)).float().to(self.device)
 
+    def _observed(self, t0: float, batch_size: int) -> dict[str, Any]:
+        """Record one forward pass (started at ``t0``) in the metrics; returns the fields
+        every request of the batch reports about it."""
+        ms = (time.perf_counter() - t0) * 1000
+        self.metrics.observe(ms / 1000)
+        self.metrics.observe_batch(batch_size)
+        return {"compute_ms": round(ms, 2), "batch_size": batch_size, "model": self.info}
+
     def model_info(self) -> dict[str, Any]:
-        return self.info
+        """This replica's model version and the held-out figures of the manifest it loaded
+        (None for weights from a bare checkpoint or published weights)."""
+        return {**self.info, "heldout_metrics": self.model.heldout_metrics}
 
 
 @serve.deployment(max_ongoing_requests=32)
 class Detector(_TorchStage):
     stage = "detector"
+    spec_cls = DetectorStage
 
-    def __init__(self, spec: dict, store_uri: str | None, on_gpu: bool, opts: dict) -> None:
-        self.spec = DetectorStage(**spec)
-        self._load(self.spec, store_uri, on_gpu, opts)
+    def _warm_up(self, x: Any) -> None:
+        from patterns.pipeline.models import run_detector
+
+        run_detector(self.model, self.spec.arch, x, 1.0)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _batched(self, tensors: list[np.ndarray]) -> list[dict[str, Any]]:
@@ -197,18 +225,14 @@ class Detector(_TorchStage):
             dets = run_detector(
                 self.model, self.spec.arch, self._stack(tensors), self.spec.score_threshold
             )
-        ms = (time.perf_counter() - t0) * 1000
-        self.metrics.observe(ms / 1000)
-        self.metrics.observe_batch(len(tensors))
+        common = self._observed(t0, len(tensors))
         names = self.model.categories
         return [
             {
                 "boxes": d["boxes"].tolist(),
                 "scores": d["scores"].tolist(),
                 "labels": [names[int(i)] if 0 <= i < len(names) else str(i) for i in d["labels"]],
-                "compute_ms": round(ms, 2),
-                "batch_size": len(tensors),
-                "model": self.info,
+                **common,
             }
             for d in dets
         ]
@@ -220,10 +244,7 @@ class Detector(_TorchStage):
 @serve.deployment(max_ongoing_requests=32)
 class SceneClassifier(_TorchStage):
     stage = "scene_classifier"
-
-    def __init__(self, spec: dict, store_uri: str | None, on_gpu: bool, opts: dict) -> None:
-        self.spec = SceneStage(**spec)
-        self._load(self.spec, store_uri, on_gpu, opts)
+    spec_cls = SceneStage
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _batched(self, tensors: list[np.ndarray]) -> list[dict[str, Any]]:
@@ -232,17 +253,9 @@ class SceneClassifier(_TorchStage):
         t0 = time.perf_counter()
         with torch.inference_mode():
             probs = torch.softmax(self.model.module(self._stack(tensors)), 1).cpu().numpy()
-        ms = (time.perf_counter() - t0) * 1000
-        self.metrics.observe(ms / 1000)
-        self.metrics.observe_batch(len(tensors))
+        common = self._observed(t0, len(tensors))
         return [
-            {
-                "count": int(p.argmax()),
-                "confidence": round(float(p.max()), 4),
-                "compute_ms": round(ms, 2),
-                "batch_size": len(tensors),
-                "model": self.info,
-            }
+            {"count": int(p.argmax()), "confidence": round(float(p.max()), 4), **common}
             for p in probs
         ]
 
@@ -253,10 +266,15 @@ class SceneClassifier(_TorchStage):
 @serve.deployment(max_ongoing_requests=32)
 class DigitClassifier(_TorchStage):
     stage = "digit_classifier"
+    spec_cls = DigitStage
 
-    def __init__(self, spec: dict, store_uri: str | None, on_gpu: bool, opts: dict) -> None:
-        self.spec = DigitStage(**spec)
-        self._load(self.spec, store_uri, on_gpu, opts)
+    def _warm_up(self, x: Any) -> None:
+        import torch
+
+        from patterns.pipeline.models import crop_digits
+
+        box = torch.tensor([[10.0, 10.0, 40.0, 40.0]], device=self.device)
+        self.model.module(crop_digits(x, [box]))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _batched(self, items: list[tuple[np.ndarray, list]]) -> list[dict[str, Any]]:
@@ -269,9 +287,7 @@ class DigitClassifier(_TorchStage):
         boxes = [torch.as_tensor(b, dtype=torch.float32, device=self.device) for _, b in items]
         with torch.inference_mode():  # one forward pass for every crop of every request
             probs = torch.softmax(self.model.module(crop_digits(x, boxes)), 1).cpu().numpy()
-        ms = (time.perf_counter() - t0) * 1000
-        self.metrics.observe(ms / 1000)
-        self.metrics.observe_batch(len(items))
+        common = self._observed(t0, len(items))
         out, start = [], 0
         for _, b in items:
             p = probs[start : start + len(b)]
@@ -280,9 +296,7 @@ class DigitClassifier(_TorchStage):
                 {
                     "labels": p.argmax(1).tolist(),
                     "confidences": [round(float(v), 4) for v in p.max(1)],
-                    "compute_ms": round(ms, 2),
-                    "batch_size": len(items),
-                    "model": self.info,
+                    **common,
                 }
             )
         return out
@@ -398,13 +412,16 @@ class PipelineIngress:
         ctype = _content_type(request)
         if ctype == "multipart/form-data":
             files = await self._files(request, limit=self.args.max_batch_images, single=True)
-            if len(files) != 1:
+            if not files:
                 raise BadRequest(
-                    f"Multipart upload holds {len(files)} files; /read takes one "
-                    "(use /read/batch for several)."
+                    "The multipart upload holds no file; attach the image in field 'image'."
                 )
             name, data = files[0]
         elif ctype in RAW_TYPES:
+            # Refuse an oversized image on its declared length, before reading the body.
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.args.max_image_bytes:
+                raise PayloadTooLarge(self._too_big_sentence("", int(declared)))
             name, data = "body", await request.body()
         else:
             raise UnsupportedMediaType(self._media_sentence(ctype))
@@ -453,31 +470,24 @@ class PipelineIngress:
             self.digits.model_info.remote(),
             self.rules.describe.remote(),
         )
+        # The three models were trained and measured together: one set of figures, from the
+        # manifest of the detector version its replica loaded (None when the detector's
+        # weights came from a bare checkpoint or torchvision).
+        heldout = det.pop("heldout_metrics")
+        scene.pop("heldout_metrics")
+        digits.pop("heldout_metrics")
         return {
             "detector": det,
             "scene_classifier": scene,
             "digit_classifier": digits,
             "business_rules": rules,
-            "heldout_metrics": self._heldout_metrics(),
+            "heldout_metrics": heldout,
         }
 
     # -- helpers -------------------------------------------------------------------------
-    def _heldout_metrics(self) -> dict[str, Any] | None:
-        weights = self.args.detector.weights
-        if not weights.startswith("store:"):
-            return None
-        name, _, version = weights[len("store:") :].partition("/")
-        try:
-            store = (
-                ModelStore(self.args.model_store_uri)
-                if self.args.model_store_uri
-                else ModelStore.from_settings()
-            )
-            manifest, _ = store.read_manifest(name, version or "latest")
-            return manifest.get("metadata", {}).get("heldout_metrics")
-        except Exception:
-            logger.warning("could not read the detector manifest", exc_info=True)
-            return None
+    def _too_big_sentence(self, where: str, size: int) -> str:
+        limit = self.args.max_image_bytes
+        return f"{where}The image is {size} bytes; at most {limit} bytes per image."
 
     def _media_sentence(self, ctype: str) -> str:
         got = ctype or "no Content-Type"
@@ -494,10 +504,10 @@ class PipelineIngress:
             form = await request.form(max_files=limit + 32, max_fields=limit + 32)
         except Exception as exc:  # malformed multipart: missing boundary, cut-off parts...
             raise BadRequest(f"The multipart body could not be parsed ({exc}).") from exc
-        files = [(k, v) for k, v in form.multi_items() if hasattr(v, "read")]
+        files = [v for _, v in form.multi_items() if hasattr(v, "read")]
         if len(files) > 1 and single:
             raise BadRequest(
-                f"Multipart upload holds {len(files)} files; /read takes one "
+                f"The multipart upload holds {len(files)} files; /read takes one "
                 "(use /read/batch for several)."
             )
         if len(files) > limit:
@@ -505,9 +515,13 @@ class PipelineIngress:
                 f"{len(files)} images in one request; send at most {limit} per request."
             )
         out = []
-        for _, upload in files:
-            data = await upload.read()
-            out.append((upload.filename or "upload", data))
+        for i, upload in enumerate(files):
+            name = upload.filename or "upload"
+            # The parser has spooled the part already; refuse it before reading it into memory.
+            if upload.size is not None and upload.size > self.args.max_image_bytes:
+                where = "" if single else f"Image {i + 1} ({name}): "
+                raise PayloadTooLarge(self._too_big_sentence(where, upload.size))
+            out.append((name, await upload.read()))
         return out
 
     async def _call(self, stage: str, response: Any) -> tuple[Any, float]:
@@ -535,10 +549,7 @@ class PipelineIngress:
         if not data:
             raise BadRequest(f"{where}The image is empty (0 bytes); send PNG or JPEG bytes.")
         if len(data) > self.args.max_image_bytes:
-            raise PayloadTooLarge(
-                f"{where}The image is {len(data)} bytes; at most {self.args.max_image_bytes} "
-                "bytes per image."
-            )
+            raise PayloadTooLarge(self._too_big_sentence(where, len(data)))
         t_start = time.perf_counter()
         hops: dict[str, float] = {}
         compute: dict[str, float] = {}
@@ -546,10 +557,8 @@ class PipelineIngress:
 
         pre, hops["preprocess"] = await self._call("preprocess", self.preprocess.run.remote(data))
         compute["preprocess"] = pre["compute_ms"]
-        if not pre["ok"]:
-            refusal = HTTPError(where + pre["message"])
-            refusal.status_code = pre["status"]  # 400, 413, 415 or 422, chosen by Preprocess
-            raise refusal
+        if not pre["ok"]:  # 400, 413, 415 or 422, chosen by Preprocess
+            raise REFUSALS.get(pre["status"], Unprocessable)(where + pre["message"])
         tensor, meta = pre["tensor"], pre["meta"]
 
         async def timed(aw: Any) -> tuple[Any, float]:

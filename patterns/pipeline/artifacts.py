@@ -239,18 +239,22 @@ def evaluate(reader, x, boxes, labels) -> dict[str, Any]:
     """Held-out figures of the whole reader (IoU 0.5 throughout)."""
     import torch
 
+    from patterns.pipeline.models import run_detector
     from patterns.pipeline.rules import RuleConfig, decide
 
-    outs = []
-    for start in range(0, len(x), 64):
-        outs.extend(reader.read(x[start : start + 64]))
-    # Detection AP@0.5 needs every candidate: rerun the detector with a tiny threshold.
-    from patterns.pipeline.models import run_detector
-
+    # One detector pass per batch at a tiny threshold: every candidate, for AP@0.5, and,
+    # cut at the reader's threshold, the detections the reader reads (greedy NMS keeps the
+    # same boxes above that threshold whether or not lower-scored ones were in the running).
+    outs: list[dict[str, Any]] = []
     scored: list[tuple[float, int]] = []
     with torch.inference_mode():
         for start in range(0, len(x), 64):
-            dets = run_detector(reader.detector, reader.detector_arch, x[start : start + 64], 0.01)
+            xb = x[start : start + 64]
+            dets = run_detector(reader.detector, reader.detector_arch, xb, 0.01)
+            kept = [
+                {k: v[d["scores"] >= reader.score_threshold] for k, v in d.items()} for d in dets
+            ]
+            outs.extend(reader.read(xb, kept))
             for k, d in enumerate(dets):
                 order = np.argsort(-d["scores"])
                 m = _match(d["boxes"][order], boxes[start + k])

@@ -4,13 +4,17 @@
     python -m patterns.pipeline.benchmark --duration 30 --concurrency 32
 
 Starts its own local Ray + Serve (HTTP on a free loopback port), deploys the pipeline with
-the config's batching, drives it with N concurrent clients sending held-out scenes for a
-fixed time, then redeploys with ``max_batch_size: 1`` on every model stage (same replicas,
-same resources) and repeats. Prints throughput and p50/p95 for both and their ratio.
+batching on (each model stage's ``max_batch_size`` and ``batch_wait_timeout_s`` as in
+``PipelineArgs``, the same as config.yaml: 16 detector, 16 scene classifier, 32 digit
+classifier, 5 ms wait; ``--max-batch-size B`` puts B on all three instead), drives it with
+``--concurrency`` clients sending held-out scenes for a fixed time, then redeploys with
+``max_batch_size: 1`` on every model stage (same replicas, same resources) and repeats.
+Prints throughput and p50/p95 for both and their ratio.
 
 Then, one request at a time: each hop's round trip as the ingress sees it minus the
 stage's own compute time = what the hop itself adds (serialisation, routing, queueing),
-and the whole pipeline against the same three models called in one process (the monolith).
+and the whole pipeline against the same three models called in one process (the monolith:
+the same PNG bodies decoded and read; the bodies are encoded before the clock starts).
 Figures are for the machine it runs on; say which when you quote them.
 """
 
@@ -117,8 +121,9 @@ def _sequential(url: str, bodies: list[bytes], n: int) -> dict[str, Any]:
     }
 
 
-def _monolith(n: int) -> float:
-    """Median ms per image for decode + all three models in one process, one at a time."""
+def _monolith(bodies: list[bytes], n: int) -> float:
+    """Median ms per image for decode + all three models in one process, one at a time, on
+    the same PNG bodies the HTTP clients send (encoded before timing, as theirs are)."""
     import torch
 
     from core.model_store import ModelStore
@@ -137,7 +142,7 @@ def _monolith(n: int) -> float:
     times = []
     for i in range(n + 3):
         t0 = time.perf_counter()
-        prep = prepare(scene_png("heldout", i), limits)
+        prep = prepare(bodies[i % len(bodies)], limits)
         reader.read(torch.as_tensor(prep.tensor[None]).float())  # type: ignore[union-attr]
         if i >= 3:  # the first calls pay for lazy initialisation
             times.append((time.perf_counter() - t0) * 1000)
@@ -149,7 +154,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per run")
     parser.add_argument("--sequential", type=int, default=40, help="requests for hop costs")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="batching-on setting")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="batching on: this max_batch_size on every model stage (default: each stage's "
+        "own, as in config.yaml)",
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -168,21 +179,30 @@ def main() -> None:
     results: dict[str, dict] = {}
     hop_report: dict[str, Any] = {}
     try:
-        for label, batch in (("batching on", args.max_batch_size), ("batching off", 1)):
-            knobs = {"max_batch_size": batch, "batch_wait_timeout_s": 0.005 if batch > 1 else 0}
-            pargs = PipelineArgs(detector=knobs, scene=knobs, digits=knobs)
-            print(f"deploying ({label}: max_batch_size={batch}) ...", flush=True)
+        off = {"max_batch_size": 1, "batch_wait_timeout_s": 0}
+        if args.max_batch_size:
+            on = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": 0.005}
+            batching_on = PipelineArgs(detector=on, scene=on, digits=on)
+        else:
+            batching_on = PipelineArgs()  # each stage's own batching (= config.yaml)
+        batching_off = PipelineArgs(detector=off, scene=off, digits=off)
+        for label, pargs in (("batching on", batching_on), ("batching off", batching_off)):
+            sizes = ", ".join(
+                f"{stage} {getattr(pargs, stage).max_batch_size}"
+                for stage in ("detector", "scene", "digits")
+            )
+            print(f"deploying ({label}: max_batch_size {sizes}) ...", flush=True)
             serve.run(build_app(pargs), name="pipeline", route_prefix="/pipeline")
             asyncio.run(_load(url, bodies, args.concurrency, 2.0))  # warm-up, not counted
             results[label] = asyncio.run(_load(url, bodies, args.concurrency, args.duration))
             print(f"  {label}: {results[label]}", flush=True)
-            if batch == 1:  # one at a time: no batch wait, so hops show their own cost
+            if pargs is batching_off:  # one at a time: no batch wait, hops show their cost
                 hop_report = _sequential(url, bodies, args.sequential)
         serve.delete("pipeline")
     finally:
         serve.shutdown()
         ray.shutdown()
-    monolith_ms = _monolith(args.sequential)
+    monolith_ms = _monolith(bodies, args.sequential)
 
     on, off = results["batching on"], results["batching off"]
     print()

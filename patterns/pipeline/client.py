@@ -1,6 +1,6 @@
 """Send a held-out digit scene (digits the models never saw in training) and print the answer.
 
-python -m patterns.pipeline.client                 # scene 0, raw PNG body
+python -m patterns.pipeline.client                 # held-out scene 12, raw PNG body
 python -m patterns.pipeline.client --scene 7 --save /tmp/scene.png
 python -m patterns.pipeline.client --batch 4       # 4 scenes in one multipart request
 """

@@ -7,7 +7,7 @@
   converge within a few CPU minutes, while a heatmap detector on this task does (see the
   README for measured precision/recall). torchvision architectures stay selectable in config
   for real pretrained or fine-tuned weights.
-- ``DigitClassifier``: reads one crop (28x28, cut from the normalised image with
+- ``DigitClassifier``: reads one crop (16x16, cut from the normalised image with
   ``torchvision.ops.roi_align``) as 0-9.
 - ``SceneClassifier``: looks at the whole image and answers how many digits it holds (0-4),
   independently of the detector, so the business rule can cross-check the two.
@@ -33,15 +33,11 @@ from torch.nn import functional as F
 
 from core.errors import UnsafeFormatError
 from core.model_store import ModelStore
+from patterns.pipeline.preprocess import MEAN, STD  # ImageNet statistics (numpy only)
 from patterns.pipeline.scenes import CANVAS, MAX_DIGITS
 
-# ImageNet statistics: what torchvision's pretrained models expect, so one preprocessing
-# serves the digit models and real pretrained ones alike.
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 STRIDE = 4  # detector output cell size in input pixels
 CROP = 16  # digit classifier input size
-OWN_DETECTORS = ("centernet_digits",)
 TORCHVISION_DETECTORS = ("fasterrcnn_mobilenet_v3_large_fpn", "ssdlite320_mobilenet_v3_large")
 
 
@@ -111,8 +107,8 @@ def decode_centernet(
         kept = nms(boxes, scores, 0.5)
         results.append(
             {
-                "boxes": boxes[kept].numpy(),
-                "scores": scores[kept].numpy(),
+                "boxes": boxes[kept].cpu().numpy(),
+                "scores": scores[kept].cpu().numpy(),
                 "labels": np.zeros(len(kept), dtype=np.int64),
             }
         )
@@ -176,6 +172,9 @@ class LoadedModel:
     module: nn.Module
     info: dict[str, Any]  # what the answer reports as this stage's model version
     categories: list[str]  # detector label names
+    # Held-out figures from the manifest of the version actually loaded (store weights
+    # only; a bare checkpoint or published weights carry none).
+    heldout_metrics: dict[str, Any] | None = None
 
 
 class WeightsUnavailable(RuntimeError):
@@ -227,10 +226,12 @@ def load_model(
     from safetensors.torch import load as load_safetensors
 
     categories = ["digit"]
+    metrics = None
     if weights.startswith("store:"):
         name, _, version = weights[len("store:") :].partition("/")
         state, ref = store.load_torch(name, version or "latest")
         info = {"source": "store", **ref.public()}
+        metrics = ref.metadata.get("heldout_metrics")
         module = build_module(arch, _num_classes(state))
     elif weights.startswith(("file://", "s3://", "gs://", "memory://")):
         raw = _read_checkpoint(weights, storage_options)
@@ -254,7 +255,7 @@ def load_model(
         )
     if arch in TORCHVISION_DETECTORS and _num_classes(state) not in (None, 2):
         categories = [f"class_{i}" for i in range(_num_classes(state) or 0)]
-    return LoadedModel(module.eval(), info, categories)
+    return LoadedModel(module.eval(), info, categories, dict(metrics) if metrics else None)
 
 
 def _num_classes(state: dict[str, torch.Tensor]) -> int | None:

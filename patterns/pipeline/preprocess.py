@@ -17,7 +17,15 @@ from pydantic import BaseModel, Field
 
 from patterns.pipeline.scenes import CANVAS
 
-ACCEPTED_FORMATS = ("PNG", "JPEG")
+# The only Pillow parsers that ever read uploaded bytes. The JPEG parser also opens MPO, the
+# multi-picture JPEG many phone cameras write (an ordinary JPEG first frame plus extra
+# frames), and reports it as format "MPO"; Pillow has no separate MPO parser to name here.
+PARSERS = ("PNG", "JPEG")
+# ImageNet statistics: what torchvision's pretrained models expect, so one preprocessing
+# serves the digit models and real pretrained ones alike. Here (numpy only), not in
+# models.py, so this CPU stage never imports torch.
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 class ImageLimits(BaseModel):
@@ -59,15 +67,15 @@ def prepare(data: bytes, limits: ImageLimits) -> Prepared | ImageRejected:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # reads the header only
+            img = Image.open(io.BytesIO(data), formats=PARSERS)  # reads the header only
     except UnidentifiedImageError:
-        return ImageRejected(
-            422, "The body is not a PNG or JPEG image (its bytes are not an image format)."
-        )
+        return _unidentified(data)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return ImageRejected(413, _too_big_sentence(None, limits))
-    if img.format not in ACCEPTED_FORMATS:
-        return ImageRejected(415, f"The image is {img.format}; send PNG or JPEG.")
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # A PNG or JPEG signature followed by a header cut short or garbled.
+        return ImageRejected(422, _corrupt_sentence(_signature(data), exc))
+    fmt = "JPEG" if img.format == "MPO" else img.format  # the first frame is read as a JPEG
     width, height = img.size
     if _over_limits(width, height, limits):
         return ImageRejected(413, _too_big_sentence((width, height), limits))
@@ -82,11 +90,8 @@ def prepare(data: bytes, limits: ImageLimits) -> Prepared | ImageRejected:
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return ImageRejected(413, _too_big_sentence((width, height), limits))
-    except (OSError, SyntaxError, ValueError) as exc:
-        return ImageRejected(
-            422,
-            f"The {img.format} image is truncated or corrupt and cannot be decoded ({exc}).",
-        )
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        return ImageRejected(422, _corrupt_sentence(fmt, exc))
     rgb = img.convert("RGB")  # palette, grey, RGBA, CMYK, 16-bit -> 8-bit RGB
     scale = CANVAS / max(width, height)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
@@ -95,8 +100,6 @@ def prepare(data: bytes, limits: ImageLimits) -> Prepared | ImageRejected:
     canvas = Image.new("RGB", (CANVAS, CANVAS), (124, 116, 104))
     pad_x, pad_y = (CANVAS - new_w) // 2, (CANVAS - new_h) // 2
     canvas.paste(resized, (pad_x, pad_y))
-    from patterns.pipeline.models import MEAN, STD  # numpy only; torch is imported there
-
     x = (np.asarray(canvas, dtype=np.float32) / 255.0 - MEAN) / STD
     return Prepared(
         # float16 halves what travels to the model stages (55 KB, under the 100 KB a Ray
@@ -105,10 +108,54 @@ def prepare(data: bytes, limits: ImageLimits) -> Prepared | ImageRejected:
         meta={
             "width": width,
             "height": height,
-            "format": img.format,
+            "format": fmt,
             "scale": scale,
             "pad": [pad_x, pad_y],
         },
+    )
+
+
+_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
+
+
+def _signature(data: bytes) -> str | None:
+    """PNG or JPEG when the bytes start like one (read by no parser)."""
+    return next((name for sig, name in _SIGNATURES.items() if data.startswith(sig)), None)
+
+
+def _other_format(data: bytes) -> str | None:
+    """A few common image formats we do not parse, named from their magic bytes alone, so
+    the refusal can say what was sent without handing the bytes to that format's parser."""
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif"):
+        return "HEIF/AVIF"
+    if data[:2] == b"BM" and len(data) >= 26 and data[6:10] == b"\x00\x00\x00\x00":
+        return "BMP"
+    return None
+
+
+def _unidentified(data: bytes) -> ImageRejected:
+    signature = _signature(data)
+    if signature:  # starts like a PNG/JPEG, but the parser found no usable header
+        return ImageRejected(422, _corrupt_sentence(signature, None))
+    other = _other_format(data)
+    if other:
+        return ImageRejected(415, f"The image is {other}; send PNG or JPEG.")
+    return ImageRejected(
+        422, "The body is not a PNG or JPEG image (its bytes are not an image format)."
+    )
+
+
+def _corrupt_sentence(fmt: str | None, exc: BaseException | None) -> str:
+    why = f" ({exc})" if exc is not None and str(exc) else ""
+    return (
+        f"The {fmt or 'PNG or JPEG'} image is truncated or corrupt and cannot be decoded{why}; "
+        "send the complete file."
     )
 
 

@@ -25,14 +25,21 @@ class DigitReader:
     score_threshold: float = 0.3
 
     @torch.inference_mode()
-    def read(self, x: torch.Tensor) -> list[dict[str, Any]]:
-        """(N, 3, 96, 96) normalised -> per image: detections (left to right) and count."""
-        dets = run_detector(self.detector, self.detector_arch, x, self.score_threshold)
+    def read(
+        self, x: torch.Tensor, detections: list[dict[str, np.ndarray]] | None = None
+    ) -> list[dict[str, Any]]:
+        """(N, 3, 96, 96) normalised -> per image: detections (left to right) and count.
+
+        ``detections``: the detector's output for ``x`` at ``score_threshold``, where the
+        caller has it already (``artifacts.evaluate``); otherwise the detector runs here."""
+        dets = detections
+        if dets is None:
+            dets = run_detector(self.detector, self.detector_arch, x, self.score_threshold)
         counts = torch.softmax(self.scene.module(x), 1)
         boxes = [torch.as_tensor(d["boxes"]) for d in dets]
         crops = crop_digits(x, boxes)
         probs = (
-            torch.softmax(self.digits.module(crops), 1).numpy()
+            torch.softmax(self.digits.module(crops), 1).cpu().numpy()
             if len(crops)
             else np.zeros((0, 10), np.float32)
         )

@@ -12,6 +12,8 @@ from tests.pipeline.images import encode, png_bomb
 
 PREFIX = "/pipeline-test"
 PNG = {"Content-Type": "image/png"}
+JPG = {"Content-Type": "image/jpeg"}
+JPEG_SCENE = encode(make_scene("heldout", 3).image, "JPEG", quality=95)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def _error(r: httpx.Response, status: int, phrase: str) -> None:
 
 def test_reads_heldout_scenes(client, url) -> None:
     """Scenes built from digit images never seen in training are read, digit by digit."""
-    right = total = exact = 0
+    right = total = exact = decided = accepted = accepted_wrong = 0
     for i in range(12):
         scene = make_scene("heldout", 100 + i)
         r = _read(client, url, scene_png("heldout", 100 + i))
@@ -49,9 +51,15 @@ def test_reads_heldout_scenes(client, url) -> None:
         exact += read == scene.code
         right += sum(a == b for a, b in zip(read, scene.code, strict=False))
         total += len(scene.code)
-        assert body["decision"]["code"] == read
-        assert body["decision"]["action"] in ("accept", "review", "reject")
-    assert right / total >= 0.85 and exact >= 9, (right, total, exact)
+        decision = body["decision"]
+        assert decision["action"] in ("accept", "review", "reject")
+        decided += decision["code"] == scene.code
+        if decision["action"] == "accept":  # routed with no person looking: must be right
+            accepted += 1
+            accepted_wrong += decision["code"] != scene.code
+    assert right / total >= 0.85 and exact >= 9 and decided >= 9, (right, total, exact, decided)
+    # Held-out, accepted codes are right ~99% of the time (README); allow one slip in 12.
+    assert accepted >= 4 and accepted_wrong <= 1, (accepted, accepted_wrong)
 
 
 def test_answer_carries_boxes_decision_timings_and_versions(client, url) -> None:
@@ -113,6 +121,9 @@ def test_batch_of_images_in_one_request(client, url) -> None:
     [
         ({"content": b"just some text", "headers": PNG}, 422, "not a PNG or JPEG"),
         ({"content": scene_png("heldout", 3)[:250], "headers": PNG}, 422, "truncated or corrupt"),
+        ({"content": scene_png("heldout", 3)[:20], "headers": PNG}, 422, "truncated or corrupt"),
+        ({"content": JPEG_SCENE[:20], "headers": JPG}, 422, "truncated or corrupt"),
+        ({"content": JPEG_SCENE[:400], "headers": JPG}, 422, "truncated or corrupt"),
         ({"content": b"", "headers": PNG}, 400, "empty"),
         ({"content": b"{}", "headers": {"Content-Type": "application/json"}}, 415, "image/png"),
         ({"content": b"abc", "headers": {}}, 415, "no Content-Type"),
@@ -123,7 +134,18 @@ def test_batch_of_images_in_one_request(client, url) -> None:
             "The image is GIF",
         ),
     ],
-    ids=["not-image", "truncated", "empty", "json", "no-type", "bomb", "gif-as-png"],
+    ids=[
+        "not-image",
+        "truncated",
+        "png-header-cut",
+        "jpeg-header-cut",
+        "jpeg-cut",
+        "empty",
+        "json",
+        "no-type",
+        "bomb",
+        "gif-as-png",
+    ],
 )
 def test_bad_single_images(client, url, kwargs, status, phrase) -> None:
     _error(client.post(f"{url}/read", **kwargs), status, phrase)
@@ -141,6 +163,20 @@ def test_bad_batches(client, url) -> None:
     _error(client.post(f"{url}/read/batch", files={"note": (None, "hi")}), 400, "no files")
     two = five[:2]
     _error(client.post(f"{url}/read", files=two), 400, "use /read/batch")
+    _error(client.post(f"{url}/read", files={"note": (None, "hi")}), 400, "holds no file")
+
+
+def test_oversized_images_are_refused(client, url) -> None:
+    """Over max_image_bytes (5 MB by default): 413, raw body or multipart part."""
+    big = b"\x89PNG\r\n\x1a\n" + bytes(5_000_000)
+    _error(_read(client, url, big), 413, "at most 5000000 bytes per image")
+    r = client.post(f"{url}/read", files={"image": ("big.png", big, "image/png")})
+    _error(r, 413, "at most 5000000 bytes per image")
+    files = [
+        ("images", ("good.png", scene_png("heldout", 0), "image/png")),
+        ("images", ("big.png", big, "image/png")),
+    ]
+    _error(client.post(f"{url}/read/batch", files=files), 413, "Image 2 (big.png): The image is")
 
 
 def test_still_serving_after_bad_inputs(client, url) -> None:

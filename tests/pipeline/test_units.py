@@ -3,7 +3,10 @@ and the quality bar of the trained models on scenes the models never saw."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from patterns.pipeline.scenes import CANVAS, make_scene, scene_png, source_indic
 from tests.pipeline.images import encode, jpeg_bomb, png_bomb
 
 LIMITS = ImageLimits()
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------ scenes
@@ -53,13 +57,33 @@ def test_prepare_accepts_png_and_jpeg_and_letterboxes() -> None:
         (b"", 400, "empty"),
         (b"hello, I am text", 422, "not a PNG or JPEG"),
         (scene_png("heldout", 1)[:300], 422, "truncated or corrupt"),
+        # Cut inside the header: PIL raises OSError("Truncated File Read") while opening.
+        (scene_png("heldout", 1)[:20], 422, "The PNG image is truncated or corrupt"),
+        (encode(make_scene("heldout", 1).image, "JPEG")[:20], 422, "The JPEG image is truncated"),
+        (encode(make_scene("heldout", 1).image, "JPEG")[:6], 422, "The JPEG image is truncated"),
+        (encode(make_scene("heldout", 1).image, "JPEG")[:400], 422, "JPEG image is truncated"),
         (png_bomb(), 413, "claims 50000x50000 pixels"),
         (jpeg_bomb(), 413, "claims 60000x60000 pixels"),
         (png_bomb(5000, 100), 413, "at most 4096 pixels a side"),
         (encode(np.zeros((4, 4, 3), np.uint8)), 422, "at least 16x16"),
         (encode(np.zeros((20, 20, 3), np.uint8), "GIF"), 415, "GIF"),
+        (encode(np.zeros((20, 20, 3), np.uint8), "WEBP"), 415, "The image is WEBP"),
     ],
-    ids=["empty", "not-image", "truncated", "bomb", "jpeg-bomb", "too-wide", "tiny", "gif"],
+    ids=[
+        "empty",
+        "not-image",
+        "truncated",
+        "png-header-cut",
+        "jpeg-header-cut",
+        "jpeg-6-bytes",
+        "jpeg-cut",
+        "bomb",
+        "jpeg-bomb",
+        "too-wide",
+        "tiny",
+        "gif",
+        "webp",
+    ],
 )
 def test_prepare_refuses_bad_images_with_a_sentence(data: bytes, status: int, phrase: str) -> None:
     out = prepare(data, LIMITS)
@@ -74,7 +98,64 @@ def test_bomb_is_refused_without_decoding(monkeypatch: pytest.MonkeyPatch) -> No
         raise AssertionError("decoded pixels of a bomb")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", never)
-    assert prepare(png_bomb(), LIMITS).status == 413  # type: ignore[union-attr]
+    out = prepare(png_bomb(), LIMITS)
+    # The header guard's own sentence: PIL's guard would refuse too, without the size.
+    assert isinstance(out, ImageRejected) and out.status == 413
+    assert "claims 50000x50000 pixels" in out.message
+
+
+def test_phone_mpo_jpeg_is_read_as_jpeg() -> None:
+    """Many phone cameras write MPO (a JPEG plus extra frames); Pillow reports "MPO"."""
+    import io
+
+    from PIL import Image
+
+    scene = make_scene("heldout", 0)
+    img = Image.fromarray(scene.image)
+    buf = io.BytesIO()
+    img.save(buf, format="MPO", save_all=True, append_images=[img.copy()])
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    out = prepare(buf.getvalue(), LIMITS)
+    assert isinstance(out, Prepared) and out.meta["format"] == "JPEG"
+    plain = prepare(encode(scene.image, "JPEG"), LIMITS)
+    assert isinstance(plain, Prepared) and np.array_equal(out.tensor, plain.tensor)
+
+
+def test_preprocess_does_not_import_torch() -> None:
+    """The CPU stage decodes and normalises with PIL and numpy only: torch stays out."""
+    code = (
+        "import io, sys\n"
+        "from PIL import Image\n"
+        "from patterns.pipeline.preprocess import ImageLimits, Prepared, prepare\n"
+        "buf = io.BytesIO()\n"
+        "Image.new('RGB', (64, 48), (200, 10, 10)).save(buf, format='PNG')\n"
+        "assert isinstance(prepare(buf.getvalue(), ImageLimits()), Prepared)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:5])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_preprocess_stage_turns_unexpected_errors_into_422(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever else the decoder raises is about the bytes: a 422 refusal, not a 503."""
+    from PIL import Image
+
+    from patterns.pipeline import app
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    stage = app.Preprocess.func_or_class(LIMITS.model_dump())
+
+    def broken(data, limits):
+        raise RuntimeError("decoder state machine confused")
+
+    monkeypatch.setattr(app, "prepare", broken)
+    out = stage.run(scene_png("heldout", 0))
+    assert out["ok"] is False and out["status"] == 422
+    assert "could not be decoded (RuntimeError)" in out["message"]
 
 
 # ------------------------------------------------------------------------------ the rule
@@ -118,6 +199,27 @@ def test_checkpoint_uri_loads_the_same_weights(store: ModelStore, tmp_path) -> N
     x = torch.randn(2, 3, CANVAS, CANVAS)
     with torch.inference_mode():
         assert torch.equal(a.module(x), b.module(x))
+
+
+def test_loaded_model_carries_the_metrics_of_the_version_it_loaded(
+    store: ModelStore, tmp_path
+) -> None:
+    """GET /models reports these: with ``store:NAME`` (latest) they must be the figures of
+    the version actually loaded, not of whatever the manifest says at request time."""
+    from patterns.pipeline.models import load_model
+
+    state, _ = store.load_torch(artifacts.DETECTOR, artifacts.VERSION)
+    two = ModelStore(tmp_path.as_uri())
+    for version, recall in (("v1", 0.5), ("v2", 0.9)):
+        two.save_torch("det", version, state, {"heldout_metrics": {"detection_recall": recall}})
+    latest = load_model("centernet_digits", "store:det", two)
+    assert latest.info["version"] == "v2"
+    assert latest.heldout_metrics == {"detection_recall": 0.9}
+    pinned = load_model("centernet_digits", "store:det/v1", two)
+    assert pinned.heldout_metrics == {"detection_recall": 0.5}
+    path = tmp_path / "detector.safetensors"
+    path.write_bytes((tmp_path / "det" / "v1" / "model.safetensors").read_bytes())
+    assert load_model("centernet_digits", path.as_uri(), two).heldout_metrics is None
 
 
 def test_torchvision_detector_checkpoint_round_trip(store: ModelStore, tmp_path) -> None:
