@@ -23,7 +23,9 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+from core.errors import ServiceUnavailable
 from core.ingress import api_key_auth, install_ingress, request_id_of
+from core.resilience import describe_error
 from core.resources import StageResources, resolve_actor_options
 from patterns.business_logic.features import FeaturePolicy, open_feature_store
 from patterns.business_logic.model import MODEL_VERSION, FraudModel
@@ -134,13 +136,16 @@ class BusinessIngress:
         # load_api_keys refuses placeholder keys in production
         _register_replica(load_api_keys(), self.scorer)
 
-    async def _call_model(self, row: list[float]) -> tuple[float, str]:
-        response = self.model.score.remote(row)
+    @staticmethod
+    async def _await(response: Any) -> Any:
         try:
-            out = await response
+            return await response
         except asyncio.CancelledError:
             response.cancel()  # the caller's deadline passed: do not leave work queued
             raise
+
+    async def _call_model(self, row: list[float]) -> tuple[float, str]:
+        out = await self._await(self.model.score.remote(row))
         return out["score"], out["version"]
 
     @api.post("/score", summary="Check one card payment: approve, review or decline")
@@ -151,7 +156,18 @@ class BusinessIngress:
 
     @api.get("/model", summary="The model version and where its inputs come from")
     async def model_info(self, key_id: str = Depends(require_key)) -> dict[str, Any]:
-        info = await self.model.info.remote()
+        timeout_s = self.args.model_timeout_s
+        try:
+            info = await asyncio.wait_for(self._await(self.model.info.remote()), timeout_s)
+        except TimeoutError as exc:
+            raise ServiceUnavailable(
+                f"The fraud model did not answer within {timeout_s:g}s; retry shortly."
+            ) from exc
+        except Exception as exc:  # a dead replica: the same outage the scorer reports
+            why = describe_error(exc).removeprefix("error: ")
+            raise ServiceUnavailable(
+                f"The fraud model did not answer ({why}); retry shortly."
+            ) from exc
         return {"model": info, **self.scorer.health()}
 
     async def score_payload(self, payload: dict[str, Any], request_id: str = "-") -> dict[str, Any]:

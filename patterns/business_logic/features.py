@@ -4,12 +4,13 @@ Two backends behind one small interface:
 - embedded default: a SQLite file (``sqlite:///.../features.db``), one row per customer;
 - Redis (``redis://host:port/db``): one hash per customer, ``bizfeat:<customer_id>``.
 
-Policy for a vector that is missing, stale (older than ``max_age_s``) or unreadable (the store
-is down) lives in ``FeaturePolicy`` and is applied by the scorer:
+Policy for a vector that is missing, stale (older than ``max_age_s``), invalid (stored but not a
+readable vector: bad JSON, a field missing or not a finite number) or unreadable (the store is
+down) lives in ``FeaturePolicy`` and is applied by the scorer:
 - ``recompute`` (default): compute the vector from the customer's history in the database (the
   exact but slower path), answer with it, say so in the response (``features.source``), and
-  write it back to the store so the next request finds it fresh (read-through);
-  an unreachable store also marks the answer ``degraded``;
+  write it back to the store so the next request finds it fresh (read-through; this also
+  replaces an invalid vector); an unreachable store also marks the answer ``degraded``;
 - ``reject``: answer 503, for teams that would rather not score on a slower path.
 """
 
@@ -18,15 +19,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
+import math
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 from sqlalchemy import Column, Float, MetaData, String, Table, Text, select
-from sqlalchemy.exc import SQLAlchemyError
+
+from patterns.business_logic.blocking import BlockingCalls
 
 logger = logging.getLogger("patterns.business_logic.features")
 
@@ -66,7 +67,42 @@ class FeatureStoreUnavailable(Exception):
     """The store did not answer (down, refused, timed out, or not set up)."""
 
 
+class InvalidFeatureVector(Exception):
+    """The store answered, but what it holds for the customer is not a usable vector."""
+
+
+def _number(value: Any) -> float:
+    """A finite, non-negative number (every feature is a count, an amount or a share), from
+    JSON (int or float, not bool) or from Redis (text)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{value!r} is not a number")
+    number = float(value)  # ValueError for text that is not a number
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{value!r} is not a finite, non-negative number")
+    return number
+
+
+def _invalid(customer_id: str, why: str) -> InvalidFeatureVector:
+    logger.warning("invalid feature vector for %s, treated as missing: %s", customer_id, why)
+    return InvalidFeatureVector(why)
+
+
+def checked_vector(customer_id: str, values: Any, computed_at: Any) -> FeatureVector:
+    """The stored vector as a FeatureVector, or InvalidFeatureVector (logged) saying why."""
+    try:
+        if not isinstance(values, Mapping):
+            raise ValueError(f"a {type(values).__name__}, not an object of features")
+        if set(values) != set(FEATURE_NAMES):
+            raise ValueError(f"fields {sorted(values)}, expected {sorted(FEATURE_NAMES)}")
+        return FeatureVector({k: _number(values[k]) for k in FEATURE_NAMES}, _number(computed_at))
+    except ValueError as exc:
+        raise _invalid(customer_id, str(exc)) from exc
+
+
 class FeatureStore(Protocol):
+    """``get`` returns None for a customer with no vector, raises ``FeatureStoreUnavailable``
+    when the store does not answer and ``InvalidFeatureVector`` when what it holds is unusable."""
+
     kind: str
 
     async def get(self, customer_id: str) -> FeatureVector | None: ...
@@ -101,29 +137,29 @@ class SQLiteFeatureStore:
             with self.engine.connect() as conn:  # readers never wait on the write-back
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
         self.timeout_s = timeout_s
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="features")
+        self._calls = BlockingCalls(
+            name="feature store (sqlite)",
+            workers=2,
+            deadline_s=timeout_s + 0.25,
+            unavailable=FeatureStoreUnavailable,
+        )
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        try:
-            return await asyncio.wait_for(
-                loop.run_in_executor(self._pool, fn, *args), self.timeout_s + 0.25
-            )
-        except (SQLAlchemyError, OSError, TimeoutError) as exc:
-            raise FeatureStoreUnavailable(type(exc).__name__) from exc
-
-    def _get_sync(self, customer_id: str) -> FeatureVector | None:
+    def _get_sync(self, customer_id: str) -> Any:
         query = select(feature_vectors).where(feature_vectors.c.customer_id == customer_id)
         with self.engine.connect() as conn:
-            row = conn.execute(query).first()
-        if row is None:
-            return None
-        return FeatureVector(json.loads(row.vector_json), float(row.computed_at))
+            return conn.execute(query).first()
 
     async def get(self, customer_id: str) -> FeatureVector | None:
-        return await self._run(self._get_sync, customer_id)
+        row = await self._calls.run(self._get_sync, customer_id)
+        if row is None:
+            return None
+        try:
+            values = json.loads(row.vector_json)
+        except (ValueError, TypeError) as exc:  # not JSON, not UTF-8, or not text at all
+            raise _invalid(customer_id, f"not JSON: {exc}") from exc
+        return checked_vector(customer_id, values, row.computed_at)
 
-    def put_many_sync(self, vectors: Mapping[str, FeatureVector]) -> None:
+    def _put_many_sync(self, vectors: Mapping[str, FeatureVector]) -> None:
         with self.engine.begin() as conn:
             for cid, vec in vectors.items():
                 conn.execute(feature_vectors.delete().where(feature_vectors.c.customer_id == cid))
@@ -137,10 +173,12 @@ class SQLiteFeatureStore:
                 )
 
     async def put_many(self, vectors: Mapping[str, FeatureVector]) -> None:
-        await self._run(self.put_many_sync, vectors)
+        # one transaction: all the vectors or none; a bulk fill (the seed) gets longer
+        deadline = max(5.0, self.timeout_s * 4) if len(vectors) > 1 else None
+        await self._calls.run(self._put_many_sync, vectors, deadline_s=deadline)
 
     async def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._calls.close()
         self.engine.dispose()
 
 
@@ -173,10 +211,12 @@ class RedisFeatureStore:
             )
         except self._errors as exc:
             raise FeatureStoreUnavailable(type(exc).__name__) from exc
+        except UnicodeDecodeError as exc:  # redis-py drops the connection on this
+            raise _invalid(customer_id, f"not UTF-8: {exc}") from exc
         if not raw:
             return None
-        computed_at = float(raw.pop("computed_at", 0.0))
-        return FeatureVector({k: float(v) for k, v in raw.items()}, computed_at)
+        computed_at = raw.pop("computed_at", None)
+        return checked_vector(customer_id, raw, computed_at)
 
     async def put_many(self, vectors: Mapping[str, FeatureVector]) -> None:
         try:
@@ -201,7 +241,3 @@ def open_feature_store(url: str, *, timeout_s: float = 0.25, create: bool = Fals
     raise ValueError(
         f"feature store URL must be sqlite:///path.db or redis://host:port/db: {url!r}"
     )
-
-
-def now() -> float:
-    return time.time()

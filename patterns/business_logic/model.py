@@ -33,6 +33,10 @@ MODEL_INPUTS = (
     "risk_signal_missing",
 )
 RISK_TIERS = {"low": 0, "medium": 1, "high": 2}
+# What the model sees when the outside risk service cannot answer: a middling signal plus the
+# risk_signal_missing flag. Training uses the same value for its 10% of rows without a signal,
+# so the model knows this case (risk_client.py answers with it).
+DEFAULT_SIGNAL = 0.5
 
 
 def model_input(
@@ -95,7 +99,7 @@ def training_data(n: int = 20_000) -> tuple[np.ndarray, np.ndarray]:
     )
     y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
     missing = rng.random(n) < 0.1  # the outside service is sometimes down in training too
-    seen_signal = np.where(missing, 0.5, signal)
+    seen_signal = np.where(missing, DEFAULT_SIGNAL, signal)
     x = np.column_stack(
         [
             np.log1p(amount),

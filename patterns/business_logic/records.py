@@ -11,14 +11,11 @@ event loop keeps serving other requests while one waits on the database.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
-import logging
 import math
 import sqlite3
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,10 +38,9 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
-logger = logging.getLogger("patterns.business_logic.records")
+from patterns.business_logic.blocking import BlockingCalls
 
 metadata = MetaData()
 
@@ -216,6 +212,11 @@ def make_engine(
 
     SQLite opens read-write without create (``mode=rw``): a missing file is an outage to
     report, not an empty database to invent. ``create=True`` is for the seed script.
+    PostgreSQL gets a connect timeout and a server-side statement timeout (libpq options);
+    other backends get the pool timeout and the caller's deadline only.
+
+    No overflow connections: the callers run in a pool of ``pool_size`` threads, so at most
+    ``pool_size`` connections are ever checked out at once.
     """
     if is_sqlite(url):
         path = sqlite_path(url)
@@ -235,16 +236,19 @@ def make_engine(
             max_overflow=0,
             pool_timeout=timeout_s,
         )
+    connect_args: dict[str, Any] = {}
+    if make_url(url).get_backend_name() == "postgresql":
+        connect_args = {
+            "connect_timeout": max(1, math.ceil(timeout_s)),
+            "options": f"-c statement_timeout={int(timeout_s * 1000)}",
+        }
     return create_engine(
         url,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=0,
         pool_timeout=timeout_s,  # wait for a free pooled connection at most this long
         pool_pre_ping=True,  # a server restart costs one reconnect, not a failed request
-        connect_args={
-            "connect_timeout": max(1, math.ceil(timeout_s)),
-            "options": f"-c statement_timeout={int(timeout_s * 1000)}",
-        },
+        connect_args=connect_args,
     )
 
 
@@ -284,9 +288,7 @@ class Records:
 
 def _customer_public(row: Any, today: dt.date) -> dict[str, Any]:
     d = dict(row._mapping)
-    opened = d.pop("opened_on")
-    if isinstance(opened, str):  # SQLite hands dates back as text through a raw creator
-        opened = dt.date.fromisoformat(opened)
+    opened = d.pop("opened_on")  # a date on both backends (SQLAlchemy's Date parses SQLite's)
     d["account_age_days"] = max(0, (today - opened).days)
     d["kyc_verified"] = bool(d["kyc_verified"])
     return d
@@ -299,25 +301,25 @@ class RecordStore:
         self.url = url
         self.timeout_s = timeout_s
         self.engine = make_engine(url, timeout_s=timeout_s, pool_size=pool_size)
-        self._pool = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="records")
+        # the driver's own timeouts fire first; the deadline catches what they do not cover
+        self._calls = BlockingCalls(
+            name=f"records database ({self.backend})",
+            workers=pool_size,
+            deadline_s=timeout_s + 0.5,
+            unavailable=DatabaseUnavailable,
+        )
         self.last_error: str | None = None
-        self.last_error_at: float | None = None
 
     @property
     def backend(self) -> str:
         return make_url(self.url).get_backend_name()
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
         try:
-            out = await asyncio.wait_for(
-                loop.run_in_executor(self._pool, fn, *args), self.timeout_s + 0.5
-            )
-        except (SQLAlchemyError, OSError, TimeoutError) as exc:
-            kind = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
-            self.last_error, self.last_error_at = kind, time.time()
-            logger.warning("database %s: %s", self.backend, str(exc).splitlines()[0][:200])
-            raise DatabaseUnavailable(kind) from exc
+            out = await self._calls.run(fn, *args)
+        except DatabaseUnavailable as exc:
+            self.last_error = str(exc)
+            raise
         self.last_error = None
         return out
 
@@ -363,7 +365,7 @@ class RecordStore:
             return list(conn.execute(history_query().group_by(transactions.c.customer_id)))
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._calls.close()
         self.engine.dispose()
 
 

@@ -1,26 +1,27 @@
 """Calling the outside risk service: timeout, retry budget, circuit breaker, default answer.
 
-The caller never raises: when the service is slow, failing or down it gets a ``RiskSignal``
-with ``source="default"`` and the reason, and the scorer marks the decision degraded. Only
-connection errors and 5xx are retried (a read timeout means the service is slow; retrying
-would double the wait), and only within a budget of 20% of recent calls, so an outage is not
-multiplied into a retry storm. After ``breaker_failures`` consecutive failures the breaker
-opens and requests stop paying the timeout at all until it lets a trial call through.
+The caller never raises: when the service is slow, failing, down or answers something that is
+not a risk signal it gets a ``RiskSignal`` with ``source="default"`` and the reason, and the
+scorer marks the decision degraded. Only connection errors and 5xx are retried (a read timeout
+means the service is slow; retrying would double the wait), and only within a budget of 20% of
+recent calls, so an outage is not multiplied into a retry storm. After ``breaker_failures``
+consecutive outages (unreachable, timed out, 5xx, malformed answer) the breaker opens and
+requests stop paying the timeout at all until it lets a trial call through. A 4xx is the
+service refusing one request, not an outage: it gets the default signal but does not count
+towards opening the breaker for everyone else.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
+from pydantic import BaseModel, Field, ValidationError
 
 from core.resilience import CircuitBreaker, CircuitOpenError, RetryBudget, retry_async
-
-# What the model sees when the service cannot answer: a middling signal plus a "missing"
-# flag (the model was trained with 10% of rows missing the signal, so it knows this case).
-DEFAULT_SIGNAL = 0.5
+from patterns.business_logic.model import DEFAULT_SIGNAL
 
 
 @dataclass
@@ -36,7 +37,29 @@ class RiskSignal:
 
 
 class _Retryable(Exception):
-    pass
+    """Unreachable or 5xx: worth one more try, and an outage for the breaker."""
+
+
+class _BadAnswer(Exception):
+    """A 200 whose body is not a risk signal: an outage for the breaker, not retried."""
+
+
+class _RefusedRequest(Exception):
+    """A 4xx: the service is up and refused this one request; not an outage."""
+
+
+class _SignalBody(BaseModel):
+    """The part of the service's answer the model uses, checked before anything reads it."""
+
+    risk_signal: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+    signals: list[str] = []
+    provider_version: str | None = None
+
+
+# Failures that say the service is unwell, so they count towards opening the breaker:
+# httpx.RequestError is every failure to get an answer (timeouts and dropped connections
+# included); a 4xx (_RefusedRequest) is not among them.
+_OUTAGES: tuple[type[BaseException], ...] = (_Retryable, _BadAnswer, httpx.RequestError)
 
 
 class RiskServiceClient:
@@ -61,21 +84,30 @@ class RiskServiceClient:
         )
         self.budget = RetryBudget(ratio=retry_ratio, min_per_s=1.0)
         self.breaker = CircuitBreaker(
-            "risk_service", failure_threshold=breaker_failures, reset_timeout_s=breaker_reset_s
+            "risk_service",
+            failure_threshold=breaker_failures,
+            reset_timeout_s=breaker_reset_s,
+            failure_on=_OUTAGES,
         )
         self.last_failure: str | None = None
 
-    async def _once(self, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _once(self, payload: dict[str, Any]) -> _SignalBody:
         try:
             r = await self.client.post("/v1/risk-signal", json=payload)
         except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
             raise _Retryable("unreachable") from exc
         if r.status_code >= 500:
             raise _Retryable(f"HTTP {r.status_code}")
-        r.raise_for_status()
-        return r.json()
+        if r.status_code >= 400:
+            raise _RefusedRequest(f"HTTP {r.status_code}")
+        if not r.is_success:  # a redirect, say: not an answer
+            raise _BadAnswer(f"unexpected HTTP {r.status_code}")
+        try:
+            return _SignalBody.model_validate_json(r.content)
+        except ValidationError as exc:
+            raise _BadAnswer("malformed answer") from exc
 
-    async def _with_retries(self, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _with_retries(self, payload: dict[str, Any]) -> _SignalBody:
         return await retry_async(
             lambda: self._once(payload),
             attempts=self.attempts,
@@ -91,16 +123,16 @@ class RiskServiceClient:
             return self._default(f"circuit open (retry in {exc.retry_in_s:.1f}s)")
         except httpx.TimeoutException:
             return self._default(f"timed out after {self.timeout.read:.2f}s")
-        except _Retryable as exc:
+        except (_Retryable, _BadAnswer, _RefusedRequest) as exc:
             return self._default(str(exc))
-        except (httpx.HTTPError, ValueError) as exc:
+        except httpx.HTTPError as exc:
             return self._default(type(exc).__name__)
         self.last_failure = None
         return RiskSignal(
-            value=float(body["risk_signal"]),
+            value=body.risk_signal,
             source="risk_service",
-            signals=list(body.get("signals", [])),
-            provider_version=body.get("provider_version"),
+            signals=body.signals,
+            provider_version=body.provider_version,
         )
 
     def _default(self, why: str) -> RiskSignal:

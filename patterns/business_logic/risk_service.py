@@ -7,7 +7,9 @@ a game day can see the caller degrade instead of hang:
     python -m patterns.business_logic.risk_service [--port 8701] [--delay-ms 0] [--fail-rate 0]
 
 (or RISK_SERVICE_DELAY_MS / RISK_SERVICE_FAIL_RATE in the environment). ``--fail-rate 1``
-answers every scoring call with 503; stop the process to see it down.
+answers every scoring call with 503; stop the process to see it down. ``GET /healthz`` says
+how many scoring calls have arrived, so a test or a game day can see retries and the breaker
+at work from the service's side.
 """
 
 from __future__ import annotations
@@ -57,13 +59,20 @@ def risk_signal(req: SignalRequest) -> dict:
 def create_app(delay_ms: float = 0.0, fail_rate: float = 0.0) -> FastAPI:
     api = FastAPI(title="Risk signal service (test double for an outside vendor)")
     rng = random.Random(int.from_bytes(hashlib.sha256(b"risk_service").digest()[:8], "little"))
+    received = {"calls": 0}  # valid scoring calls that reached the handler
 
     @api.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok", "delay_ms": delay_ms, "fail_rate": fail_rate}
+        return {
+            "status": "ok",
+            "delay_ms": delay_ms,
+            "fail_rate": fail_rate,
+            "calls": received["calls"],
+        }
 
     @api.post("/v1/risk-signal")
     async def score(body: SignalRequest) -> dict:
+        received["calls"] += 1
         if delay_ms:
             await asyncio.sleep(delay_ms / 1000)
         if fail_rate and rng.random() < fail_rate:

@@ -1,4 +1,4 @@
-"""One fraud check, end to end: records -> features + risk signal -> model -> rules.
+"""One fraud check, end to end: records + features -> risk signal -> model -> rules.
 
 The ``Scorer`` is plain async Python with its dependencies passed in, so the same logic runs in
 the split design (the model behind a DeploymentHandle) and in the one-deployment baseline the
@@ -7,37 +7,49 @@ benchmark compares it with (the model in-process).
 Failure policy, in one place:
 - database down or too slow: 503 (no records, no decision), within ``db_timeout_s``;
 - feature store down: features recomputed from the database, answer marked degraded
-  (stale or missing vectors are recomputed too, but that is exact, so not degraded);
-- risk service slow, failing or down: a default signal, answer marked degraded, and rules
-  route large amounts to review;
-- model deployment not answering within ``model_timeout_s``: 503.
+  (stale, missing or invalid vectors are recomputed too, but that is exact, so not degraded);
+- risk service slow, failing, down or answering nonsense: a default signal, answer marked
+  degraded, and rules route large amounts to review;
+- model deployment not answering within ``model_timeout_s``, or failing: 503;
+- audit log write failing: the decision is still answered, marked degraded.
 """
 
 import asyncio
 import datetime as dt
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.errors import NotFound, ServiceUnavailable, Unprocessable
-from core.resilience import CircuitBreaker, CircuitOpenError
+from core.resilience import CircuitBreaker, CircuitOpenError, describe_error
 from patterns.business_logic.features import (
     FeaturePolicy,
     FeatureStore,
     FeatureStoreUnavailable,
     FeatureVector,
+    InvalidFeatureVector,
 )
 from patterns.business_logic.model import MODEL_NAME, as_row, model_input
-from patterns.business_logic.records import DatabaseUnavailable, RecordStore
-from patterns.business_logic.risk_client import RiskServiceClient
+from patterns.business_logic.records import DatabaseUnavailable, Records, RecordStore
+from patterns.business_logic.risk_client import RiskServiceClient, RiskSignal
 from patterns.business_logic.rules import DecisionRules, decide
 
 logger = logging.getLogger("patterns.business_logic.scoring")
 
 ModelCall = Callable[[list[float]], Awaitable[tuple[float, str]]]
+
+# The feature store is a cache of the database: after this many consecutive failures stop
+# paying its timeout, and try it again after this long.
+FEATURE_BREAKER_FAILURES = 5
+FEATURE_BREAKER_RESET_S = 10.0
+# The smallest amount the check (and the risk service) accepts, after conversion to EUR.
+MIN_AMOUNT_EUR = 0.01
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class ScoreRequest(BaseModel):
@@ -68,9 +80,35 @@ class ScoreRequest(BaseModel):
     # Free text: never parsed, stored in the decision log as a bound parameter.
     memo: str | None = Field(default=None, max_length=200)
 
+    @field_validator("memo")
+    @classmethod
+    def _no_control_characters(cls, memo: str | None) -> str | None:
+        # PostgreSQL refuses NUL in text, and no memo needs escape codes or line breaks
+        if memo is not None and _CONTROL_CHARS.search(memo):
+            raise ValueError(
+                "the memo must be one line of printable text, without control characters "
+                "such as NUL, tab, newline or escape codes"
+            )
+        return memo
+
 
 def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class _Features:
+    values: dict[str, float]
+    provenance: dict[str, Any]
+    degraded: str | None  # why the answer is degraded, or None
+    write_back: FeatureVector | None  # a recomputed vector the store should get
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """Done callback for a task nobody will await: read its outcome so asyncio does not log
+    "exception was never retrieved" (the request already has its answer)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class Scorer:
@@ -85,8 +123,6 @@ class Scorer:
         policy: FeaturePolicy,
         model_timeout_s: float = 2.0,
         log_decisions: bool = True,
-        feature_breaker_failures: int = 5,
-        feature_breaker_reset_s: float = 10.0,
     ) -> None:
         self.records = records
         self.features = features
@@ -97,25 +133,31 @@ class Scorer:
         self.model_timeout_s = model_timeout_s
         self.log_decisions = log_decisions
         # The store is a cache of the database: when it is down, stop paying its timeout.
+        # Only an outage counts; an invalid vector means the store answered.
         self.feature_breaker = CircuitBreaker(
             "feature_store",
-            failure_threshold=feature_breaker_failures,
-            reset_timeout_s=feature_breaker_reset_s,
+            failure_threshold=FEATURE_BREAKER_FAILURES,
+            reset_timeout_s=FEATURE_BREAKER_RESET_S,
+            failure_on=(FeatureStoreUnavailable,),
         )
         self._background: set[asyncio.Task] = set()
 
     # -- features ------------------------------------------------------------------------
-    async def _features(self, cid: str) -> tuple[dict[str, float], dict[str, Any], str | None]:
-        """(values, provenance, degraded reason or None) under the FeaturePolicy."""
+    async def _features(self, cid: str) -> _Features:
+        """The customer's feature vector under the FeaturePolicy. Writes nothing: the caller
+        writes a recomputed vector back once the records say the customer exists."""
         now = time.time()
         vec: FeatureVector | None = None
         store_failure: str | None = None
+        invalid = False
         try:
             vec = await self.feature_breaker.call(self.features.get, cid)
         except CircuitOpenError as exc:
             store_failure = f"circuit open (retry in {exc.retry_in_s:.1f}s)"
         except FeatureStoreUnavailable as exc:
             store_failure = str(exc) or "unreachable"
+        except InvalidFeatureVector:  # logged by the store; recomputed and replaced below
+            invalid = True
         if vec is not None:
             age = now - vec.computed_at
             if age <= self.policy.max_age_s:
@@ -125,8 +167,13 @@ class Scorer:
                     "computed_at": _iso(vec.computed_at),
                     "age_s": round(age, 1),
                 }
-                return vec.values, provenance, None
-        why = "unavailable" if store_failure else ("stale" if vec is not None else "missing")
+                return _Features(vec.values, provenance, None, None)
+        if store_failure:
+            why = "unavailable"
+        elif invalid:
+            why = "invalid"
+        else:
+            why = "stale" if vec is not None else "missing"
         if self.policy.on_missing_or_stale == "reject":
             raise ServiceUnavailable(
                 f"Precomputed features for {cid} are {why} and the feature policy is 'reject'; "
@@ -146,37 +193,36 @@ class Scorer:
         }
         if vec is not None:
             provenance["stale_age_s"] = round(now - vec.computed_at, 1)
+        write_back = None
         if store_failure is None and self.policy.write_back:
-            self._in_background(self.features.put_many({cid: FeatureVector(values, now)}))
+            write_back = FeatureVector(values, now)
         degraded = (
             f"feature store {store_failure}; recomputed from the database"
             if store_failure
             else None
         )
-        return values, provenance, degraded
+        return _Features(values, provenance, degraded, write_back)
 
     def _in_background(self, coro: Awaitable[Any]) -> None:
         async def guarded() -> None:
             try:
                 await coro
             except Exception as exc:  # a failed cache write never fails the answer
-                logger.warning("feature write-back failed: %s", exc)
+                logger.warning("feature write-back failed: %s", describe_error(exc))
 
         task = asyncio.get_running_loop().create_task(guarded())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     # -- the check -----------------------------------------------------------------------
-    async def score(self, req: ScoreRequest, request_id: str) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        timings: dict[str, float] = {}
+    async def _records(self, req: ScoreRequest) -> tuple[Records, float]:
+        """The records and the amount in EUR, or the 503 / 404 / 422 that ends the check."""
         try:
             records = await self.records.lookup(req.customer_id, req.merchant_id, req.currency)
         except DatabaseUnavailable as exc:
             raise ServiceUnavailable(
                 f"The records database did not answer ({exc}); no decision was made. Retry shortly."
             ) from exc
-        timings["records_ms"] = (time.perf_counter() - t0) * 1000
         if records.customer is None:
             raise NotFound(f"Customer {req.customer_id} is not on file.")
         if records.merchant is None:
@@ -184,35 +230,54 @@ class Scorer:
         if records.eur_per_unit is None:
             raise Unprocessable(f"Currency {req.currency} is not supported by this service.")
         amount_eur = round(req.amount * records.eur_per_unit, 2)
+        if amount_eur < MIN_AMOUNT_EUR:
+            raise Unprocessable(
+                f"The amount {req.amount:g} {req.currency} is {amount_eur:.2f} EUR after "
+                f"conversion; the smallest amount this service checks is {MIN_AMOUNT_EUR} EUR."
+            )
+        return records, amount_eur
 
-        async def timed(name: str, aw: Awaitable[Any]) -> Any:
+    async def score(self, req: ScoreRequest, request_id: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+
+        async def timed(name: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+            # takes the function, not a coroutine: a task cancelled before it starts then
+            # leaves no never-awaited coroutine behind
             t = time.perf_counter()
             try:
-                return await aw
+                return await fn(*args)
             finally:
                 timings[name] = (time.perf_counter() - t) * 1000
 
-        (values, provenance, feature_degraded), risk = await asyncio.gather(
-            timed("features_ms", self._features(req.customer_id)),
-            timed(
-                "risk_service_ms",
-                self.risk.fetch(
-                    {
-                        "customer_id": req.customer_id,
-                        "merchant_id": req.merchant_id,
-                        "amount_eur": amount_eur,
-                        "channel": req.channel,
-                    }
-                ),
-            ),
-        )
+        # The features need only the customer id: fetch them while the records are looked
+        # up. The records still decide first (404 / 422 / 503 before any feature outcome).
+        tasks = [asyncio.ensure_future(timed("features_ms", self._features, req.customer_id))]
+        try:
+            records, amount_eur = await timed("records_ms", self._records, req)
+            payload = {
+                "customer_id": req.customer_id,
+                "merchant_id": req.merchant_id,
+                "amount_eur": amount_eur,
+                "channel": req.channel,
+            }
+            tasks.append(asyncio.ensure_future(timed("risk_service_ms", self.risk.fetch, payload)))
+            features: _Features = await tasks[0]
+            risk: RiskSignal = await tasks[1]
+        except BaseException:
+            for task in tasks:  # no work left running for an answer already decided
+                task.cancel()
+                task.add_done_callback(_retrieve)
+            raise
+        if features.write_back is not None:  # the customer exists: cache the vector
+            self._in_background(self.features.put_many({req.customer_id: features.write_back}))
         missing_signal = risk.source != "risk_service"
         named = model_input(
             amount_eur=amount_eur,
             channel=req.channel,
             customer=records.customer,
             merchant=records.merchant,
-            features=values,
+            features=features.values,
             risk_signal=risk.value,
             risk_signal_missing=missing_signal,
         )
@@ -223,7 +288,14 @@ class Scorer:
             )
         except TimeoutError as exc:
             raise ServiceUnavailable(
-                f"The fraud model did not answer within {self.model_timeout_s:.1f}s; retry shortly."
+                f"The fraud model did not answer within {self.model_timeout_s:g}s; retry shortly."
+            ) from exc
+        except Exception as exc:  # a dead replica, a failed deployment: an outage, not a bug here
+            why = describe_error(exc).removeprefix("error: ")
+            logger.warning("fraud model call failed: %s", why)
+            raise ServiceUnavailable(
+                f"The fraud model could not score this payment ({why}); no decision was made. "
+                "Retry shortly."
             ) from exc
         timings["model_ms"] = (time.perf_counter() - t) * 1000
         decision, reasons = decide(
@@ -235,8 +307,8 @@ class Scorer:
             risk_signal_missing=missing_signal,
         )
         degraded_reasons = []
-        if feature_degraded:
-            degraded_reasons.append(feature_degraded)
+        if features.degraded:
+            degraded_reasons.append(features.degraded)
         if missing_signal:
             degraded_reasons.append(f"risk service {risk.failure}; default signal used")
         if self.log_decisions:
@@ -270,7 +342,7 @@ class Scorer:
                     "amount_eur": amount_eur,
                 },
             },
-            "features": {"model_input": named, "provenance": provenance},
+            "features": {"model_input": named, "provenance": features.provenance},
             "risk_signal": risk.public(),
             "degraded": bool(degraded_reasons),
             "degraded_reasons": degraded_reasons,

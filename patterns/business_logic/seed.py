@@ -21,8 +21,9 @@ import asyncio
 import time
 
 from patterns.business_logic.features import (
+    FeatureStore,
     FeatureVector,
-    SQLiteFeatureStore,
+    InvalidFeatureVector,
     features_from_history_row,
     open_feature_store,
 )
@@ -73,14 +74,11 @@ def seed_feature_store(url: str, database_url: str, *, force: bool = False) -> N
     async def run() -> None:
         store = open_feature_store(url, timeout_s=5.0, create=True)
         try:
-            if not force and await store.get(customer_id(1)) is not None:
+            if not force and await _filled(store):
                 _log(f"feature store already filled: {_redact(url)}")
                 return
             vectors = feature_vectors(database_url)
-            if isinstance(store, SQLiteFeatureStore):
-                store.put_many_sync(vectors)
-            else:
-                await store.put_many(vectors)
+            await store.put_many(vectors)
             _log(
                 f"feature store filled: {len(vectors)} vectors ({len(STALE_FEATURES)} stale, "
                 f"{len(MISSING_FEATURES)} customers left out) in {_redact(url)}"
@@ -89,6 +87,13 @@ def seed_feature_store(url: str, database_url: str, *, force: bool = False) -> N
             await store.close()
 
     asyncio.run(run())
+
+
+async def _filled(store: FeatureStore) -> bool:
+    try:
+        return await store.get(customer_id(1)) is not None
+    except InvalidFeatureVector:  # there, but unreadable: fill it again
+        return False
 
 
 def _redact(url: str) -> str:

@@ -28,14 +28,9 @@ import pytest
 
 from patterns.business_logic.artifacts import ensure_model
 from patterns.business_logic.seed import seed_database, seed_feature_store
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
@@ -104,6 +99,10 @@ class RiskService:
             self.proc.wait(10)
             self.proc = None
 
+    def calls(self) -> int:
+        """Scoring calls the running service has received since it (re)started."""
+        return int(httpx.get(f"{self.url}/healthz", timeout=5).json()["calls"])
+
 
 @pytest.fixture(scope="module")
 def risk_service() -> Iterator[RiskService]:
@@ -111,6 +110,17 @@ def risk_service() -> Iterator[RiskService]:
     service.start()
     yield service
     service.stop()
+
+
+# ------------------------------------------------------------------------------ a stalled server
+@pytest.fixture(scope="module")
+def stalled_port() -> Iterator[int]:
+    """A loopback port that completes TCP handshakes (the kernel's backlog) and then never
+    says a word: a database server that hangs, as seen by its clients."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)  # never accept(): connections sit in the backlog, unanswered
+        yield int(s.getsockname()[1])
 
 
 # ------------------------------------------------------------------------------ PostgreSQL

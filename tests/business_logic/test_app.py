@@ -134,6 +134,10 @@ def test_missing_or_wrong_key(url) -> None:
         ({"customer_id": None}, 422, "customer_id"),
         ({"unexpected": 1}, 422, "unexpected"),
         ({"memo": "x" * 201}, 422, "memo"),
+        ({"memo": "order\x00118"}, 422, "memo: Value error, the memo must be one line"),
+        ({"memo": "line\nbreak"}, 422, "control characters"),
+        # 0.004 USD is 0.00 EUR after rounding: refused here, not passed on to the risk service
+        ({"amount": 0.004}, 422, "the smallest amount this service checks is 0.01 EUR"),
     ],
 )
 def test_bad_fields_get_a_4xx_sentence(url, change, status, part) -> None:
@@ -242,3 +246,33 @@ def test_database_down_is_a_fast_503_and_health_stays_ok(outage_app) -> None:
     assert health.status_code == 200
     assert health.json()["dependencies"]["database"]["last_error"] is not None
     assert json.dumps(r.json()).count("Traceback") == 0
+
+
+def test_stalled_database_is_a_503_not_a_500(outage_app, stalled_port) -> None:
+    """A database that accepts connections and never answers: the per-call deadline turns
+    the wait into a 503 with a sentence."""
+    deploy_outage, _ = outage_app
+    url = deploy_outage(
+        database_url=f"postgresql+psycopg://app@127.0.0.1:{stalled_port}/fraud", db_timeout_s=0.2
+    )
+    t0 = time.perf_counter()
+    r = _score(url)
+    assert r.status_code == 503, r.text
+    assert time.perf_counter() - t0 < 3.0
+    message = r.json()["error"]["message"]
+    assert "records database did not answer (timed out" in message, message
+    health = httpx.get(f"{url}/healthz", timeout=10).json()
+    assert "timed out" in health["dependencies"]["database"]["last_error"]
+
+
+def test_model_not_answering_is_a_503_on_score_and_model_routes(outage_app, risk_service) -> None:
+    deploy_outage, _ = outage_app
+    risk_service.start()
+    url = deploy_outage(model_timeout_s=1e-6)  # no remote call answers within a microsecond
+    r = _score(url)
+    assert r.status_code == 503, r.text
+    assert "fraud model did not answer within" in r.json()["error"]["message"]
+    r = httpx.get(f"{url}/model", headers=KEY, timeout=10)
+    assert r.status_code == 503, r.text
+    assert "fraud model did not answer within" in r.json()["error"]["message"]
+    assert r.headers.get("retry-after") == "1"

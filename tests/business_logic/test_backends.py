@@ -123,6 +123,47 @@ def test_injection_strings_stay_data_in_postgres(url, servers) -> None:
         assert conn.execute("SELECT count(*) FROM customers").fetchone() == (200,)
 
 
+def test_memo_with_nul_is_a_422_and_the_database_stays_healthy(url) -> None:
+    """PostgreSQL refuses NUL in text; the request is refused before it gets that far, so no
+    audit row is lost and health shows no database error."""
+    r = _score(url, {**GOOD, "memo": "order\x00118"})
+    assert r.status_code == 422, r.text
+    assert "control characters" in r.json()["error"]["message"]
+    ok = _score(url)
+    assert ok.status_code == 200 and not ok.json()["degraded"]
+    health = httpx.get(f"{url}/healthz", timeout=10).json()
+    assert health["dependencies"]["database"]["last_error"] is None
+
+
+def test_invalid_vector_in_redis_is_recomputed_and_replaced(url, servers) -> None:
+    import redis
+
+    from patterns.business_logic.features import FEATURE_NAMES, REDIS_PREFIX
+
+    _, rd = servers
+    cid = "C00043"
+    client = redis.Redis.from_url(rd.url)
+    try:
+        key = REDIS_PREFIX + cid
+        assert client.exists(key)  # seeded
+        client.hset(key, "txn_count", "not a number")
+        first = _score(url, {**GOOD, "customer_id": cid})
+        assert first.status_code == 200, first.text
+        provenance = first.json()["features"]["provenance"]
+        assert provenance["source"] == "recomputed" and provenance["reason"] == "invalid"
+        assert not first.json()["degraded"]  # recomputed from the database is exact
+        deadline = time.monotonic() + 5  # the write-back replaces it in the background
+        while client.hget(key, "txn_count") == b"not a number" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stored = client.hgetall(key)
+        assert {k.decode() for k in stored} == {*FEATURE_NAMES, "computed_at"}
+        assert float(stored[b"txn_count"]) >= 0
+    finally:
+        client.close()
+    again = _score(url, {**GOOD, "customer_id": cid}).json()
+    assert again["features"]["provenance"]["source"] == "feature_store"
+
+
 def test_redis_down_degrades_to_recompute_then_recovers(url, servers) -> None:
     _, rd = servers
     rd.stop()

@@ -1,13 +1,24 @@
 """Records and feature store without Serve: seed determinism, parameterised lookups (SQL
-injection is just an unknown id), and the feature policy (fresh, stale, missing, store down)."""
+injection is just an unknown id), the feature policy (fresh, stale, missing, invalid, store
+down), and what a stalled database, a failing model or a bug turn into."""
 
 import asyncio
+import json
 import sqlite3
 import time
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 
-from patterns.business_logic.features import FeaturePolicy, SQLiteFeatureStore, open_feature_store
+from core.errors import ServiceUnavailable
+from patterns.business_logic.features import (
+    FEATURE_NAMES,
+    FeaturePolicy,
+    FeatureVector,
+    InvalidFeatureVector,
+    SQLiteFeatureStore,
+    open_feature_store,
+)
 from patterns.business_logic.records import (
     DatabaseUnavailable,
     RecordStore,
@@ -89,16 +100,32 @@ class _NoModel:
         return 0.01, "test"
 
 
-def _scorer(urls, features_url=None, policy=None) -> Scorer:
+def _scorer(
+    urls, features_url=None, policy=None, records=None, model_call=None, log_decisions=False
+) -> Scorer:
     return Scorer(
-        records=RecordStore(urls["database"]),
+        records=records or RecordStore(urls["database"]),
         features=open_feature_store(features_url or urls["features"]),
         risk=RiskServiceClient("http://127.0.0.1:1", timeout_s=0.1, attempts=1),
-        model_call=_NoModel(),
+        model_call=model_call or _NoModel(),
         rules=DecisionRules(),
         policy=policy or FeaturePolicy(),
-        log_decisions=False,
+        log_decisions=log_decisions,
     )
+
+
+async def _wait_for_vector(store, cid: str, timeout_s: float = 5.0) -> FeatureVector:
+    """The background write-back has landed: poll the store until a valid vector is there."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            vec = await store.get(cid)
+        except InvalidFeatureVector:
+            vec = None
+        if vec is not None or time.monotonic() > deadline:
+            assert vec is not None, f"no valid vector for {cid} after {timeout_s}s"
+            return vec
+        await asyncio.sleep(0.05)
 
 
 def _req(cid: str) -> ScoreRequest:
@@ -121,7 +148,7 @@ def test_feature_policy_recomputes_stale_and_missing_and_writes_back(sqlite_urls
         assert missing["features"]["provenance"]["reason"] == "missing"
         # recomputed is exact, so it is not degraded (the risk service is, here)
         assert all("feature" not in r for r in missing["degraded_reasons"])
-        await asyncio.sleep(0.3)  # write-back runs in the background
+        await _wait_for_vector(scorer.features, MISSING_FEATURES[1])  # written in the background
         again = await scorer.score(_req(MISSING_FEATURES[1]), "t")
         assert again["features"]["provenance"]["source"] == "feature_store"
         assert again["features"]["model_input"] == missing["features"]["model_input"]
@@ -160,13 +187,208 @@ def test_feature_store_down_recomputes_and_says_degraded(sqlite_urls, tmp_path) 
 
 
 def test_sqlite_feature_store_roundtrip(tmp_path) -> None:
-    from patterns.business_logic.features import FeatureVector
+    values = {name: float(i) for i, name in enumerate(FEATURE_NAMES)}
 
     async def run() -> None:
         store = SQLiteFeatureStore(f"sqlite:///{tmp_path / 'f.db'}", create=True)
-        await store.put_many({"C00001": FeatureVector({"txn_count": 3.0}, 123.0)})
+        await store.put_many({"C00001": FeatureVector(values, 123.0)})
         got = await store.get("C00001")
-        assert got is not None and got.values == {"txn_count": 3.0} and got.computed_at == 123.0
+        assert got is not None and got.values == values and got.computed_at == 123.0
+        # a vector without every feature is not a vector the model can use
+        await store.put_many({"C00002": FeatureVector({"txn_count": 3.0}, 123.0)})
+        with pytest.raises(InvalidFeatureVector, match="fields"):
+            await store.get("C00002")
         await store.close()
+
+    asyncio.run(run())
+
+
+GOOD_VECTOR = dict.fromkeys(FEATURE_NAMES, 1.0)
+CORRUPT_VECTORS = {  # (vector_json, computed_at): what a bad feature job or hand edit leaves
+    "C00101": ("{not json", None),
+    "C00102": (json.dumps(["a", "list"]), None),
+    "C00103": (json.dumps({k: v for k, v in GOOD_VECTOR.items() if k != "txn_count"}), None),
+    "C00104": (json.dumps({**GOOD_VECTOR, "txn_count": "many"}), None),
+    "C00105": (json.dumps({**GOOD_VECTOR, "avg_amount_eur": float("nan")}), None),
+    "C00106": (json.dumps({**GOOD_VECTOR, "avg_amount_eur": -1.0}), None),  # x / (avg + 1)
+    "C00107": (json.dumps(GOOD_VECTOR), "yesterday"),
+}
+
+
+def test_invalid_vectors_are_recomputed_and_replaced(sqlite_urls) -> None:
+    path = sqlite_urls["features"].removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        for cid, (vector_json, computed_at) in CORRUPT_VECTORS.items():
+            cur = conn.execute(
+                "UPDATE feature_vectors SET vector_json = ?, computed_at = ? WHERE customer_id = ?",
+                (vector_json, computed_at or time.time(), cid),
+            )
+            assert cur.rowcount == 1  # the seeded row was there to corrupt
+
+    async def run() -> None:
+        scorer = _scorer(sqlite_urls)
+        for cid in CORRUPT_VECTORS:
+            with pytest.raises(InvalidFeatureVector):
+                await scorer.features.get(cid)
+            out = await scorer.score(_req(cid), "t")
+            provenance = out["features"]["provenance"]
+            assert provenance["source"] == "recomputed" and provenance["reason"] == "invalid"
+            assert all("feature" not in r for r in out["degraded_reasons"])  # exact, not degraded
+            # written back over the corrupt one, so the next request reads the store again
+            vec = await _wait_for_vector(scorer.features, cid)
+            assert set(vec.values) == set(FEATURE_NAMES)
+            again = await scorer.score(_req(cid), "t")
+            assert again["features"]["provenance"]["source"] == "feature_store"
+            assert again["features"]["model_input"] == out["features"]["model_input"]
+        # the store answered every time: an invalid vector is not an outage
+        assert scorer.feature_breaker.state == "closed"
+
+    asyncio.run(run())
+
+
+def test_unknown_customer_is_404_and_nothing_is_written_to_the_store(sqlite_urls) -> None:
+    from core.errors import NotFound
+
+    async def run() -> None:
+        scorer = _scorer(sqlite_urls)
+        with pytest.raises(NotFound, match="C09998 is not on file"):
+            await scorer.score(_req("C09998"), "t")
+        await asyncio.sleep(0)  # let any (wrongly) scheduled write-back start
+        await asyncio.gather(*scorer._background)
+        assert await scorer.features.get("C09998") is None
+
+    asyncio.run(run())
+
+
+def test_tiny_amount_is_refused_before_the_risk_service_sees_it(sqlite_urls) -> None:
+    from core.errors import Unprocessable
+
+    async def run() -> None:
+        scorer = _scorer(sqlite_urls)
+        req = ScoreRequest(
+            customer_id="C00042", merchant_id="M0001", amount=0.5, currency="JPY", channel="online"
+        )  # 0.5 JPY is 0.003 EUR: 0.00 after rounding, which the risk service would refuse
+        with pytest.raises(Unprocessable, match=r"smallest amount this service checks is 0\.01"):
+            await scorer.score(req, "t")
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("memo", ["a\x00b", "line one\nline two", "\x1b[31mred", "\x9b"])
+def test_memo_with_control_characters_is_refused(memo) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="control characters"):
+        ScoreRequest(**{**_req("C00042").model_dump(), "memo": memo})
+    ScoreRequest(**{**_req("C00042").model_dump(), "memo": "order 118 - café, 50% off; ok?"})
+
+
+# ------------------------------------------------------------------------------ stalls and bugs
+def test_stalled_database_is_unavailable_within_the_deadline(stalled_port) -> None:
+    """A server that accepts the connection and never answers: the deadline around each call
+    ends the wait, and the store reports an outage (not an IndexError, not a hang)."""
+    url = f"postgresql+psycopg://app@127.0.0.1:{stalled_port}/fraud"
+
+    async def run() -> None:
+        store = RecordStore(url, timeout_s=0.2)
+        try:
+            for call in (
+                store.lookup("C00042", "M0007", "EUR"),
+                store.history_features("C00042"),
+                store.log_decision(
+                    request_id="r",
+                    customer_id="C00042",
+                    merchant_id="M0007",
+                    amount_eur=1.0,
+                    decision="approve",
+                    score=0.1,
+                    memo=None,
+                ),
+            ):
+                t0 = time.perf_counter()
+                with pytest.raises(DatabaseUnavailable, match="timed out"):
+                    await call
+                assert time.perf_counter() - t0 < 2.0
+                assert store.last_error is not None and "timed out" in store.last_error
+        finally:
+            store.close()
+
+    asyncio.run(run())
+
+
+def test_stalled_database_is_a_503_from_the_scorer(sqlite_urls, stalled_port) -> None:
+    url = f"postgresql+psycopg://app@127.0.0.1:{stalled_port}/fraud"
+
+    async def run() -> None:
+        scorer = _scorer(sqlite_urls, records=RecordStore(url, timeout_s=0.2))
+        with pytest.raises(ServiceUnavailable, match="records database did not answer"):
+            await scorer.score(_req("C00042"), "t")
+
+    asyncio.run(run())
+
+
+def test_stalled_audit_write_still_answers_degraded(sqlite_urls) -> None:
+    async def run() -> None:
+        records = RecordStore(sqlite_urls["database"], timeout_s=0.1)
+        records._log_sync = lambda row: time.sleep(1.0)  # the INSERT hangs past the deadline
+        scorer = _scorer(sqlite_urls, records=records, log_decisions=True)
+        out = await scorer.score(_req("C00042"), "t")
+        assert out["degraded"]
+        assert any(
+            r.startswith("decision not written to the audit log (timed out")
+            for r in out["degraded_reasons"]
+        ), out["degraded_reasons"]
+
+    asyncio.run(run())
+
+
+def test_a_query_bug_is_not_reported_as_an_outage(sqlite_urls) -> None:
+    """Only operational failures are DatabaseUnavailable (503); a statement the database
+    refuses is a bug and surfaces as itself (a 500 through the app)."""
+
+    async def run() -> None:
+        store = RecordStore(sqlite_urls["database"])
+        try:
+            with pytest.raises(IntegrityError):  # score is NOT NULL
+                await store.log_decision(
+                    request_id="r",
+                    customer_id="C00042",
+                    merchant_id="M0007",
+                    amount_eur=1.0,
+                    decision="approve",
+                    score=None,
+                    memo=None,
+                )
+            assert store.last_error is None
+        finally:
+            store.close()
+
+    asyncio.run(run())
+
+
+async def _dead_model(row):
+    raise RuntimeError("replica died\nremote traceback: not for clients")
+
+
+async def _hung_model(row):
+    await asyncio.sleep(30)
+
+
+@pytest.mark.parametrize(
+    ("model_call", "part"),
+    [
+        (_dead_model, "could not score this payment (RuntimeError: replica died)"),
+        (_hung_model, "did not answer within 0.2s"),
+    ],
+)
+def test_model_failure_is_a_503(sqlite_urls, model_call, part) -> None:
+    async def run() -> None:
+        scorer = _scorer(sqlite_urls, model_call=model_call)
+        scorer.model_timeout_s = 0.2
+        t0 = time.perf_counter()
+        with pytest.raises(ServiceUnavailable) as err:
+            await scorer.score(_req("C00042"), "t")
+        assert part in err.value.message and "traceback" not in err.value.message
+        assert time.perf_counter() - t0 < 5.0
 
     asyncio.run(run())
