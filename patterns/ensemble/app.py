@@ -14,6 +14,7 @@ Run: ``serve run patterns.ensemble.app:app`` (after ``make setup``). Knobs: conf
 import asyncio
 import hashlib
 import logging
+import math
 import random
 import time
 from typing import Annotated, Any, Literal
@@ -32,12 +33,16 @@ from core.model_store import ModelStore
 from core.resilience import gather_with_deadline
 from core.resources import StageResources, resolve_actor_options, wants_gpu
 from patterns.ensemble.data import CLASS_NAMES, N_FEATURES, feature_names
-from patterns.ensemble.members import load_member
+from patterns.ensemble.members import Family, load_member
 from patterns.ensemble.shadow import PromotionGate, ShadowRecorder
 from patterns.ensemble.voting import VotingMode, aggregate, confident_mask
 
 logger = logging.getLogger("patterns.ensemble")
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+PROMOTION_REFRESH_S = 1.0  # how often each ingress replica re-reads the promotion state
+PROMOTION_READ_TIMEOUT_S = 2.0  # one read of it; on timeout or error the last value stays
+PROMOTION_WARN_EVERY_S = 60.0  # at most one warning per replica this often when reads fail
 
 
 # ------------------------------------------------------------------------------ config
@@ -51,10 +56,10 @@ class FaultInjection(BaseModel):
 
 class MemberSpec(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
-    family: Literal["sklearn", "xgboost", "torch"]
+    family: Family  # a new family: add it to Family and to load_member in members.py
     model: str  # model id in the store
     version: str = "latest"
-    weight: float = Field(default=1.0, ge=0)  # used by voting: weighted
+    weight: float = Field(default=1.0, gt=0)  # used by voting: weighted
     resources: StageResources = StageResources(num_cpus=0.1)
     fault: FaultInjection = FaultInjection()
 
@@ -97,6 +102,10 @@ class EnsembleArgs(BaseModel):
         member=MemberSpec(name="xgb_v2", family="xgboost", model="ensemble-xgb", version="v2")
     )
     max_instances: int = Field(default=64, ge=1)  # rows per request
+    # Largest |feature| accepted (422 beyond). Members compute in float32; near its limit
+    # (-3e38 in the tests) these models' standardisation overflows: logreg raises for its whole
+    # batch (shared with other requests) and the MLP answers NaN.
+    max_abs_feature: float = Field(default=1e30, gt=0, le=FLOAT32_MAX)
     ingress_resources: StageResources = StageResources(num_cpus=0.1)
     model_store_uri: str | None = None  # default: COOKBOOK_MODEL_STORE_URI
 
@@ -141,7 +150,7 @@ class EnsembleMember:
         self.metrics.observe_batch(len(arrays))
         return np.split(p, np.cumsum([len(a) for a in arrays])[:-1])
 
-    async def predict(self, rows: list[list[float]]) -> dict[str, Any]:
+    async def predict(self, rows: np.ndarray | list[list[float]]) -> dict[str, Any]:
         fault = self.spec.fault
         if fault.delay_s:
             await asyncio.sleep(fault.delay_s)
@@ -175,7 +184,26 @@ class PredictRequest(BaseModel):
 
 class FeedbackRequest(BaseModel):
     prediction_id: str = Field(min_length=1, max_length=128)
+    # At most max_instances labels (checked in the handler, where the args are known).
     labels: list[Literal[0, 1]] = Field(min_length=1, description="1 = benign, 0 = malignant")
+
+
+def usable_proba(out: Any, n_rows: int) -> tuple[np.ndarray | None, str | None]:
+    """A member's answer as P(benign) per row, or why it cannot be counted in the vote.
+
+    It must be one finite probability per row: a NaN or an infinity would otherwise reach the
+    vote and the JSON answer (which cannot encode it). An unusable answer counts as a failed
+    member, exactly like an error.
+    """
+    try:
+        proba = np.asarray(out["proba"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        return None, "error: malformed answer"
+    if proba.shape != (n_rows,):
+        return None, f"error: {proba.size} probabilities for {n_rows} rows"
+    if not np.isfinite(proba).all():
+        return None, "error: non-finite probabilities"
+    return proba, None
 
 
 api = FastAPI(
@@ -204,28 +232,55 @@ class EnsembleIngress:
         ch = self.args.challenger.member
         self.challenger_name = ch.name if ch else None
         self._promoted = False
-        self._promoted_checked = 0.0
+        self._promotion_epoch = 0  # bumped by promote/rollback here: older reads are stale
+        self._promotion_task: asyncio.Task | None = None
+        self._promotion_warned_at = -math.inf
         self._shadow_tasks: set[asyncio.Task] = set()
         self.shadow_dropped = 0
 
     # -- roster ------------------------------------------------------------------------
-    async def _challenger_promoted(self) -> bool:
-        # Promotion is shared state (held by ShadowRecorder); re-read it at most once a second.
+    def _challenger_promoted(self) -> bool:
+        """Whether the challenger votes: the last state a background task read from the
+        ShadowRecorder (shared by every ingress replica). Never awaited on the request path."""
         if self.challenger is None:
             return False
-        now = time.monotonic()
-        if now - self._promoted_checked > 1.0:
-            try:
-                state = await self.recorder.state.remote()
-                self._promoted = bool(state["promoted"])
-                self._promoted_checked = now
-            except Exception:
-                logger.warning("could not read promotion state; keeping %s", self._promoted)
+        if self._promotion_task is None or self._promotion_task.done():
+            # Started on first use (a request runs on the replica's event loop) and restarted
+            # should it ever stop; it re-reads the state every PROMOTION_REFRESH_S.
+            loop = asyncio.get_running_loop()
+            self._promotion_task = loop.create_task(self._refresh_promotion())
         return self._promoted
 
-    async def _voters(self) -> dict[str, tuple[DeploymentHandle, float]]:
+    async def _refresh_promotion(self) -> None:
+        while True:
+            epoch = self._promotion_epoch
+            try:
+                state = await asyncio.wait_for(
+                    self.recorder.state.remote(), PROMOTION_READ_TIMEOUT_S
+                )
+                if epoch == self._promotion_epoch:  # no promote/rollback here meanwhile
+                    self._promoted = bool(state["promoted"])
+            except Exception as exc:  # keep the last known value; try again next round
+                now = time.monotonic()
+                if now - self._promotion_warned_at >= PROMOTION_WARN_EVERY_S:
+                    self._promotion_warned_at = now
+                    logger.warning(
+                        "could not read the promotion state (%s); keeping promoted=%s",
+                        type(exc).__name__,
+                        self._promoted,
+                    )
+                else:
+                    logger.debug("promotion state read failed", exc_info=True)
+            await asyncio.sleep(PROMOTION_REFRESH_S)
+
+    def _set_promoted(self, promoted: bool) -> None:
+        """This replica applies its own promote/rollback at once; others within a refresh."""
+        self._promotion_epoch += 1
+        self._promoted = promoted
+
+    def _voters(self) -> dict[str, tuple[DeploymentHandle, float]]:
         voters = {n: (h, self.specs[n].weight) for n, h in self.members.items()}
-        if self.challenger is not None and await self._challenger_promoted():
+        if self.challenger is not None and self._challenger_promoted():
             ch = self.args.challenger.member
             assert ch is not None
             voters[ch.name] = (self.challenger, ch.weight)
@@ -238,7 +293,12 @@ class EnsembleIngress:
 
     @api.get("/schema", summary="The feature order a row must follow")
     async def schema(self) -> dict[str, Any]:
-        return {"n_features": N_FEATURES, "features": list(feature_names()), "classes": CLASS_NAMES}
+        return {
+            "n_features": N_FEATURES,
+            "features": list(feature_names()),
+            "classes": CLASS_NAMES,
+            "max_abs_feature": self.args.max_abs_feature,
+        }
 
     @api.get("/model", summary="Roster, versions, voting mode and challenger status")
     async def model(self) -> dict[str, Any]:
@@ -259,13 +319,31 @@ class EnsembleIngress:
     async def feedback(self, body: FeedbackRequest, response: Response) -> dict[str, Any]:
         """200 when the labels were scored against a recorded prediction; 202 when the
         prediction is not recorded yet (its shadow copy is still in flight, or the id is
-        unknown): the labels are held and scored when it arrives (last 10,000 ids kept)."""
+        unknown): the labels are held and scored when it arrives (the last 1,000 such ids are
+        kept). 409 while the challenger is promoted: it is no longer shadowed, so there is
+        nothing to score new labels against."""
         if self.challenger is None:
             raise NotFound("No challenger is configured, so feedback is not collected.")
+        too_many = (
+            f"{len(body.labels)} labels, but a prediction has at most "
+            f"{self.args.max_instances} rows; send one label per row of the prediction."
+        )
+        if len(body.labels) > self.args.max_instances:
+            raise Unprocessable(too_many)
         out = await self.recorder.feedback.remote(body.prediction_id, body.labels)
+        if out["status"] == "too_many":  # the recorder's own bound (the same number)
+            raise Unprocessable(too_many)
         if out["status"] == "held":
             response.status_code = 202
             return {"status": "held", "prediction_id": body.prediction_id}
+        if out["status"] == "promoted":
+            raise HTTPException(
+                409,
+                f"The challenger {self.challenger_name} is promoted and votes, so it is no "
+                f"longer shadowed and prediction {body.prediction_id} has no shadow record to "
+                "score labels against; POST /ensemble/challenger/rollback to gather evidence "
+                "again.",
+            )
         if out["status"] == "count_mismatch":
             raise Unprocessable(
                 f"Prediction {body.prediction_id} had {out['expected']} rows; "
@@ -286,16 +364,35 @@ class EnsembleIngress:
             raise HTTPException(
                 409, "Promotion refused by the gate: " + "; ".join(out["gate_failures"]) + "."
             )
-        self._promoted_checked = 0.0
+        self._set_promoted(bool(out["promoted"]))
         return out
 
     @api.post("/challenger/rollback", summary="Take the challenger back out of the vote")
     async def rollback(self) -> dict[str, Any]:
         out = await self.recorder.rollback.remote()
-        self._promoted_checked = 0.0
+        self._set_promoted(bool(out["promoted"]))
         return out
 
     # -- the work ----------------------------------------------------------------------
+    def _validated_rows(self, instances: list[list[float]]) -> np.ndarray:
+        """The rows as the float32 array every member receives, or a 422 naming the cell."""
+        for i, row in enumerate(instances):
+            if len(row) != N_FEATURES:
+                raise Unprocessable(
+                    f"Row {i} has {len(row)} features; every row needs {N_FEATURES} "
+                    "(see GET /ensemble/schema for their order)."
+                )
+        x = np.asarray(instances, dtype=np.float64)
+        bound = self.args.max_abs_feature  # at most float32's largest, so the cast is finite
+        bad = np.argwhere(~(np.abs(x) <= bound))
+        if len(bad):
+            i, j = (int(v) for v in bad[0])
+            raise Unprocessable(
+                f"Row {i}, column {j} ({feature_names()[j]}) is {x[i, j]:g}; every feature "
+                f"must be a finite number between {-bound:g} and {bound:g}."
+            )
+        return x.astype(np.float32)
+
     async def _predict(self, body: PredictRequest, prediction_id: str) -> dict[str, Any]:
         t_start = time.perf_counter()
         n = len(body.instances)
@@ -303,16 +400,10 @@ class EnsembleIngress:
             raise PayloadTooLarge(
                 f"{n} rows in one request; send at most {self.args.max_instances} per request."
             )
-        for i, row in enumerate(body.instances):
-            if len(row) != N_FEATURES:
-                raise Unprocessable(
-                    f"Row {i} has {len(row)} features; every row needs {N_FEATURES} "
-                    "(see GET /ensemble/schema for their order)."
-                )
-        rows = body.instances
-        voters = await self._voters()
+        x = self._validated_rows(body.instances)
+        voters = self._voters()
         sel = self.args.selection
-        deadline_s = self.args.deadline_ms / 1000
+        quorum = self.args.quorum  # build_app checks it is at most the roster size
         votes: dict[str, np.ndarray] = {}  # member -> P(benign) for the uncertain rows
         versions: dict[str, str] = {}
         failed: dict[str, str] = {}
@@ -323,43 +414,46 @@ class EnsembleIngress:
         if sel.mode == "cascade" and sel.gate_member in voters:
             gate = sel.gate_member
             res = await gather_with_deadline(
-                {gate: voters[gate][0].predict.remote(rows)},
+                {gate: voters[gate][0].predict.remote(x)},
                 deadline_s=sel.gate_deadline_ms / 1000,
                 quorum=1,
             )
-            if res.quorum_met:
-                gate_proba = np.asarray(res.results[gate]["proba"])
-                versions[gate] = res.results[gate]["version"]
-                confident = confident_mask(gate_proba, sel.low, sel.high)
-                uncertain = np.flatnonzero(~confident)
-                for i in np.flatnonzero(confident):
-                    decided_by[i] = f"gate:{gate}"
-                votes[gate] = gate_proba[uncertain]
-            else:
-                failed.update(res.failed)
+            failed.update(res.failed)
+            if gate in res.results:
+                proba, problem = usable_proba(res.results[gate], n)
+                if proba is None:
+                    failed[gate] = str(problem)
+                else:
+                    gate_proba = proba
+                    versions[gate] = res.results[gate]["version"]
+                    confident = confident_mask(gate_proba, sel.low, sel.high)
+                    uncertain = np.flatnonzero(~confident)
+                    for i in np.flatnonzero(confident):
+                        decided_by[i] = f"gate:{gate}"
+                    votes[gate] = gate_proba[uncertain]
 
         if len(uncertain):
-            others = {k: v for k, v in voters.items() if k not in votes and k not in failed}
-            sub_rows = [rows[i] for i in uncertain]
-            quorum = min(self.args.quorum, len(voters))
-            res = (
-                await gather_with_deadline(
-                    {k: h.predict.remote(sub_rows) for k, (h, _) in others.items()},
-                    deadline_s=deadline_s,
-                    quorum=max(1, min(len(others), quorum - len(votes))),
+            others = {k: h for k, (h, _) in voters.items() if k not in votes and k not in failed}
+            if others:
+                sub = x[uncertain]
+                # gather's own quorum flag is not used: answers are checked for usable numbers
+                # first, and the quorum is then checked once, below, on the votes that count.
+                res = await gather_with_deadline(
+                    {k: h.predict.remote(sub) for k, h in others.items()},
+                    deadline_s=self.args.deadline_ms / 1000,
+                    quorum=1,
                 )
-                if others
-                else None
-            )
-            if res is not None:
                 failed.update(res.failed)
                 for k, out in res.results.items():
-                    votes[k] = np.asarray(out["proba"])
-                    versions[k] = out["version"]
+                    proba, problem = usable_proba(out, len(uncertain))
+                    if proba is None:
+                        failed[k] = str(problem)
+                    else:
+                        votes[k] = proba
+                        versions[k] = out["version"]
             if len(votes) < quorum:
-                answered = len(votes)
                 raise ServiceUnavailable(
-                    f"Only {answered} of {len(voters)} ensemble members answered within "
+                    f"Only {len(votes)} of {len(voters)} ensemble members answered within "
                     f"{self.args.deadline_ms:.0f} ms (quorum is {quorum}); "
                     + ", ".join(f"{k}: {v}" for k, v in sorted(failed.items()))
                     + ". Retry shortly."
@@ -414,27 +508,30 @@ class EnsembleIngress:
             "latency_ms": round((time.perf_counter() - t_start) * 1000, 2),
         }
         if self.challenger is not None and not promoted:
-            self._start_shadow(rows, labels.tolist(), prediction_id)
+            self._start_shadow(x, labels.tolist(), prediction_id)
         return answer
 
-    def _start_shadow(self, rows: list[list[float]], labels: list[int], pid: str) -> None:
+    def _start_shadow(self, x: np.ndarray, labels: list[int], pid: str) -> None:
         """Copy the request to the challenger without awaiting it: the answer is already
         decided and goes out now; the comparison is recorded whenever the challenger replies."""
         if len(self._shadow_tasks) >= self.args.challenger.max_in_flight:
             self.shadow_dropped += 1
             return
-        task = asyncio.get_running_loop().create_task(self._shadow(rows, labels, pid))
+        task = asyncio.get_running_loop().create_task(self._shadow(x, labels, pid))
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
 
-    async def _shadow(self, rows: list[list[float]], labels: list[int], pid: str) -> None:
+    async def _shadow(self, x: np.ndarray, labels: list[int], pid: str) -> None:
         assert self.challenger is not None
         t0 = time.perf_counter()
         try:
             out = await asyncio.wait_for(
-                self.challenger.predict.remote(rows), self.args.challenger.shadow_timeout_s
+                self.challenger.predict.remote(x), self.args.challenger.shadow_timeout_s
             )
-            ch_labels = [int(p >= 0.5) for p in out["proba"]]
+            proba, problem = usable_proba(out, len(labels))
+            if proba is None:
+                raise ValueError(f"challenger answer unusable ({problem})")
+            ch_labels = [int(p >= 0.5) for p in proba]
             latency = (time.perf_counter() - t0) * 1000
             await self.recorder.record.remote(pid, labels, ch_labels, latency)
         except Exception as exc:  # the shadow never affects the live answer
@@ -467,7 +564,9 @@ def build_app(args: EnsembleArgs) -> Application:
     members = {m.name: _member_app(m, store_uri, "member") for m in args.members}
     ch = args.challenger.member
     challenger = _member_app(ch, store_uri, "challenger") if ch else None
-    recorder = ShadowRecorder.bind(args.challenger.gate.model_dump(), ch.name if ch else None)
+    recorder = ShadowRecorder.bind(
+        args.challenger.gate.model_dump(), ch.name if ch else None, args.max_instances
+    )
     ingress = EnsembleIngress.options(
         ray_actor_options=resolve_actor_options(args.ingress_resources, "ensemble/ingress")
     )

@@ -10,7 +10,7 @@ and requests alternating between them (so both see the same machine noise):
    with the configured 250 ms deadline vs an effectively unbounded one (60 s).
 
 Latency is measured at the client (HTTP through Serve's proxy), one row per request.
-Takes about 1.5 minutes on a 2-core machine.
+Takes about 2 minutes on a 2-core machine (longer when it is busy with other jobs).
 """
 
 from __future__ import annotations

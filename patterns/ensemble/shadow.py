@@ -32,15 +32,25 @@ class PromotionGate(BaseModel):
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.02}, max_ongoing_requests=256)
 class ShadowRecorder:
-    def __init__(self, gate: dict[str, Any], challenger: str | None, keep: int = 10_000) -> None:
+    def __init__(
+        self,
+        gate: dict[str, Any],
+        challenger: str | None,
+        max_rows: int = 64,
+        keep: int = 10_000,
+        keep_early: int = 1_000,
+    ) -> None:
         self.gate = PromotionGate(**gate)
         self.challenger = challenger
+        self.max_rows = max_rows  # rows per prediction (the app's max_instances)
         self.keep = keep
+        self.keep_early = keep_early
         self.promoted = False
         self.promoted_at: float | None = None
         self._pending: OrderedDict[str, tuple[list[int], list[int] | None]] = OrderedDict()
         # Labels that arrived before their prediction was recorded (the shadow copy is
-        # recorded asynchronously, so a fast client can beat it): applied on record.
+        # recorded asynchronously, so a fast client can beat it): applied on record. Also
+        # where labels for unknown ids land, so it is small: keep_early ids of <= max_rows.
         self._early: OrderedDict[str, list[int]] = OrderedDict()
         self._latency_ms: deque[float] = deque(maxlen=2000)
         self.samples = self.agreeing_rows = self.rows = self.failures = 0
@@ -73,10 +83,14 @@ class ShadowRecorder:
             self.feedback(prediction_id, early)
 
     def feedback(self, prediction_id: str, labels: list[int]) -> dict[str, Any]:
+        if len(labels) > self.max_rows:  # the ingress refuses these first
+            return {"status": "too_many", "max_rows": self.max_rows}
         entry = self._pending.pop(prediction_id, None)
         if entry is None:
+            if self.promoted:  # the challenger votes now, so no shadow copy will arrive
+                return {"status": "promoted"}
             self._early[prediction_id] = labels
-            while len(self._early) > self.keep:
+            while len(self._early) > self.keep_early:
                 self._early.popitem(last=False)
             return {"status": "held"}
         ensemble, challenger = entry

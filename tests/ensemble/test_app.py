@@ -7,7 +7,7 @@ import httpx
 import numpy as np
 import pytest
 
-from patterns.ensemble.app import EnsembleArgs, build_app
+from patterns.ensemble.app import FLOAT32_MAX, EnsembleArgs, build_app
 from patterns.ensemble.artifacts import ensure_artifacts
 from patterns.ensemble.data import N_FEATURES, load_split
 from patterns.ensemble.voting import aggregate
@@ -100,6 +100,15 @@ GOOD_ROW = [1.0] * N_FEATURES
         ('{"instances": [[NaN' + ", 1.0" * 29 + "]]}", 422, "finite"),
         ('{"instances": [[Infinity' + ", 1.0" * 29 + "]]}", 422, "finite"),
         ({"instances": [["NaN"] + [1.0] * 29]}, 422, "valid number"),
+        # Finite in JSON, infinite as the float32 the members compute in.
+        ({"instances": [[1e300] + [1.0] * 29]}, 422, "Row 0, column 0 (mean radius) is 1e+300"),
+        # Finite in float32, but the MLP's standardisation turns it into NaN.
+        (
+            {"instances": [GOOD_ROW, [1.0] * 5 + [-3e38] + [1.0] * 24]},
+            422,
+            "Row 1, column 5 (mean compactness) is -3e+38; every feature must be a finite "
+            "number between -1e+30 and 1e+30.",
+        ),
         ({"instances": [["abc"] + [1.0] * 29]}, 422, "valid number"),
         ({"instances": []}, 422, "at least 1"),
         ({"rows": [GOOD_ROW]}, 422, "instances"),
@@ -138,6 +147,10 @@ def test_feedback_errors(run) -> None:
     assert r.status_code == 422 and "had 2 rows" in r.json()["error"]["message"]
     r = httpx.post(f"{url}/feedback", json={"prediction_id": "x", "labels": [2]}, timeout=30)
     assert r.status_code == 422
+    # No prediction has more than max_instances rows, so more labels can never be scored.
+    r = httpx.post(f"{url}/feedback", json={"prediction_id": "y", "labels": [1] * 65}, timeout=30)
+    assert r.status_code == 422, r.text
+    assert "65 labels, but a prediction has at most 64 rows" in r.json()["error"]["message"]
 
 
 def test_schema_and_model_routes(run) -> None:
@@ -225,7 +238,6 @@ def test_quorum_lost_is_a_fast_503(run, split) -> None:
 def test_slow_shadow_neither_changes_nor_delays_the_answer(run, split) -> None:
     rows = split.x_test[:20].tolist()
     url = run(selection={"mode": "all"}, challenger={"member": None})
-    httpx.post(f"{url}/predict", json={"instances": rows}, timeout=30)  # warm up
     plain = httpx.post(f"{url}/predict", json={"instances": rows}, timeout=30).json()
     assert plain["challenger"]["status"] == "none"
     slow_ch = {
@@ -290,9 +302,40 @@ def test_feedback_promotion_and_rollback(run, split) -> None:
     body = httpx.post(f"{url}/predict", json={"instances": x[:2].tolist()}, timeout=30).json()
     assert body["challenger"]["status"] == "voting"
     assert "xgb_v2" in body["members"]["counted"]
+    # Promoted, the challenger is no longer shadowed: labels for new predictions cannot be
+    # scored, and the answer says so instead of holding them forever.
+    fb = httpx.post(
+        f"{url}/feedback",
+        timeout=30,
+        json={"prediction_id": body["prediction_id"], "labels": [int(v) for v in y[:2]]},
+    )
+    assert fb.status_code == 409, fb.text
+    assert "is promoted" in fb.json()["error"]["message"]
     back = httpx.post(f"{url}/challenger/rollback", timeout=30)
     assert back.status_code == 200 and back.json()["changed"] and not back.json()["promoted"]
     time.sleep(1.2)
     body = httpx.post(f"{url}/predict", json={"instances": x[:2].tolist()}, timeout=30).json()
     assert body["challenger"]["status"] == "shadow"
     assert "xgb_v2" not in body["members"]["counted"]
+    fb = httpx.post(
+        f"{url}/feedback",
+        timeout=30,
+        json={"prediction_id": body["prediction_id"], "labels": [int(v) for v in y[:2]]},
+    )
+    assert fb.status_code in (200, 202), fb.text  # shadowed again, so feedback counts again
+
+
+def test_non_finite_member_output_never_reaches_the_vote(run) -> None:
+    # With the input bound lifted to float32's largest value, -3e38 reaches the members:
+    # logreg raises on it and the MLP answers NaN. Only XGBoost's answer may be counted.
+    # (A generous deadline so that no member is merely late on a loaded machine.)
+    url = run(max_abs_feature=FLOAT32_MAX, quorum=1, selection={"mode": "all"}, deadline_ms=1500)
+    row = [1.0] * 5 + [-3e38] + [1.0] * 24
+    r = httpx.post(f"{url}/predict", json={"instances": [row]}, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["members"]["counted"] == ["xgb"] and body["degraded"]
+    assert body["members"]["failed"]["mlp"] == "error: non-finite probabilities"
+    assert "ValueError" in body["members"]["failed"]["logreg"]
+    pred = body["predictions"][0]
+    assert set(pred["votes"]) == {"xgb"} and math.isfinite(pred["p_benign"])

@@ -1,0 +1,159 @@
+"""The ensemble's guards without Serve: args validation, member-answer checks, the recorder."""
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from patterns.ensemble.app import EnsembleArgs, EnsembleIngress, MemberSpec, usable_proba
+from patterns.ensemble.artifacts import configured_args
+from patterns.ensemble.shadow import ShadowRecorder
+
+
+def test_weights_must_be_positive() -> None:
+    # A zero weight could leave weighted voting with nothing to divide by.
+    with pytest.raises(ValidationError, match="greater than 0"):
+        MemberSpec(name="a", family="sklearn", model="m", weight=0)
+
+
+def test_family_is_the_members_module_literal() -> None:
+    with pytest.raises(ValidationError, match="sklearn"):
+        MemberSpec(name="a", family="lightgbm", model="m")
+
+
+def test_usable_proba_refuses_what_cannot_be_voted_on() -> None:
+    proba, problem = usable_proba({"proba": [0.1, 0.9]}, 2)
+    assert problem is None and proba is not None and proba.tolist() == [0.1, 0.9]
+    assert usable_proba({"proba": [0.1, float("nan")]}, 2) == (
+        None,
+        "error: non-finite probabilities",
+    )
+    assert usable_proba({"proba": [np.inf, 0.5]}, 2)[1] == "error: non-finite probabilities"
+    assert usable_proba({"proba": [0.5]}, 2)[1] == "error: 1 probabilities for 2 rows"
+    assert usable_proba({"proba": [[0.5, 0.5]]}, 2)[1] == "error: 2 probabilities for 2 rows"
+    assert usable_proba({"version": "v1"}, 1)[1] == "error: malformed answer"
+    assert usable_proba({"proba": "abc"}, 1)[1] == "error: malformed answer"
+
+
+def _recorder(**kw: Any) -> Any:
+    return ShadowRecorder.func_or_class({"min_samples": 1, "min_labeled": 0}, "ch", **kw)
+
+
+def test_early_labels_are_bounded_in_number_and_size() -> None:
+    rec = _recorder(max_rows=4, keep_early=3)
+    for i in range(10):
+        assert rec.feedback(f"id{i}", [1, 0]) == {"status": "held"}
+    assert list(rec._early) == ["id7", "id8", "id9"]
+    assert rec.feedback("big", [1] * 5) == {"status": "too_many", "max_rows": 4}
+    assert "big" not in rec._early
+
+
+def test_early_labels_are_scored_when_the_shadow_copy_arrives() -> None:
+    rec = _recorder()
+    assert rec.feedback("p", [1, 0])["status"] == "held"
+    rec.record("p", [1, 0], [1, 1], 5.0)
+    stats = rec.stats()
+    assert stats["labeled_rows"] == 2 and stats["challenger_accuracy"] == 0.5
+
+
+def test_feedback_while_promoted_is_refused_not_held() -> None:
+    rec = _recorder()
+    rec.record("before", [1], [1], 5.0)
+    assert rec.promote()["promoted"]
+    assert rec.feedback("before", [1])["status"] == "recorded"  # recorded earlier: scored
+    assert rec.feedback("after", [1]) == {"status": "promoted"}
+    assert not rec._early
+    rec.rollback()
+    assert rec.feedback("after", [1]) == {"status": "held"}
+
+
+def test_report_reads_config_yaml() -> None:
+    args = configured_args()
+    assert isinstance(args, EnsembleArgs)
+    assert [m.name for m in args.members] == ["logreg", "xgb", "mlp"]
+    assert args.challenger.member is not None and args.challenger.member.version == "v2"
+    assert (args.selection.low, args.selection.high) == (0.02, 0.98)
+
+
+class _FakeRecorder:
+    """Stands in for the ShadowRecorder handle: ``state.remote()`` answers ``reply``, raises
+    it when it is an exception, or never answers when it is None; with ``hold`` set, it
+    answers only once ``release`` is set."""
+
+    def __init__(self, reply: Any, hold: bool = False) -> None:
+        self.reply = reply
+        self.reads = 0
+        self.release = asyncio.Event()
+        if not hold:
+            self.release.set()
+        self.state = self  # recorder.state.remote()
+
+    def remote(self) -> Any:
+        self.reads += 1
+
+        async def answer() -> Any:
+            await self.release.wait()
+            if self.reply is None:
+                await asyncio.Event().wait()  # never answers
+            if isinstance(self.reply, Exception):
+                raise self.reply
+            return self.reply
+
+        return answer()
+
+
+def _bare_ingress(recorder: _FakeRecorder) -> Any:
+    """The ingress class itself, without Serve's ASGI wrapper (whose __init__ starts FastAPI)."""
+    cls = next(c for c in EnsembleIngress.func_or_class.__mro__ if "_voters" in vars(c))
+    ingress = cls.__new__(cls)
+    cls.__init__(ingress, {}, object(), recorder, EnsembleArgs().model_dump())
+    return ingress
+
+
+def test_promotion_state_is_read_in_the_background() -> None:
+    async def scenario() -> None:
+        # A recorder that never answers: requests keep the last known state, one read at most.
+        hung = _FakeRecorder(None)
+        ingress = _bare_ingress(hung)
+        ingress._promoted = True
+        for _ in range(50):
+            assert ingress._challenger_promoted() is True
+            await asyncio.sleep(0)
+        assert hung.reads == 1
+        ingress._promotion_task.cancel()
+
+        # A failing recorder: the last known state stays.
+        failing = _FakeRecorder(RuntimeError("recorder down"))
+        ingress = _bare_ingress(failing)
+        ingress._promoted = True
+        ingress._challenger_promoted()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert failing.reads == 1 and ingress._challenger_promoted() is True
+        ingress._promotion_task.cancel()
+
+        # A working recorder: its state is applied...
+        ok = _FakeRecorder({"challenger": "xgb_v2", "promoted": True})
+        ingress = _bare_ingress(ok)
+        assert ingress._challenger_promoted() is False  # nothing read yet
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert ingress._challenger_promoted() is True
+        ingress._promotion_task.cancel()
+
+        # ...unless this replica promoted or rolled back while the read was in flight.
+        stale = _FakeRecorder({"challenger": "xgb_v2", "promoted": False}, hold=True)
+        ingress = _bare_ingress(stale)
+        ingress._challenger_promoted()
+        await asyncio.sleep(0)
+        assert stale.reads == 1  # the read is in flight...
+        ingress._set_promoted(True)  # ...when POST /challenger/promote lands here
+        stale.release.set()  # and it answers the state from before the promotion
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert stale.reads == 1 and ingress._challenger_promoted() is True
+        ingress._promotion_task.cancel()
+
+    asyncio.run(scenario())
