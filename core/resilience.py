@@ -48,6 +48,14 @@ def describe_error(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {first_line[:160]}".rstrip(": ")
 
 
+def _retrieve(task: asyncio.Future) -> None:
+    """Done callback for a task nobody awaits any more: read its outcome, so that a call that
+    answers its cancellation with an error (Ray's RequestCancelledError) is not logged as
+    "Task exception was never retrieved"."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _cancel(aw: Any) -> None:
     cancel = getattr(aw, "cancel", None)
     if callable(cancel):
@@ -82,6 +90,7 @@ async def gather_with_deadline(
     for task in pending:
         name = tasks[task]
         out.failed[name] = "timeout"
+        task.add_done_callback(_retrieve)
         _cancel(calls[name])
         task.cancel()
     out.quorum_met = len(out.results) >= quorum

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -48,6 +49,44 @@ def test_quorum_returns_at_deadline_without_waiting_for_slow_member() -> None:
     assert res.quorum_met and res.degraded
     assert elapsed < 1.0  # bounded by the 0.2 s deadline, not the 5 s member
     assert slow.cancelled()
+
+
+class _CancelledWithError:
+    """Awaitable like a Ray DeploymentResponse: cancel() makes the await raise an error
+    of its own (RequestCancelledError), not CancelledError."""
+
+    def __init__(self) -> None:
+        self._cancelled = asyncio.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def __await__(self):
+        return self._wait().__await__()
+
+    async def _wait(self):
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._cancelled.wait()
+        raise RuntimeError("request was cancelled")
+
+
+def test_late_call_that_errors_on_cancel_is_not_logged_as_unretrieved() -> None:
+    import gc
+
+    unretrieved: list[dict] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: unretrieved.append(ctx))
+        res = await gather_with_deadline(
+            {"fast": _answer(1), "late": _CancelledWithError()}, deadline_s=0.05, quorum=1
+        )
+        assert res.failed == {"late": "timeout"} and res.results == {"fast": 1}
+        await asyncio.sleep(0.05)  # let the cancelled call finish with its error
+        gc.collect()
+
+    asyncio.run(main())
+    gc.collect()
+    assert [c.get("message") for c in unretrieved] == []
 
 
 def test_all_fast_is_not_degraded_and_returns_early() -> None:
