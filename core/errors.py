@@ -54,6 +54,13 @@ class NotFound(HTTPError):
     status_code = 404
 
 
+class Conflict(HTTPError):
+    """The request is valid but clashes with the current state (e.g. an id reused with other
+    content, a change while another one is under way)."""
+
+    status_code = 409
+
+
 class PayloadTooLarge(HTTPError):
     status_code = 413
 
@@ -66,5 +73,21 @@ class Unprocessable(HTTPError):
     status_code = 422
 
 
+class TooManyRequests(HTTPError):
+    """Backpressure: the client should slow down; answered with ``Retry-After``."""
+
+    status_code = 429
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ServiceUnavailable(HTTPError):
+    """A dependency is down or still warming up; answered with ``Retry-After``."""
+
     status_code = 503
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

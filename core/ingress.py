@@ -21,6 +21,7 @@ import hmac
 import inspect
 import json
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
@@ -190,7 +191,10 @@ def install_ingress(
 
     @app.exception_handler(HTTPError)
     async def _cookbook_exc(request: Request, exc: HTTPError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status_code == 503 else None
+        headers = None
+        retry_after = getattr(exc, "retry_after_s", None)
+        if retry_after is not None:  # 429 and 503: tell the client when to come back
+            headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
         if exc.status_code == 401:
             headers = {"WWW-Authenticate": "APIKey"}
         return _json_error(exc.status_code, exc.message, request_id_of(request), headers)

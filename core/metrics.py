@@ -48,6 +48,3 @@ class ModelMetrics:
 
     def observe_batch(self, size: int) -> None:
         self._batch.observe(float(size))
-
-    def snapshot_tags(self) -> dict[str, Any]:
-        return dict(self.tags)

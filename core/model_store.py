@@ -120,6 +120,17 @@ class ModelStore:
         s = get_settings()
         return cls(s.model_store_uri, s.model_store_options)
 
+    @classmethod
+    def open(
+        cls, uri: str | None = None, storage_options: Mapping[str, Any] | None = None
+    ) -> ModelStore:
+        """The store at ``uri``, or the configured one (``COOKBOOK_MODEL_STORE_*``) when None.
+
+        Every pattern's args carry an optional ``model_store_uri``; this is the one place that
+        turns it into a store.
+        """
+        return cls(uri, storage_options) if uri else cls.from_settings()
+
     def __repr__(self) -> str:
         return f"ModelStore({self.root_uri!r})"
 

@@ -28,10 +28,29 @@ T = TypeVar("T")
 @dataclass
 class QuorumResult:
     results: dict[str, Any] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)  # name -> "timeout" | "error: ..."
+    # name -> "timeout" | "error: ..." | the validator's sentence
+    failed: dict[str, str] = field(default_factory=dict)
+    quorum: int = 1
     quorum_met: bool = False
     degraded: bool = False  # True when any call was late or failed
     elapsed_s: float = 0.0
+    # per call: ms until it answered (or failed); abandoned calls report the deadline
+    elapsed_ms: dict[str, float] = field(default_factory=dict)
+    deadline_s: float = 0.0
+
+    def require_quorum(self, what: str = "calls") -> QuorumResult:
+        """Self when the quorum was met, else ``ServiceUnavailable`` naming each failure."""
+        if not self.quorum_met:
+            from core.errors import ServiceUnavailable
+
+            total = len(self.results) + len(self.failed)
+            raise ServiceUnavailable(
+                f"Only {len(self.results)} of {total} {what} answered within "
+                f"{self.deadline_s * 1000:.0f} ms (quorum is {self.quorum}); "
+                + ", ".join(f"{k}: {v}" for k, v in sorted(self.failed.items()))
+                + ". Retry shortly."
+            )
+        return self
 
 
 async def _await(aw: Awaitable[Any]) -> Any:
@@ -66,9 +85,18 @@ def _cancel(aw: Any) -> None:
 
 
 async def gather_with_deadline(
-    calls: Mapping[str, Awaitable[Any]], *, deadline_s: float, quorum: int
+    calls: Mapping[str, Awaitable[Any]],
+    *,
+    deadline_s: float,
+    quorum: int,
+    validate: Callable[[str, Any], str | None] | None = None,
 ) -> QuorumResult:
-    """Results of the calls that answered within ``deadline_s``; the rest are cancelled."""
+    """Results of the calls that answered within ``deadline_s``; the rest are cancelled.
+
+    ``validate(name, result)`` may return a sentence saying why an answer is unusable (NaN
+    scores, wrong shape): that call then counts as failed, so the quorum is checked once, here,
+    on the answers that count. ``QuorumResult.require_quorum`` turns a missed quorum into 503.
+    """
     if quorum < 1 or quorum > len(calls):
         for aw in calls.values():  # never started: close them so nothing dangles
             if inspect.iscoroutine(aw):
@@ -77,22 +105,38 @@ async def gather_with_deadline(
                 _cancel(aw)
         raise ValueError(f"quorum must be between 1 and {len(calls)}, got {quorum}")
     start = time.perf_counter()
+    out = QuorumResult(quorum=quorum, deadline_s=deadline_s)
+
+    def _stamp(name: str) -> Callable[[asyncio.Future], None]:
+        def done(_: asyncio.Future) -> None:
+            out.elapsed_ms[name] = round((time.perf_counter() - start) * 1000, 2)
+
+        return done
+
     tasks = {asyncio.ensure_future(_await(aw)): name for name, aw in calls.items()}
+    stamps = {task: _stamp(name) for task, name in tasks.items()}
+    for task, stamp in stamps.items():
+        task.add_done_callback(stamp)
     done, pending = await asyncio.wait(tasks, timeout=deadline_s)
-    out = QuorumResult()
     for task in done:
         name = tasks[task]
         exc = task.exception()
-        if exc is None:
-            out.results[name] = task.result()
-        else:
+        if exc is not None:
             out.failed[name] = describe_error(exc)
+            continue
+        problem = validate(name, task.result()) if validate is not None else None
+        if problem:
+            out.failed[name] = problem
+        else:
+            out.results[name] = task.result()
     for task in pending:
         name = tasks[task]
         out.failed[name] = "timeout"
+        task.remove_done_callback(stamps[task])  # abandoned: it reports the deadline
         task.add_done_callback(_retrieve)
         _cancel(calls[name])
         task.cancel()
+        out.elapsed_ms[name] = round(deadline_s * 1000, 2)
     out.quorum_met = len(out.results) >= quorum
     out.degraded = bool(out.failed)
     out.elapsed_s = time.perf_counter() - start

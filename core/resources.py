@@ -91,25 +91,15 @@ def wants_gpu(options: dict[str, Any]) -> bool:
     return float(options.get("num_gpus", 0) or 0) > 0
 
 
-# Starting points for autoscaling_config, to copy into a deployment's config.
-# https://docs.ray.io/en/latest/serve/advanced-guides/advanced-autoscaling.html
-AUTOSCALING_PRESETS: dict[str, dict[str, Any]] = {
-    # I/O-bound (DB, cache, HTTP calls): many requests in flight per replica are cheap, so
-    # scale late and on a high target.
-    "io_bound": {
-        "min_replicas": 1,
-        "max_replicas": 4,
-        "target_ongoing_requests": 32,
-        "upscale_delay_s": 5,
-        "downscale_delay_s": 60,
-    },
-    # Compute-bound (model inference): a replica is busy with a couple of batches; scale early
-    # so queues do not grow, and keep a replica warm because loading a model is slow.
-    "compute_bound": {
-        "min_replicas": 1,
-        "max_replicas": 2,
-        "target_ongoing_requests": 4,
-        "upscale_delay_s": 2,
-        "downscale_delay_s": 120,
-    },
-}
+def torch_device(on_gpu: bool) -> str:
+    """The torch device for a replica: ``"cuda"`` when it was given a GPU and CUDA is there.
+
+    ``on_gpu`` comes from the builder (``wants_gpu`` of the resolved options), not from
+    ``torch.cuda.is_available()`` alone: a CPU replica on a GPU node must stay off the GPU it
+    was not given (Ray hides it through CUDA_VISIBLE_DEVICES, but a local run does not).
+    """
+    if not on_gpu:
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -11,8 +11,12 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests import servers
 
 
 def free_port() -> int:
@@ -63,3 +67,23 @@ def deploy(serve_http: str) -> Iterator[Callable[..., str]]:
     yield _deploy
     for name in deployed:
         serve.delete(name)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[servers.PostgresServer]:
+    from tests import servers
+
+    server = servers.PostgresServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[servers.RedisServer]:
+    from tests import servers
+
+    server = servers.RedisServer()
+    server.start()
+    yield server
+    server.stop()

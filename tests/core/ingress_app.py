@@ -4,7 +4,7 @@ from fastapi import Depends, FastAPI
 from pydantic import BaseModel, Field
 from ray import serve
 
-from core.errors import ServiceUnavailable
+from core.errors import Conflict, ServiceUnavailable, TooManyRequests
 from core.ingress import api_key_auth, install_ingress
 
 api = FastAPI(title="core-ingress-test")
@@ -27,6 +27,14 @@ class EchoIngress:
     @api.get("/down")
     async def down(self) -> dict:
         raise ServiceUnavailable("The feature store is unreachable; retry shortly.")
+
+    @api.get("/busy")
+    async def busy(self) -> dict:
+        raise TooManyRequests("Too many feedback events from this client; slow down.", 2.5)
+
+    @api.get("/conflict")
+    async def conflict(self) -> dict:
+        raise Conflict("Event e-1 was already recorded with another label.")
 
     @api.get("/crash")
     async def crash(self) -> dict:

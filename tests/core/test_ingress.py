@@ -78,6 +78,15 @@ def test_dependency_down_is_503_with_retry_after(url: str) -> None:
     assert "unreachable" in _error(r)["message"]
 
 
+def test_backpressure_is_429_with_retry_after_and_conflict_is_409(url: str) -> None:
+    r = httpx.get(f"{url}/busy")
+    assert r.status_code == 429 and r.headers["retry-after"] == "3"  # 2.5 s, rounded up
+    assert "slow down" in _error(r)["message"]
+    r = httpx.get(f"{url}/conflict")
+    assert r.status_code == 409 and "retry-after" not in r.headers
+    assert "already recorded" in _error(r)["message"]
+
+
 def test_unhandled_error_is_500_without_internals(url: str) -> None:
     r = httpx.get(f"{url}/crash")
     assert r.status_code == 500

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from core.resources import AUTOSCALING_PRESETS, StageResources, resolve_actor_options
+from core.resources import StageResources, resolve_actor_options, torch_device
 from core.settings import CoreSettings, require_real_secret
 
 
@@ -52,12 +52,8 @@ def test_accelerator_setting_forces_cpu(monkeypatch) -> None:
         settings.get_settings.cache_clear()
 
 
-def test_autoscaling_presets_are_valid_serve_configs() -> None:
-    from ray.serve.config import AutoscalingConfig
+def test_torch_device_is_cpu_unless_the_replica_was_given_a_gpu() -> None:
+    import torch
 
-    for preset in AUTOSCALING_PRESETS.values():
-        AutoscalingConfig(**preset)
-    assert (
-        AUTOSCALING_PRESETS["io_bound"]["target_ongoing_requests"]
-        > AUTOSCALING_PRESETS["compute_bound"]["target_ongoing_requests"]
-    )
+    assert torch_device(False) == "cpu"
+    assert torch_device(True) == ("cuda" if torch.cuda.is_available() else "cpu")
