@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=float, default=float(os.cpu_count() or 2))
     parser.add_argument("--timeout-s", type=float, default=600.0)
     parser.add_argument("--port", type=int, help="HTTP port (default: the config's, 8000)")
+    parser.add_argument("--dashboard-port", type=int, default=8265)
+    parser.add_argument(
+        "--no-dashboard", action="store_true", help="no Ray dashboard (no `serve status`)"
+    )
     parser.add_argument(
         "--exit-when-ready",
         action="store_true",
@@ -81,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ray.init(
         num_cpus=int(args.num_cpus),
-        include_dashboard=False,
+        # The dashboard is what `serve status`, `serve deploy` and `serve config` talk to
+        # (http://127.0.0.1:8265). Bound to loopback, like every other Ray port here: an open
+        # dashboard runs any job anyone sends it (the class of hole behind CVE-2023-48022).
+        include_dashboard=not args.no_dashboard,
+        dashboard_host="127.0.0.1",
+        dashboard_port=args.dashboard_port,
         _node_ip_address="127.0.0.1",
         namespace="serve",
     )
@@ -128,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             time.sleep(1)
         print("[serve] ready:", flush=True)
+        if not args.no_dashboard:
+            dash = f"http://127.0.0.1:{args.dashboard_port}"
+            print(f"  {'dashboard':<16} {dash}   (`serve status`, `serve deploy`)", flush=True)
         for app in apps:
             url = base + app["route_prefix"]
             print(f"  {app['name']:<16} {url}   (docs: {url}/docs)", flush=True)
@@ -139,6 +151,21 @@ def main(argv: list[str] | None = None) -> int:
                 r = httpx.get(base + app["route_prefix"] + "/healthz", timeout=30)
                 print(f"[serve] {app['name']} /healthz -> {r.status_code}", flush=True)
                 ok &= r.status_code == 200
+            if not args.no_dashboard:  # the CLI a user reaches for next
+                status_cli = subprocess.run(
+                    [
+                        str(Path(sys.executable).parent / "serve"),
+                        "status",
+                        "-a",
+                        f"http://127.0.0.1:{args.dashboard_port}",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                running = status_cli.stdout.count("status: RUNNING")
+                print(f"[serve] `serve status` -> exit {status_cli.returncode}, {running} RUNNING")
+                ok &= status_cli.returncode == 0
             for proc in services:
                 proc.terminate()
             serve.shutdown()

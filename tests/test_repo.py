@@ -65,6 +65,8 @@ def test_make_serve_runs_every_app_in_the_config(tmp_path) -> None:
             "--exit-when-ready",
             "--port",
             str(free_port()),
+            "--dashboard-port",
+            str(free_port()),
             "--timeout-s",
             "420",
         ],
@@ -78,6 +80,8 @@ def test_make_serve_runs_every_app_in_the_config(tmp_path) -> None:
         assert "lists no applications yet" in out.stdout
     for app in config["applications"]:
         assert f"{app['name']} /healthz -> 200" in out.stdout, out.stdout[-3000:]
+    n_apps = len(config["applications"])
+    assert f"`serve status` -> exit 0, {n_apps} RUNNING" in out.stdout, out.stdout[-3000:]
 
 
 def test_configs_validate_as_serve_deploy_schemas() -> None:
