@@ -1,0 +1,177 @@
+"""Many tenants' models behind few replicas: per-store forecasters and per-tenant LLM adapters.
+
+    client --POST /multiplex/models/{id}/predict-------+
+           --POST /multiplex/predict                    |  (id in the serve_multiplexed_model_id
+             serve_multiplexed_model_id: store-0042 ----+   header or in the path)
+                                                        v
+        MultiplexIngress (FastAPI): id checked (422) -> index lookup (404, no storage read)
+             |  hot ids -> "<id>#<slot>" so a hot tenant lives on several replicas
+             |  handle.options(multiplexed_model_id=...)   (works in HAProxy mode too)
+             v
+        ForecastModels x2 (@serve.multiplexed routing, @serve.batch split by model id)
+             ModelCache: one load per id, parallel loads, LRU by count and bytes, prewarm
+             model store: forecast-store-0001/v1 ... (safetensors + JSON), forecast-index/v1
+
+Run: ``serve run patterns.multiplexing.app:app`` (after ``make setup``). Knobs: config.yaml.
+"""
+
+# No `from __future__ import annotations` here: Serve's class-based FastAPI views need real
+# annotations (with string annotations `self` becomes a required query parameter).
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from core.apps import coerce_args, default_app
+from core.errors import HTTPError, NotFound, ServiceUnavailable, Unprocessable
+from core.ingress import install_ingress
+from core.model_store import ModelStore
+from core.resources import StageResources, resolve_actor_options
+from core.timing import Timings
+from patterns.multiplexing.catalog import ModelIndex
+from patterns.multiplexing.deployments import ForecastArgs, ForecastModels
+from patterns.multiplexing.forecast_service import ForecastRequest
+from patterns.multiplexing.ids import check_model_id
+
+MODEL_ID_HEADER = "serve_multiplexed_model_id"  # Serve's own header name
+_STATUS = {404: NotFound, 422: Unprocessable, 503: ServiceUnavailable}
+
+
+class MultiplexArgs(BaseModel):
+    model_store_uri: str | None = None  # default: COOKBOOK_MODEL_STORE_URI
+    forecast: ForecastArgs = ForecastArgs()
+    max_body_bytes: int = Field(default=65_536, ge=1024)
+    ingress_resources: StageResources = StageResources(num_cpus=0.1)
+
+
+def raise_refusal(answer: dict[str, Any]) -> dict[str, Any]:
+    """A replica's refusal value as the same HTTP error a direct check would raise."""
+    error = answer.get("error")
+    if error:
+        raise _STATUS.get(error["status"], ServiceUnavailable)(error["message"])
+    return answer
+
+
+api = FastAPI(
+    title="Multiplexing",
+    description="A thousand stores' demand forecasters behind two replicas: the model id "
+    "comes from the path or the serve_multiplexed_model_id header.",
+)
+install_ingress(api, app_name="multiplexing", max_body_bytes=65_536)
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(api)
+class MultiplexIngress:
+    """I/O-bound: checks ids against the index and forwards to the model replicas."""
+
+    def __init__(self, forecasters: DeploymentHandle, args: dict[str, Any]) -> None:
+        self.args = MultiplexArgs(**args)
+        store = ModelStore.open(self.args.model_store_uri)
+        f = self.args.forecast
+        self.index = ModelIndex.load(store, f.index_name, f.index_version)
+        self.spreader = f.spreader()
+        self.forecasters = forecasters
+
+    async def _call(self, response: Any, timeout_s: float, what: str) -> Any:
+        try:
+            return await asyncio.wait_for(response, timeout_s)
+        except TimeoutError as exc:
+            if hasattr(response, "cancel"):
+                response.cancel()  # do not leave the work queued on the replica
+            raise ServiceUnavailable(f"The {what} did not answer within {timeout_s:g}s.") from exc
+        except HTTPError:
+            raise
+        except Exception as exc:  # a dead replica: an outage, not a bad request
+            raise ServiceUnavailable(f"The {what} failed ({type(exc).__name__}).") from exc
+
+    async def forecast_payload(self, model_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """The forecast for ``model_id``; also the entry point for handle callers."""
+        timings = Timings()
+        check_model_id(model_id)  # 422: malformed, decided from the string
+        self.index.lookup(model_id)  # 404: unknown, decided in memory
+        body = ForecastRequest(**payload).model_dump(mode="json")
+        handle = self.forecasters.options(multiplexed_model_id=self.spreader.serve_id(model_id))
+        answer = await self._call(
+            handle.forecast.remote(body), self.args.forecast.request_timeout_s, "forecaster"
+        )
+        raise_refusal(answer)
+        for stage, ms in answer.pop("timings_ms", {}).items():
+            if stage != "total":
+                timings.add(stage, ms)
+        return {**answer, "timings_ms": timings.as_dict()}
+
+    @api.post("/models/{model_id:path}/predict", summary="Forecast one store (id in the path)")
+    async def predict_path(
+        self, model_id: str, body: ForecastRequest, request: Request
+    ) -> dict[str, Any]:
+        header = request.headers.get(MODEL_ID_HEADER)
+        if header is not None and header != model_id:
+            raise Unprocessable(
+                f"The path names model {model_id[:64]!r} but the {MODEL_ID_HEADER} header "
+                f"names {header[:64]!r}; send one, or the same id in both."
+            )
+        return await self.forecast_payload(model_id, body.model_dump(mode="json"))
+
+    @api.post("/predict", summary=f"Forecast one store (id in the {MODEL_ID_HEADER} header)")
+    async def predict_header(self, body: ForecastRequest, request: Request) -> dict[str, Any]:
+        model_id = request.headers.get(MODEL_ID_HEADER)
+        if model_id is None:
+            raise Unprocessable(
+                f"Send the model id in the {MODEL_ID_HEADER} header, or POST to "
+                "/models/{model_id}/predict."
+            )
+        return await self.forecast_payload(model_id, body.model_dump(mode="json"))
+
+    @api.get("/models", summary="Which model ids exist (from the index)")
+    async def list_models(
+        self, offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)
+    ) -> dict[str, Any]:
+        ids = list(self.index.ids())
+        return {
+            **self.index.public(),
+            "ids": ids[offset : offset + limit],
+            "hot_model_ids": sorted(self.spreader.hot),
+            "hot_slots": self.spreader.slots,
+        }
+
+    @api.get("/models/{model_id:path}", summary="One model's index entry (no model file read)")
+    async def model_entry(self, model_id: str) -> dict[str, Any]:
+        check_model_id(model_id)
+        entry = self.index.lookup(model_id)
+        return {"model_id": model_id, **entry.model_dump(exclude={"manifest_sha256"})}
+
+    @api.get("/model", summary="The index, the cache settings and every replica's cache")
+    async def model_info(self) -> dict[str, Any]:
+        replicas = await self._call(
+            self.forecasters.broadcast("stats").results_async(),
+            self.args.forecast.request_timeout_s,
+            "forecaster replicas",
+        )
+        return {
+            "forecasters": {
+                **self.index.public(),
+                "cache": self.args.forecast.cache.model_dump(),
+                "hot_model_ids": sorted(self.spreader.hot),
+                "hot_slots": self.spreader.slots,
+                "replicas": sorted(replicas, key=lambda r: r["replica"]),
+            }
+        }
+
+
+def build_app(args: MultiplexArgs | dict[str, Any] | None = None) -> Application:
+    args = coerce_args(args, MultiplexArgs)
+    forecasters = ForecastModels.options(
+        ray_actor_options=resolve_actor_options(args.forecast.resources, "multiplexing/forecast")
+    ).bind(args.forecast.model_dump(), args.model_store_uri)
+    ingress = MultiplexIngress.options(
+        ray_actor_options=resolve_actor_options(args.ingress_resources, "multiplexing/ingress")
+    )
+    return ingress.bind(forecasters, args.model_dump())
+
+
+__getattr__ = default_app(lambda: build_app(MultiplexArgs()))

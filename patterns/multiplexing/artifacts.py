@@ -1,0 +1,105 @@
+"""Default artifacts for the multiplexing pattern (``make setup`` runs this).
+
+    python -m patterns.multiplexing.artifacts [--force] [--only forecasters|chat]
+
+- 1,000 demand forecasters, one per store (``forecast-store-0001/v1`` ... in the core model
+  store: safetensors weights + JSON spec), trained here on generated seasonal series in about
+  a second, and ``forecast-index/v1``: the JSON index the replicas read to tell a known id
+  from an unknown one without touching any model file. Written last, so a crashed build is
+  rebuilt rather than half-served.
+- per-tenant LoRA adapters for SmolLM2-135M-Instruct (chat.py's tenants), trained here briefly
+  on tiny tenant-specific data, and ``chat-adapter-index/v1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from core.model_store import ModelStore
+from patterns.multiplexing.catalog import IndexEntry, ModelIndex
+from patterns.multiplexing.forecasting import TRAIN_DAYS, calendar_features, train_store
+
+FORECAST_INDEX = "forecast-index"
+FORECAST_VERSION = "v1"
+N_STORES = 1000
+
+
+def _log(msg: str) -> None:
+    print(f"[multiplexing] {msg}", flush=True)
+
+
+def store_ids(n: int = N_STORES) -> list[str]:
+    return [f"store-{i:04d}" for i in range(1, n + 1)]
+
+
+def forecaster_name(model_id: str) -> str:
+    """The model store name of a store's forecaster (one flat namespace shared by patterns)."""
+    return f"forecast-{model_id}"
+
+
+def build_forecasters(
+    store: ModelStore, n: int = N_STORES, version: str = FORECAST_VERSION
+) -> dict[str, IndexEntry]:
+    """Train and write ``n`` forecasters, then the index naming them; returns the index."""
+    x = calendar_features(np.arange(TRAIN_DAYS))
+    entries: dict[str, IndexEntry] = {}
+    for i, model_id in enumerate(store_ids(n), 1):
+        model = train_store(model_id, x)
+        ref = store.save_files(
+            forecaster_name(model_id),
+            version,
+            model.to_files(),
+            "safetensors",
+            {"kind": "demand-forecaster", "holdout_mape": model.holdout_mape},
+            overwrite=True,
+        )
+        entries[model_id] = IndexEntry(
+            name=ref.name,
+            version=ref.version,
+            manifest_sha256=ref.sha256,
+            nbytes=model.nbytes,
+            info={"lines": len(model.lines), "holdout_mape": model.holdout_mape},
+        )
+        if i % 250 == 0:
+            _log(f"  {i}/{n} forecasters written")
+    store.save_files(
+        FORECAST_INDEX,
+        version,
+        ModelIndex.to_files("forecaster", entries),
+        "json",
+        {"count": len(entries)},
+        overwrite=True,
+    )
+    return entries
+
+
+def ensure_forecasters(store: ModelStore, *, force: bool = False) -> None:
+    if store.exists(FORECAST_INDEX, FORECAST_VERSION) and not force:
+        _log(f"{FORECAST_INDEX}/{FORECAST_VERSION} present ({N_STORES} forecasters)")
+        return
+    t0 = time.perf_counter()
+    _log(f"training {N_STORES} store forecasters on generated seasonal demand")
+    entries = build_forecasters(store)
+    mape = np.mean([e.info["holdout_mape"] for e in entries.values()])
+    _log(
+        f"{len(entries)} forecasters and {FORECAST_INDEX}/{FORECAST_VERSION} written in "
+        f"{time.perf_counter() - t0:.1f}s; mean holdout MAPE {mape:.1%}"
+    )
+
+
+def ensure_artifacts(store: ModelStore | None = None, *, force: bool = False) -> None:
+    store = store or ModelStore.open()
+    ensure_forecasters(store, force=force)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Build the multiplexing pattern's artifacts.")
+    parser.add_argument("--force", action="store_true")
+    ensure_artifacts(force=parser.parse_args().force)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The model replicas: many forecasters per replica, and (chat.py) adapters on a shared LLM.
+
+``ForecastModels`` is where ``@serve.multiplexed`` is used, in a particular way: the function
+Serve wraps does no loading. It only records "this replica holds model id X" in Serve's
+routing table (Serve's wrapper pushes its ids to the controller, and the router then prefers
+this replica for X). The models themselves live in ``ModelCache`` (cache.py), which loads each
+id once, loads different ids in parallel and evicts by bytes as well as count: the three
+things Serve's wrapper does not do in Ray 2.60 (one lock for all loads, ray#65346; count-only
+eviction). Serve's wrapper keeps one small string per id, capped at the cache's model count
+plus the extra slots of hot ids, so the two LRU lists see the same accesses and stay close.
+"""
+
+# No `from __future__ import annotations`: Serve inspects these classes' signatures.
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+from ray import serve
+
+from core.batching import BatchedDeployment, BatchKnobs, timed_batch
+from core.errors import HTTPError
+from core.metrics import ModelMetrics
+from core.model_store import ModelStore
+from core.resources import StageResources
+from patterns.multiplexing.catalog import ModelIndex
+from patterns.multiplexing.forecast_service import ForecastService
+from patterns.multiplexing.ids import HotIdSpreader, check_model_id
+
+APP_NAME = "multiplexing"
+MiB = 1024 * 1024
+
+
+class CacheArgs(BaseModel):
+    # Models one replica keeps. 0 turns caching off (every request loads: the baseline).
+    max_models: int = Field(default=512, ge=0, le=100_000)
+    # Bytes one replica spends on models, whatever their count: the bound that matters when
+    # tenants' models differ in size. These forecasters are ~1-3 KB, so count binds first.
+    max_bytes: int = Field(default=32 * MiB, gt=0)
+
+
+class ForecastArgs(BaseModel):
+    index_name: str = "forecast-index"
+    index_version: str = "latest"
+    cache: CacheArgs = CacheArgs()
+    # Loaded on every replica before it takes traffic, and spread over `hot_slots` Serve ids.
+    hot_model_ids: list[str] = Field(default=["store-0001", "store-0002", "store-0003"])
+    # How many replicas one hot id may live on (1: Serve's default, one copy per id).
+    hot_slots: int = Field(default=2, ge=1, le=16)
+    request_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    resources: StageResources = StageResources(num_cpus=0.1)
+
+    @field_validator("hot_model_ids")
+    @classmethod
+    def _well_formed(cls, ids: list[str]) -> list[str]:
+        for model_id in ids:
+            try:
+                check_model_id(model_id, "hot model id")
+            except HTTPError as exc:
+                raise ValueError(exc.message) from exc
+        return ids
+
+    def spreader(self) -> HotIdSpreader:
+        return HotIdSpreader(self.hot_model_ids, self.hot_slots)
+
+
+def routing_claim(max_ids: int) -> Any:
+    """A fresh ``@serve.multiplexed`` function for one replica that only claims ids.
+
+    Made per replica (not a module-level function) because Serve keeps its wrapper, and so
+    its routing table, as an attribute of the decorated function object.
+    """
+
+    async def claim(serve_model_id: str) -> str:
+        return serve_model_id  # the model is already in ModelCache; Serve keeps only the id
+
+    return serve.multiplexed(max_num_models_per_replica=max(1, max_ids))(claim)
+
+
+@serve.deployment(
+    num_replicas=2,
+    max_ongoing_requests=64,
+    user_config=BatchKnobs(max_batch_size=16, batch_wait_timeout_s=0.005).model_dump(),
+)
+class ForecastModels(BatchedDeployment):
+    """Up to ``cache.max_models`` store forecasters per replica, routed by model id."""
+
+    async def __init__(self, args: dict[str, Any], model_store_uri: str | None = None) -> None:
+        self.args = ForecastArgs(**args)
+        store = ModelStore.open(model_store_uri)
+        index = ModelIndex.load(store, self.args.index_name, self.args.index_version)
+        cache = self.args.cache
+        self.service = ForecastService(
+            store, index, max_models=cache.max_models, max_bytes=cache.max_bytes
+        )
+        spreader = self.args.spreader()
+        extra_ids = len(self.args.hot_model_ids) * (self.args.hot_slots - 1)
+        self._claim = routing_claim(cache.max_models + extra_ids)
+        version = index.ref.version if index.ref else "-"
+        self.metrics = ModelMetrics(APP_NAME, "forecasters", version)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        # Prewarm (ray#61649): hot models are loaded and claimed before this replica is
+        # ready, so its first requests for them are hits and the router knows from the start.
+        self.prewarmed = await self.service.prewarm(self.args.hot_model_ids)
+        for model_id, status in self.prewarmed.items():
+            if status == "ok":
+                for serve_id in spreader.all_serve_ids(model_id):
+                    await self._claim(serve_id)
+
+    async def forecast(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """One forecast; the model id comes from the handle's ``multiplexed_model_id``."""
+        return await self._batched(payload)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _batched(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # Serve splits batches by multiplexed model id (ray#50695): one model per batch.
+        serve_id = serve.get_multiplexed_model_id()
+        with timed_batch(self.metrics, len(payloads)):
+            answers = await self.service.forecast_batch(serve_id, payloads, self._claim)
+        for a in answers:
+            if "served_by" in a:
+                a["served_by"] = {**a["served_by"], "replica": self.replica}
+        return answers
+
+    async def stats(self, loads_of: list[str] | None = None) -> dict[str, Any]:
+        """This replica's cache; ``loads_of``: how often each of these ids was loaded here."""
+        out = {"replica": self.replica, "prewarmed": self.prewarmed, **self.service.stats()}
+        if loads_of:
+            out["loads_of"] = {m: self.service.cache.stats.loads_by_id[m] for m in loads_of}
+        return out
