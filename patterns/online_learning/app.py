@@ -1,0 +1,318 @@
+"""Online learning on Ray Serve: feedback streams into a durable log, a trainer learns from it
+in mini-batches, a gate decides what goes live, and running replicas switch weights without
+a restart. Plus a contextual bandit that learns from rewards.
+
+    client -> OnlineIngress (FastAPI, N replicas, each serves the champion from the pointer)
+     | POST /predict   -> champion.predict -> record (id -> features, version)      [log DB]
+     | POST /feedback  -> join the record -> append to the durable log -> 202 ack   [log DB]
+     |                                          |
+     |                    OnlineTrainer (1 replica, loop in a thread)  <-- read mini-batches
+     |                      partial_fit -> save version + offsets (model store, skops)
+     |                      gate on held-out window -> champion pointer [log DB]
+     |                      -> broadcast("reload") to every OnlineIngress replica
+     | POST /bandit/choose -> BanditPolicy (1 replica, linear Thompson sampling)
+     | POST /bandit/reward -> append to the rewards log -> BanditPolicy learns, saves safetensors
+
+Run: ``make setup`` then ``serve run patterns.online_learning.app:app``. Knobs: config.yaml.
+"""
+
+# No `from __future__ import annotations` here: Serve's class-based FastAPI views need real
+# annotations (with string annotations `self` becomes a required query parameter).
+import asyncio
+import logging
+import threading
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Response
+from pydantic import BaseModel, Field, Strict
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from core.apps import coerce_args, default_app
+from core.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
+from core.ingress import api_key_auth, install_ingress
+from core.model_store import ModelStore
+from core.resilience import describe_error
+from core.resources import StageResources, resolve_actor_options
+from patterns.online_learning.bandit import BanditParams
+from patterns.online_learning.deployments import INGRESS_DEPLOYMENT, BanditPolicy, OnlineTrainer
+from patterns.online_learning.feedback_log import open_log
+from patterns.online_learning.learning import TrainerArgs
+from patterns.online_learning.model import BASELINE_VERSION, MODEL_NAME, validate_rows
+from patterns.online_learning.service import (
+    FeedbackLimits,
+    LiveModel,
+    OnlineService,
+)
+from patterns.online_learning.settings import OnlineSettings, load_admin_keys
+from patterns.online_learning.stream import CLASSES, N_FEATURES
+
+logger = logging.getLogger("patterns.online_learning")
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+
+
+class BanditArgs(BaseModel):
+    params: BanditParams = BanditParams()
+    save_every_s: float = Field(default=1.0, gt=0, le=600)  # posterior saved this often
+    resources: StageResources = StageResources(num_cpus=0.05)
+
+
+class OnlineArgs(BaseModel):
+    # None: ONLINE_LOG_URL, else sqlite:///<repo>/artifacts/online_learning/feedback.db
+    log_url: str | None = None
+    model_store_uri: str | None = None  # default: COOKBOOK_MODEL_STORE_URI
+    trainer: TrainerArgs = TrainerArgs()
+    bandit: BanditArgs = BanditArgs()
+    limits: FeedbackLimits = FeedbackLimits()
+    max_rows: int = Field(default=64, ge=1, le=4096)  # rows per predict request
+    # Safety net under the broadcast nudge: each replica re-reads the pointer this often.
+    pointer_poll_s: float = Field(default=1.0, gt=0, le=60)
+    trainer_timeout_s: float = Field(default=5.0, gt=0)  # GET /model, POST /rollback
+    ingress_resources: StageResources = StageResources(num_cpus=0.05)
+    trainer_resources: StageResources = StageResources(num_cpus=0.1)
+
+
+# ------------------------------------------------------------------------------ requests
+Label = Annotated[int, Strict()]
+
+
+class PredictRequest(BaseModel):
+    instances: list[list[Any]] = Field(
+        min_length=1,
+        description=f"Rows of {N_FEATURES} finite numbers (x0..x{N_FEATURES - 1}).",
+        examples=[[[0.5, -1.2, 0.3, 0.0, 1.1]]],
+    )
+    version: str | None = Field(
+        default=None,
+        pattern=r"^v\d{6}$",
+        description="Pin a version (e.g. the frozen baseline v000001) instead of the champion.",
+    )
+
+
+class FeedbackEvent(BaseModel):
+    event_id: str = Field(pattern=ID_PATTERN, description="Your id for this feedback event.")
+    prediction_id: str = Field(min_length=1, max_length=128)
+    label: Label = Field(description=f"The true class: one of {list(CLASSES)}.")
+    client_id: str | None = Field(default=None, pattern=ID_PATTERN)
+
+
+class FeedbackBatch(BaseModel):
+    events: list[FeedbackEvent] = Field(min_length=1, max_length=512)
+    client_id: str | None = Field(default=None, pattern=ID_PATTERN)
+
+
+class RollbackRequest(BaseModel):
+    to_version: str | None = Field(default=None, pattern=r"^v\d{6}$")
+    reason: str = Field(default="manual rollback", max_length=200)
+
+
+class ChooseRequest(BaseModel):
+    context: list[Any] = Field(min_length=1, examples=[[1.2, -0.3, 0.1]])
+
+
+class RewardRequest(BaseModel):
+    event_id: str = Field(pattern=ID_PATTERN)
+    choice_id: str = Field(min_length=1, max_length=128)
+    reward: float = Field(description="In [0, 1], e.g. 1 = clicked.")
+    client_id: str | None = Field(default=None, pattern=ID_PATTERN)
+
+
+# ------------------------------------------------------------------------------ ingress
+# Per-replica state for the module-level FastAPI dependencies, reached only through named
+# module functions: Serve ships the ingress class by value (see the root README).
+_replica: dict[str, Any] = {"keys": [], "service": None}
+
+
+def _admin_keys() -> list[str]:
+    return _replica["keys"]
+
+
+def _health() -> dict[str, Any]:
+    service = _replica["service"]
+    return service.health() if service is not None else {}
+
+
+api = FastAPI(
+    title="Online learning",
+    description="Predictions from a model that keeps learning from feedback: a durable log, "
+    "a trainer, a promotion gate, live weights without a restart, and a contextual bandit.",
+)
+install_ingress(api, app_name="online_learning", max_body_bytes=512_000, health=_health)
+require_admin = api_key_auth(_admin_keys)
+
+
+def _client(body_client: str | None, header_client: str | None) -> str:
+    return body_client or header_client or "anonymous"
+
+
+def _context(values: list[Any], dim: int) -> list[float]:
+    if len(values) != dim:
+        raise Unprocessable(f"context has {len(values)} numbers; the bandit takes {dim}.")
+    return validate_rows([values], dim)[0].tolist()
+
+
+@serve.deployment(max_ongoing_requests=64)
+@serve.ingress(api)
+class OnlineIngress:
+    def __init__(
+        self, trainer: DeploymentHandle, bandit: DeploymentHandle, args: dict[str, Any]
+    ) -> None:
+        self.args = OnlineArgs(**args)
+        self.trainer, self.bandit = trainer, bandit
+        self.log = open_log(self.args.log_url or OnlineSettings().log_url)
+        self.store = ModelStore.open(self.args.model_store_uri)
+        self.live = LiveModel(self.store, self.log)
+        # The pointer, not the deploy-time config, says what to serve: a replica added by
+        # autoscaling an hour from now starts on the champion of that moment.
+        self.live.follow_pointer()
+        self.service = OnlineService(
+            self.log,
+            self.live,
+            self.args.limits,
+            holdout_every=self.args.trainer.gate.holdout_every,
+        )
+        _replica["keys"], _replica["service"] = load_admin_keys(), self.service
+        self._stop = threading.Event()
+        threading.Thread(target=self._poll, name="pointer-poll", daemon=True).start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.args.pointer_poll_s):
+            try:
+                self.live.follow_pointer()
+            except Exception:  # keep serving the loaded version; try again next poll
+                logger.debug("pointer poll failed", exc_info=True)
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+    # -- control plane (DeploymentHandle callers) -------------------------------------------
+    async def reload(self, version: str) -> str:
+        """The trainer's nudge (``broadcast``): load ``version`` now."""
+        return await asyncio.to_thread(self.live.switch, version)
+
+    def served_version(self) -> dict[str, Any]:
+        return {"version": self.live.version, "switches": self.live.switches}
+
+    async def _call(self, handle: DeploymentHandle, method: str, what: str, *args: Any) -> Any:
+        timeout = self.args.trainer_timeout_s
+        try:
+            return await asyncio.wait_for(getattr(handle, method).remote(*args), timeout)
+        except TimeoutError as exc:
+            raise ServiceUnavailable(
+                f"The {what} did not answer within {timeout:g}s (restarting?); retry shortly."
+            ) from exc
+        except Exception as exc:
+            why = describe_error(exc).removeprefix("error: ")
+            raise ServiceUnavailable(f"The {what} is unavailable ({why}); retry shortly.") from exc
+
+    # -- routes ------------------------------------------------------------------------------
+    @api.post("/predict", summary="Classify rows with the live champion")
+    async def predict(self, body: PredictRequest) -> dict[str, Any]:
+        if len(body.instances) > self.args.max_rows:
+            raise Unprocessable(
+                f"{len(body.instances)} rows in one request; send at most {self.args.max_rows}."
+            )
+        return await self.service.predict(body.instances, body.version)
+
+    @api.post("/feedback", status_code=202, summary="The true label for one prediction")
+    async def feedback(
+        self,
+        body: FeedbackEvent,
+        response: Response,
+        x_client_id: Annotated[str | None, Header(pattern=ID_PATTERN)] = None,
+    ) -> dict[str, Any]:
+        status, acks = await self.service.feedback([body], _client(body.client_id, x_client_id))
+        response.status_code = status
+        return acks[0]
+
+    @api.post("/feedback/batch", status_code=202, summary="True labels for many predictions")
+    async def feedback_batch(
+        self,
+        body: FeedbackBatch,
+        response: Response,
+        x_client_id: Annotated[str | None, Header(pattern=ID_PATTERN)] = None,
+    ) -> dict[str, Any]:
+        client = _client(body.client_id, x_client_id)
+        status, acks = await self.service.feedback(body.events, client)
+        response.status_code = status
+        return {"acks": acks}
+
+    @api.get("/model", summary="Champion, metrics history and consumed offsets")
+    async def model(self) -> dict[str, Any]:
+        version = self.live.version
+        manifest, _ = await asyncio.to_thread(self.store.read_manifest, MODEL_NAME, str(version))
+        meta = manifest.get("metadata", {})
+        history = await asyncio.to_thread(self.log.champion_history, 20)
+        try:
+            trainer = await self._call(self.trainer, "status", "trainer")
+        except ServiceUnavailable as exc:
+            trainer = {"status": "unavailable", "message": exc.message}
+        return {
+            "model": MODEL_NAME,
+            "version": version,
+            "baseline_version": BASELINE_VERSION,
+            "features": [f"x{i}" for i in range(N_FEATURES)],
+            "classes": list(CLASSES),
+            "consumed_offsets": {"labels": meta.get("consumed", "0")},
+            "learned_events": meta.get("learned", 0),
+            "held_out_events": meta.get("held_out", 0),
+            "gate": meta.get("gate"),
+            "metrics_history": trainer.get("history") or meta.get("history", []),
+            "pointer_history": history,
+            "trainer": {k: v for k, v in trainer.items() if k != "history"},
+        }
+
+    @api.post("/rollback", summary="Put an earlier champion back live (admin key)")
+    async def rollback(
+        self, body: RollbackRequest, key_id: str = Depends(require_admin)
+    ) -> dict[str, Any]:
+        out = await self._call(self.trainer, "rollback", "trainer", body.to_version, body.reason)
+        if "error" in out:
+            raise (NotFound if body.to_version else Conflict)(out["error"])
+        await asyncio.to_thread(self.live.switch, out["champion"])
+        return {**out, "by": key_id}
+
+    @api.post("/bandit/choose", summary="Pick an action for this context")
+    async def bandit_choose(self, body: ChooseRequest) -> dict[str, Any]:
+        dim = self.args.bandit.params.context_dim
+        row = _context(body.context, dim)
+        return await self._call(self.bandit, "choose", "bandit policy", row)
+
+    @api.post("/bandit/reward", status_code=202, summary="The reward a choice earned")
+    async def bandit_reward(
+        self,
+        body: RewardRequest,
+        response: Response,
+        x_client_id: Annotated[str | None, Header(pattern=ID_PATTERN)] = None,
+    ) -> dict[str, Any]:
+        status, ack = await self.service.reward(
+            body.event_id, body.choice_id, body.reward, _client(body.client_id, x_client_id)
+        )
+        response.status_code = status
+        return ack
+
+    @api.get("/bandit", summary="The bandit's plays, rewards and saved version")
+    async def bandit_state(self) -> dict[str, Any]:
+        return await self._call(self.bandit, "state", "bandit policy")
+
+
+# ------------------------------------------------------------------------------ builder
+def build_app(args: OnlineArgs | dict[str, Any] | None = None) -> Application:
+    args = coerce_args(args, OnlineArgs)
+    log_url = args.log_url  # None: each replica reads ONLINE_LOG_URL (secrets stay there)
+    store_uri = args.model_store_uri
+    trainer = OnlineTrainer.options(
+        ray_actor_options=resolve_actor_options(args.trainer_resources, "online/trainer")
+    ).bind(args.trainer.model_dump(), log_url, store_uri)
+    bandit = BanditPolicy.options(
+        ray_actor_options=resolve_actor_options(args.bandit.resources, "online/bandit")
+    ).bind(args.bandit.params.model_dump(), log_url, store_uri, args.bandit.save_every_s)
+    ingress = OnlineIngress.options(
+        name=INGRESS_DEPLOYMENT,
+        ray_actor_options=resolve_actor_options(args.ingress_resources, "online/ingress"),
+    )
+    return ingress.bind(trainer, bandit, args.model_dump())
+
+
+__getattr__ = default_app(lambda: build_app(OnlineArgs()))

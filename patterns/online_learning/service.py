@@ -1,0 +1,335 @@
+"""The ingress's request flow as a plain class (tested without Serve): predict with the live
+champion, record what was predicted, join feedback to it and log it durably before the ack.
+
+Failure policy, written once:
+- the trainer is never on this path: with the trainer down, predictions are served by the
+  current champion and feedback keeps being logged (the trainer catches up on restart);
+- feedback is acknowledged only after the log has it (``202``); a retry with the same event id
+  gets the original acknowledgement (``200``, ``duplicate: true``) and is not logged again; the
+  same event id with other content is a ``409``;
+- bad input is a 422 (features, labels, rewards), an unknown prediction id a 404, an expired
+  one a 410: nothing is logged for a refused request;
+- backpressure: one client beyond its rate gets ``429``, a replica with too many log writes
+  in flight or a trainer too far behind answers ``503``; both say when to retry, and memory
+  stays bounded (at most ``max_writes_in_flight`` batches wait per replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from core.errors import (
+    Conflict,
+    HTTPError,
+    NotFound,
+    ServiceUnavailable,
+    TooManyRequests,
+    Unprocessable,
+)
+from core.model_store import ModelStore
+from core.timing import Timings
+from patterns.online_learning.feedback_log import FeedbackLog
+from patterns.online_learning.learning import LABELS_STREAM
+from patterns.online_learning.model import (
+    MODEL_NAME,
+    is_holdout,
+    probability_of_one,
+    validate_rows,
+)
+from patterns.online_learning.stream import CLASSES
+
+logger = logging.getLogger("patterns.online_learning")
+REWARDS_STREAM = "rewards"
+
+
+class Gone(HTTPError):
+    """The prediction id existed but is too old to take feedback."""
+
+    status_code = 410
+
+
+class FeedbackLimits(BaseModel):
+    # How long a prediction takes feedback. Records are kept twice as long, so an expired id
+    # is told apart from one that never existed (410 vs 404).
+    prediction_ttl_s: float = Field(default=3600.0, gt=0)
+    # Per client (X-Client-ID or client_id), per ingress replica: a token bucket in events.
+    client_rate_per_s: float = Field(default=500.0, gt=0)
+    client_burst: int = Field(default=1000, ge=1)
+    max_clients_tracked: int = Field(default=10_000, ge=1)  # oldest bucket forgotten beyond
+    # Feedback batches waiting on the log in one replica; beyond this: 503 (bounded memory).
+    max_writes_in_flight: int = Field(default=32, ge=1)
+    # Events logged but not yet learned; beyond this the trainer is too far behind: 503.
+    max_backlog: int = Field(default=100_000, ge=1)
+
+
+class TokenBuckets:
+    """Per-client rate limit (replica-local, so the limit is per replica: N replicas allow a
+    client up to N times the rate; put it at the gateway for a global one)."""
+
+    def __init__(self, rate: float, burst: int, max_clients: int) -> None:
+        self.rate, self.burst, self.max_clients = rate, burst, max_clients
+        self._b: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, client: str, n: int, now: float | None = None) -> float:
+        """0 when allowed, else the seconds to wait before ``n`` events fit."""
+        now = time.monotonic() if now is None else now
+        tokens, last = self._b.pop(client, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        wait = 0.0
+        if n > self.burst:
+            wait = (n - tokens) / self.rate
+        elif tokens >= n:
+            tokens -= n
+        else:
+            wait = (n - tokens) / self.rate
+        self._b[client] = (tokens, now)
+        while len(self._b) > self.max_clients:
+            self._b.popitem(last=False)
+        return wait
+
+
+class LiveModel:
+    """The champion this replica answers with: read from the pointer at start, switched when
+    nudged (``DeploymentHandle.broadcast`` calls ``reload``) or when the poll sees the pointer
+    move. ``current`` is one tuple, swapped in one assignment, so an answer never mixes one
+    version's name with another's weights."""
+
+    def __init__(self, store: ModelStore, log: FeedbackLog) -> None:
+        self.store, self.log = store, log
+        self.current: tuple[str, Any, str] | None = None  # (version, model, trained through)
+        self.switches = 0
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, Any] = OrderedDict()  # pinned versions (frozen baseline)
+
+    @property
+    def version(self) -> str | None:
+        return self.current[0] if self.current else None
+
+    def follow_pointer(self) -> str:
+        """Blocking: serve whatever the pointer names (at start, and on every poll)."""
+        pointer = self.log.champion()
+        return self.switch(pointer["version"] if pointer else self.store.latest(MODEL_NAME))
+
+    def switch(self, version: str) -> str:
+        """Blocking: load ``version`` unless it is the one served."""
+        with self._lock:
+            if self.current is None or self.current[0] != version:
+                clf, ref = self.store.load_sklearn(MODEL_NAME, version)
+                self.current = (version, clf, str(ref.metadata.get("consumed", "0")))
+                self.switches += 1
+                logger.info("now serving %s", version)
+            return version
+
+    async def pinned(self, version: str) -> Any:
+        current = self.current
+        if current and version == current[0]:
+            return current[1]
+        if version not in self._cache:
+            try:
+                clf, _ = await asyncio.to_thread(self.store.load_sklearn, MODEL_NAME, version)
+            except Exception as exc:
+                raise NotFound(
+                    f"Model version {version!r} is not in the store (old candidates are "
+                    "pruned); GET /online/model lists the champion and recent versions."
+                ) from exc
+            self._cache[version] = clf
+            while len(self._cache) > 4:
+                self._cache.popitem(last=False)
+        return self._cache[version]
+
+
+class OnlineService:
+    def __init__(
+        self,
+        log: FeedbackLog,
+        live: LiveModel,
+        limits: FeedbackLimits,
+        *,
+        holdout_every: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.log, self.live, self.limits = log, live, limits
+        self.holdout_every = holdout_every
+        self.clock = clock
+        self.buckets = TokenBuckets(
+            limits.client_rate_per_s, limits.client_burst, limits.max_clients_tracked
+        )
+        self.writes_in_flight = 0
+        self._backlog = (0, 0.0)  # (events, when read)
+
+    # -------------------------------------------------------------------- predict
+    async def predict(self, rows: list[list[Any]], version: str | None = None) -> dict[str, Any]:
+        t = Timings()
+        x = validate_rows(rows)
+        with t.stage("model"):
+            if version is None:
+                current = self.live.current
+                if current is None:
+                    raise ServiceUnavailable("No model is loaded yet; retry shortly.")
+                served, clf, through = current
+            else:
+                clf, served, through = await self.live.pinned(version), version, None
+            p1 = probability_of_one(clf, x)
+        labels = (p1 >= 0.5).astype(int)
+        ids = [f"p-{uuid.uuid4().hex}" for _ in rows]
+        with t.stage("record"):
+            records = [
+                (pid, {"x": x[i].tolist(), "version": served, "predicted": int(labels[i])})
+                for i, pid in enumerate(ids)
+            ]
+            await asyncio.to_thread(self.log.put_records, records, 2 * self.limits.prediction_ttl_s)
+        return {
+            "model_version": served,
+            "trained_through": through,
+            "predictions": [
+                {"prediction_id": pid, "label": int(labels[i]), "p_one": round(float(p1[i]), 4)}
+                for i, pid in enumerate(ids)
+            ],
+            "timings_ms": t.as_dict(),
+        }
+
+    # -------------------------------------------------------------------- backpressure
+    def _admit(self, client: str, n: int) -> None:
+        wait = self.buckets.take(client, n)
+        if wait > 0:
+            raise TooManyRequests(
+                f"Client {client!r} sent more than {self.limits.client_rate_per_s:g} events/s "
+                f"(burst {self.limits.client_burst}); retry in {max(wait, 0.1):.1f}s.",
+                retry_after_s=wait,
+            )
+        if self.writes_in_flight >= self.limits.max_writes_in_flight:
+            raise ServiceUnavailable(
+                f"{self.writes_in_flight} feedback writes are already waiting on the log in "
+                "this replica; retry shortly."
+            )
+
+    async def _check_backlog(self, stream: str) -> None:
+        events, when = self._backlog
+        now = time.monotonic()
+        if now - when > 1.0:  # one count per second per replica, not one per request
+            events = await asyncio.to_thread(self.log.backlog, stream)
+            self._backlog = (events, now)
+        if events > self.limits.max_backlog:
+            raise ServiceUnavailable(
+                f"The trainer is {events} events behind (limit {self.limits.max_backlog}); "
+                "feedback is paused until it catches up. Retry later.",
+                retry_after_s=5.0,
+            )
+
+    async def _append(self, stream: str, items: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+        self.writes_in_flight += 1
+        try:
+            return await asyncio.to_thread(self.log.append, stream, items)
+        finally:
+            self.writes_in_flight -= 1
+
+    # -------------------------------------------------------------------- joins
+    async def _joined(self, record_id: str, what: str, index: int | None) -> dict[str, Any]:
+        where = f"Event {index}: " if index is not None else ""
+        found = await asyncio.to_thread(self.log.get_record, record_id)
+        ttl = self.limits.prediction_ttl_s
+        if found is None:
+            raise NotFound(
+                f"{where}unknown {what} {record_id!r}: it was never issued, or it expired "
+                f"more than {2 * ttl:g}s ago. Send feedback within {ttl:g}s of the answer."
+            )
+        record, created = found
+        age = self.clock() - created
+        if age > ttl:
+            raise Gone(
+                f"{where}{what} {record_id!r} is {age:.0f}s old; feedback is accepted for "
+                f"{ttl:g}s after the answer."
+            )
+        return record
+
+    # -------------------------------------------------------------------- feedback
+    async def feedback(self, events: list[Any], client: str) -> tuple[int, list[dict[str, Any]]]:
+        """Log labels for earlier predictions. Returns (HTTP status, one ack per event)."""
+        for i, ev in enumerate(events):
+            if ev.label not in CLASSES:
+                raise Unprocessable(
+                    f"Event {i}: label {ev.label!r} is out of range; labels are "
+                    f"{', '.join(map(str, CLASSES))}."
+                )
+        self._admit(client, len(events))
+        await self._check_backlog(LABELS_STREAM)
+        items = []
+        for i, ev in enumerate(events):
+            rec = await self._joined(
+                ev.prediction_id, "prediction id", i if len(events) > 1 else None
+            )
+            items.append(
+                (
+                    ev.event_id,
+                    {
+                        "event_id": ev.event_id,
+                        "prediction_id": ev.prediction_id,
+                        "x": rec["x"],
+                        "label": int(ev.label),
+                        "served_version": rec["version"],
+                        "predicted": rec["predicted"],
+                        "client": client,
+                    },
+                )
+            )
+        return self._acks(await self._append(LABELS_STREAM, items), len(events) == 1)
+
+    def _acks(self, appended: list[Any], single: bool) -> tuple[int, list[dict[str, Any]]]:
+        acks = []
+        for a in appended:
+            if a.duplicate and not a.same_payload:
+                msg = (
+                    f"Event id {a.event_id!r} was already used for different feedback "
+                    f"(logged at offset {a.offset}); use a new event id for new feedback."
+                )
+                if single:
+                    raise Conflict(msg)
+                acks.append({"event_id": a.event_id, "status": "conflict", "message": msg})
+                continue
+            acks.append(
+                {
+                    "event_id": a.event_id,
+                    "status": "duplicate" if a.duplicate else "logged",
+                    "offset": a.offset,
+                    "acked_at": round(a.acked_at, 6),
+                    "use": "holdout" if is_holdout(a.event_id, self.holdout_every) else "train",
+                    "duplicate": a.duplicate,
+                }
+            )
+        new = any(not a.duplicate for a in appended)
+        return (202 if new else 200), acks
+
+    # -------------------------------------------------------------------- bandit rewards
+    async def reward(
+        self, event_id: str, choice_id: str, reward: float, client: str
+    ) -> tuple[int, dict[str, Any]]:
+        if not (0.0 <= reward <= 1.0) or not np.isfinite(reward):
+            raise Unprocessable(f"reward {reward!r} is out of range; rewards are in [0, 1].")
+        self._admit(client, 1)
+        await self._check_backlog(REWARDS_STREAM)
+        rec = await self._joined(choice_id, "choice id", None)
+        payload = {
+            "event_id": event_id,
+            "choice_id": choice_id,
+            "x": rec["x"],
+            "action": rec["action"],
+            "reward": float(reward),
+            "client": client,
+        }
+        status, acks = self._acks(await self._append(REWARDS_STREAM, [(event_id, payload)]), True)
+        ack = acks[0]
+        ack.pop("use", None)
+        return status, ack
+
+    def health(self) -> dict[str, Any]:
+        return {"model_version": self.live.version, "writes_in_flight": self.writes_in_flight}

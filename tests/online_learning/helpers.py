@@ -1,0 +1,76 @@
+"""Drive the app the way a user's system would: predict on stream events, then send labels."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import httpx
+
+from patterns.online_learning.stream import DriftingStream
+
+
+def wait_for(check, timeout_s: float = 30.0, every_s: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+def send_with_backoff(
+    http: httpx.Client, url: str, body: dict[str, Any], client: str, attempts: int = 20
+) -> httpx.Response:
+    """POST, and on 429/503 wait as long as Retry-After says (what a polite client does)."""
+    for _ in range(attempts):
+        r = http.post(url, json=body, headers={"X-Client-ID": client})
+        if r.status_code not in (429, 503):
+            return r
+        time.sleep(min(2.0, float(r.headers.get("Retry-After", "1"))))
+    return r
+
+
+def play(
+    url: str,
+    stream: DriftingStream,
+    start: int,
+    n: int,
+    *,
+    batch: int = 32,
+    client: str = "stream",
+    flip: bool = False,
+    tag: str | None = None,
+) -> dict[str, Any]:
+    """Predict events start..start+n-1 in batches, then label them (flipped if ``flip``).
+    Returns the prequential accuracy of the answers and the versions that served them."""
+    tag = tag or uuid.uuid4().hex[:8]
+    correct = total = 0
+    versions: list[str] = []
+    acks: list[dict[str, Any]] = []
+    with httpx.Client(timeout=30) as http:
+        for s in range(start, start + n, batch):
+            rows, labels = [], []
+            for i in range(s, min(s + batch, start + n)):
+                x, y, _ = stream.event(i)
+                rows.append(x)
+                labels.append(1 - y if flip else y)
+            r = http.post(f"{url}/predict", json={"instances": rows})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            versions.append(body["model_version"])
+            events = []
+            for i, (p, y) in enumerate(zip(body["predictions"], labels, strict=True)):
+                true = 1 - y if flip else y
+                correct += int(p["label"] == true)
+                total += 1
+                events.append(
+                    {"event_id": f"{tag}-{s + i}", "prediction_id": p["prediction_id"], "label": y}
+                )
+            r = send_with_backoff(http, f"{url}/feedback/batch", {"events": events}, client)
+            assert r.status_code == 202, r.text
+            acks += r.json()["acks"]
+    return {"accuracy": correct / max(1, total), "versions": versions, "acks": acks}
