@@ -175,7 +175,6 @@ def test_a_copied_pattern_runs_with_serve_run(name: str, tmp_path: Path) -> None
         "PYTHONPATH": str(dest),
         "COOKBOOK_MODEL_STORE_URI": (ROOT / "artifacts" / "models").as_uri(),
         "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_SERVE_HTTP_PORT": str(port),
     }
     built = subprocess.run(
         [sys.executable, "-m", f"patterns.{name}.artifacts"],
@@ -186,10 +185,23 @@ def test_a_copied_pattern_runs_with_serve_run(name: str, tmp_path: Path) -> None
         timeout=600,
     )
     assert built.returncode == 0, (built.stdout + built.stderr)[-3000:]
+    # `serve run patterns.<name>.app:app` always listens on :8000; the same import path in a
+    # one-app config chooses a free port, so the test never collides with a running cluster.
+    run_config = {
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [
+            {
+                "name": name,
+                "route_prefix": _config_app(name)["route_prefix"],
+                "import_path": f"patterns.{name}.app:app",
+            }
+        ],
+    }
+    (dest / "run.yaml").write_text(yaml.safe_dump(run_config))
     serve_bin = Path(sys.executable).parent / "serve"
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(
-        [str(serve_bin), "run", f"patterns.{name}.app:app", "--app-dir", str(dest)],
+        [str(serve_bin), "run", "run.yaml"],
         cwd=dest,
         env=env,
         stdout=log,
