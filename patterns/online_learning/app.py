@@ -20,6 +20,7 @@ Run: ``make setup`` then ``serve run patterns.online_learning.app:app``. Knobs: 
 # annotations (with string annotations `self` becomes a required query parameter).
 import asyncio
 import logging
+import os
 import threading
 from typing import Annotated, Any
 
@@ -69,6 +70,8 @@ class OnlineArgs(BaseModel):
     # Safety net under the broadcast nudge: each replica re-reads the pointer this often.
     pointer_poll_s: float = Field(default=1.0, gt=0, le=60)
     trainer_timeout_s: float = Field(default=5.0, gt=0)  # GET /model, POST /rollback
+    # None: Serve's default or the config's autoscaling_config (config.yaml scales it 1..4).
+    ingress_replicas: int | None = Field(default=None, ge=1)
     ingress_resources: StageResources = StageResources(num_cpus=0.05)
     trainer_resources: StageResources = StageResources(num_cpus=0.1)
 
@@ -124,6 +127,10 @@ class RewardRequest(BaseModel):
 _replica: dict[str, Any] = {"keys": [], "service": None}
 
 
+def _register_replica(keys: list[str], service: OnlineService) -> None:
+    _replica["keys"], _replica["service"] = keys, service
+
+
 def _admin_keys() -> list[str]:
     return _replica["keys"]
 
@@ -172,7 +179,7 @@ class OnlineIngress:
             self.args.limits,
             holdout_every=self.args.trainer.gate.holdout_every,
         )
-        _replica["keys"], _replica["service"] = load_admin_keys(), self.service
+        _register_replica(load_admin_keys(), self.service)  # placeholders refused in production
         self._stop = threading.Event()
         threading.Thread(target=self._poll, name="pointer-poll", daemon=True).start()
 
@@ -192,7 +199,7 @@ class OnlineIngress:
         return await asyncio.to_thread(self.live.switch, version)
 
     def served_version(self) -> dict[str, Any]:
-        return {"version": self.live.version, "switches": self.live.switches}
+        return {"version": self.live.version, "switches": self.live.switches, "pid": os.getpid()}
 
     async def _call(self, handle: DeploymentHandle, method: str, what: str, *args: Any) -> Any:
         timeout = self.args.trainer_timeout_s
@@ -312,6 +319,8 @@ def build_app(args: OnlineArgs | dict[str, Any] | None = None) -> Application:
         name=INGRESS_DEPLOYMENT,
         ray_actor_options=resolve_actor_options(args.ingress_resources, "online/ingress"),
     )
+    if args.ingress_replicas is not None:
+        ingress = ingress.options(num_replicas=args.ingress_replicas)
     return ingress.bind(trainer, bandit, args.model_dump())
 
 

@@ -131,6 +131,7 @@ class BanditPolicy:
         self.poll_s, self.keep_versions = poll_s, keep_versions
         self.lock = threading.Lock()
         self.bandit, self.version, self.consumed = self._restore()
+        self.saved_through = self.consumed
         self.dirty_since: float | None = None
         self.rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))
         self._stop = threading.Event()
@@ -189,7 +190,7 @@ class BanditPolicy:
         self.store.save_files(
             BANDIT_NAME, version, {"bandit.safetensors": data}, "safetensors", meta
         )
-        self.version, self.dirty_since = version, None
+        self.version, self.dirty_since, self.saved_through = version, None, self.consumed
         self.log.commit(REWARDS_STREAM, self.consumed)
         if n % 10 == 0:
             versions = self.store.versions(BANDIT_NAME)
@@ -222,10 +223,12 @@ class BanditPolicy:
         }
 
     def state(self) -> dict[str, Any]:
+        """Plays and rewards per action, the saved version and the offset it covers."""
         with self.lock:
             return {
                 "version": self.version,
                 "consumed": self.consumed,
+                "saved_through": self.saved_through,
                 "actions": self.bandit.summary(),
                 "updates": int(self.bandit.counts.sum()),
                 "pid": os.getpid(),

@@ -62,8 +62,10 @@ class GatePolicy(BaseModel):
     holdout_every: int = Field(default=5, ge=2, le=100)  # 1 event in k goes to the window
     window: int = Field(default=100, ge=10, le=10_000)  # newest held-out events compared
     min_window: int = Field(default=30, ge=1)  # fewer than this: no promotion yet
-    # No client may fill more than this share of the window: a flood from one client cannot
-    # decide the comparison (keep it under 0.5).
+    # No client may fill more than this share of the window, so a flood from one client
+    # cannot decide the comparison. It protects when honest labels come from several clients
+    # (users, shops, labelling jobs: send a distinct X-Client-ID for each); against a single
+    # honest source, a flood is one voice against one (see README).
     max_client_share: float = Field(default=0.25, gt=0, le=1)
     # The candidate may trail the champion by this much and still go live (it is fresher);
     # 1.0 switches the gate off (the rollback test does that on purpose).
@@ -252,27 +254,23 @@ class Trainer:
 
     # -------------------------------------------------------------------- gate
     def _gate_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """The newest held-out events, at most ``max_client_share`` of them from any one
-        client; a client's older surplus only fills seats nobody else can (a lone client
-        still gets a full window, a flooder never outweighs the others)."""
+        """The newest held-out events, at most ``max_client_share`` of the window from any one
+        client (the window is smaller rather than dominated). A lone client is not capped:
+        there is nobody else to protect."""
         gate = self.args.gate
-        cap = max(1, int(gate.max_client_share * gate.window))
-        per_client: Counter[str] = Counter()
-        chosen: list[int] = []
-        surplus: list[int] = []
         events = list(self.window)
-        for i in range(len(events) - 1, -1, -1):
-            client = events[i][0]
-            if per_client[client] < cap:
-                per_client[client] += 1
-                chosen.append(i)
-                if len(chosen) >= gate.window:
-                    break
-            else:
-                surplus.append(i)
-        chosen += surplus[: gate.window - len(chosen)]
-        xs = [events[i][1] for i in chosen]
-        ys = [events[i][2] for i in chosen]
+        lone = len({client for client, _, _ in events}) <= 1
+        cap = gate.window if lone else max(1, int(gate.max_client_share * gate.window))
+        per_client: Counter[str] = Counter()
+        xs, ys = [], []
+        for client, x, y in reversed(events):
+            if per_client[client] >= cap:
+                continue
+            per_client[client] += 1
+            xs.append(x)
+            ys.append(y)
+            if len(xs) >= gate.window:
+                break
         return np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.int64)
 
     def _gate(self) -> tuple[str, dict[str, Any]]:

@@ -1,0 +1,182 @@
+"""The ingress's request flow without Serve: bad input, joins, idempotency, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import shutil
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from core.errors import (
+    Conflict,
+    NotFound,
+    ServiceUnavailable,
+    TooManyRequests,
+    Unprocessable,
+)
+from core.model_store import ModelStore
+from patterns.online_learning.artifacts import ensure_artifacts
+from patterns.online_learning.feedback_log import SqliteLog
+from patterns.online_learning.learning import LABELS_STREAM
+from patterns.online_learning.service import (
+    FeedbackLimits,
+    Gone,
+    LiveModel,
+    OnlineService,
+    TokenBuckets,
+)
+from patterns.online_learning.stream import DriftingStream
+
+ROW = [0.5, -1.2, 0.3, 0.0, 1.1]
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    d = tmp_path_factory.mktemp("svc-baseline")
+    ensure_artifacts(ModelStore((d / "models").as_uri()))
+    return d / "models"
+
+
+@pytest.fixture
+def make_service(tmp_path, baseline):
+    shutil.copytree(baseline, tmp_path / "models")
+    store = ModelStore((tmp_path / "models").as_uri())
+    log = SqliteLog(tmp_path / "log.db")
+    now = [time.time()]  # the log stamps records with the real clock; tests move this one
+
+    def make(**limits) -> OnlineService:
+        live = LiveModel(store, log)
+        live.follow_pointer()
+        return OnlineService(
+            log, live, FeedbackLimits(**limits), holdout_every=5, clock=lambda: now[0]
+        )
+
+    make.log, make.now = log, now
+    yield make
+    log.close()
+
+
+def fb(event_id: str, prediction_id: str, label=1):
+    return SimpleNamespace(event_id=event_id, prediction_id=prediction_id, label=label)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_predict_names_the_version_and_records_each_row(make_service) -> None:
+    svc = make_service()
+    x, _, _ = DriftingStream().event(0)
+    out = run(svc.predict([x, ROW]))
+    assert out["model_version"] == "v000001" and out["trained_through"] == "0"
+    assert len({p["prediction_id"] for p in out["predictions"]}) == 2
+    assert set(out["timings_ms"]) >= {"model", "record", "total"}
+    record, _ = make_service.log.get_record(out["predictions"][0]["prediction_id"])
+    assert record == {"x": x, "version": "v000001", "predicted": out["predictions"][0]["label"]}
+
+
+@pytest.mark.parametrize(
+    ("rows", "needle"),
+    [
+        ([[1.0, 2.0]], "has 2 features; this model takes exactly 5"),
+        ([[*ROW[:4], math.nan]], "finite number"),
+        ([[*ROW[:4], math.inf]], "finite number"),
+        ([[*ROW[:4], "7"]], "finite number"),
+        ([[*ROW[:4], True]], "finite number"),
+        ([[*ROW[:4], 1e300]], "beyond +/-1e6"),
+    ],
+)
+def test_bad_rows_are_a_422_with_a_sentence(make_service, rows, needle) -> None:
+    with pytest.raises(Unprocessable, match=None) as exc:
+        run(make_service().predict(rows))
+    assert needle in exc.value.message
+
+
+def test_feedback_is_logged_once_and_retries_get_the_original_ack(make_service) -> None:
+    svc = make_service()
+    pid = run(svc.predict([ROW]))["predictions"][0]["prediction_id"]
+    status, (ack,) = run(svc.feedback([fb("ev-1", pid)], "shop-1"))
+    assert status == 202 and ack["status"] == "logged" and not ack["duplicate"]
+    assert ack["use"] in ("train", "holdout")
+    status, (again,) = run(svc.feedback([fb("ev-1", pid)], "shop-1"))
+    assert status == 200 and again["duplicate"]
+    assert (again["offset"], again["acked_at"]) == (ack["offset"], ack["acked_at"])
+    with pytest.raises(Conflict, match="already used for different feedback"):
+        run(svc.feedback([fb("ev-1", pid, label=0)], "shop-1"))
+    entries = make_service.log.read(LABELS_STREAM, "0", 10)
+    assert len(entries) == 1
+    assert entries[0].payload["served_version"] == "v000001"
+    assert entries[0].payload["x"] == ROW and entries[0].payload["client"] == "shop-1"
+
+
+def test_unknown_expired_and_out_of_range_feedback_is_refused_and_not_logged(
+    make_service,
+) -> None:
+    svc = make_service(prediction_ttl_s=60)
+    pid = run(svc.predict([ROW]))["predictions"][0]["prediction_id"]
+    with pytest.raises(NotFound, match="unknown prediction id"):
+        run(svc.feedback([fb("ev-1", "p-nope")], "c"))
+    with pytest.raises(Unprocessable, match="label 2 is out of range"):
+        run(svc.feedback([fb("ev-2", pid, label=2)], "c"))
+    make_service.now[0] += 61
+    with pytest.raises(Gone, match="feedback is accepted for 60s"):
+        run(svc.feedback([fb("ev-3", pid)], "c"))
+    # One bad event refuses the whole batch: nothing of it is logged.
+    make_service.now[0] -= 61
+    pid2 = run(svc.predict([ROW]))["predictions"][0]["prediction_id"]
+    with pytest.raises(NotFound, match="Event 1: unknown"):
+        run(svc.feedback([fb("ev-4", pid2), fb("ev-5", "p-nope")], "c"))
+    assert make_service.log.read(LABELS_STREAM, "0", 10) == []
+
+
+def test_a_flooding_client_gets_429_and_others_are_served(make_service) -> None:
+    svc = make_service(client_rate_per_s=10, client_burst=20)
+    pids = [p["prediction_id"] for p in run(svc.predict([ROW] * 30))["predictions"]]
+    run(svc.feedback([fb(f"a{i}", pids[i]) for i in range(20)], "flood"))
+    with pytest.raises(TooManyRequests) as exc:
+        run(svc.feedback([fb("a20", pids[20])], "flood"))
+    assert exc.value.retry_after_s > 0 and "retry in" in exc.value.message
+    status, _ = run(svc.feedback([fb("b0", pids[21])], "someone-else"))
+    assert status == 202
+
+
+def test_a_trainer_far_behind_or_writes_piling_up_is_a_503(make_service) -> None:
+    svc = make_service(max_backlog=3, max_writes_in_flight=1)
+    pids = [p["prediction_id"] for p in run(svc.predict([ROW] * 6))["predictions"]]
+    run(svc.feedback([fb(f"e{i}", pids[i]) for i in range(4)], "c"))
+    svc._backlog = (0, 0.0)  # forget the cached count (it is re-read once a second)
+    with pytest.raises(ServiceUnavailable, match="events behind") as exc:
+        run(svc.feedback([fb("e4", pids[4])], "c"))
+    assert exc.value.retry_after_s >= 1
+    make_service.log.commit(LABELS_STREAM, "4")  # the trainer caught up
+    svc._backlog = (0, 0.0)
+    svc.writes_in_flight = 1  # another batch is still waiting on the log
+    with pytest.raises(ServiceUnavailable, match="writes are already waiting"):
+        run(svc.feedback([fb("e5", pids[5])], "c"))
+
+
+def test_token_bucket_refills_at_its_rate() -> None:
+    buckets = TokenBuckets(rate=10, burst=5, max_clients=2)
+    assert buckets.take("a", 5, now=0.0) == 0
+    assert buckets.take("a", 1, now=0.0) == pytest.approx(0.1)
+    assert buckets.take("a", 1, now=0.2) == 0
+    assert buckets.take("a", 6, now=10.0) > 0  # more than the burst never fits at once
+    for c in "bcd":
+        buckets.take(c, 1, now=0.0)
+    assert len(buckets._b) == 2  # bounded: the oldest clients are forgotten
+
+
+def test_rewards_need_a_known_choice_and_a_value_in_range(make_service) -> None:
+    svc = make_service()
+    make_service.log.put_records([("c-1", {"x": [0.1, 0.2, 0.3], "action": "bundle"})], 60)
+    with pytest.raises(Unprocessable, match="rewards are in"):
+        run(svc.reward("r1", "c-1", 1.5, "c"))
+    with pytest.raises(NotFound, match="unknown choice id"):
+        run(svc.reward("r1", "c-nope", 1.0, "c"))
+    status, ack = run(svc.reward("r1", "c-1", 1.0, "c"))
+    assert status == 202 and ack["status"] == "logged"
+    status, ack = run(svc.reward("r1", "c-1", 1.0, "c"))
+    assert status == 200 and ack["duplicate"]
