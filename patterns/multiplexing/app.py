@@ -18,9 +18,12 @@ Run: ``serve run patterns.multiplexing.app:app`` (after ``make setup``). Knobs: 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI views need real
 # annotations (with string annotations `self` becomes a required query parameter).
 import asyncio
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
@@ -30,12 +33,17 @@ from core.apps import coerce_args, default_app
 from core.errors import HTTPError, NotFound, ServiceUnavailable, Unprocessable
 from core.ingress import install_ingress
 from core.model_store import ModelStore
-from core.resources import StageResources, resolve_actor_options
+from core.resources import StageResources, resolve_actor_options, wants_gpu
 from core.timing import Timings
 from patterns.multiplexing.catalog import ModelIndex
-from patterns.multiplexing.deployments import ForecastArgs, ForecastModels
+from patterns.multiplexing.chat import ChatRequest, chunk, completion_id, sse, usage
+from patterns.multiplexing.deployments import ChatArgs, ChatModel, ForecastArgs, ForecastModels
 from patterns.multiplexing.forecast_service import ForecastRequest
 from patterns.multiplexing.ids import check_model_id
+from patterns.multiplexing.tenants import BASE_TENANT
+
+# `model` may name the base model itself; the tenant then comes from the header (or is base).
+BASE_MODEL_ALIAS = "smollm2-135m-instruct"
 
 MODEL_ID_HEADER = "serve_multiplexed_model_id"  # Serve's own header name
 _STATUS = {404: NotFound, 422: Unprocessable, 503: ServiceUnavailable}
@@ -44,6 +52,7 @@ _STATUS = {404: NotFound, 422: Unprocessable, 503: ServiceUnavailable}
 class MultiplexArgs(BaseModel):
     model_store_uri: str | None = None  # default: COOKBOOK_MODEL_STORE_URI
     forecast: ForecastArgs = ForecastArgs()
+    chat: ChatArgs = ChatArgs()
     max_body_bytes: int = Field(default=65_536, ge=1024)
     ingress_resources: StageResources = StageResources(num_cpus=0.1)
 
@@ -58,8 +67,9 @@ def raise_refusal(answer: dict[str, Any]) -> dict[str, Any]:
 
 api = FastAPI(
     title="Multiplexing",
-    description="A thousand stores' demand forecasters behind two replicas: the model id "
-    "comes from the path or the serve_multiplexed_model_id header.",
+    description="A thousand stores' demand forecasters behind two replicas (the model id "
+    "comes from the path or the serve_multiplexed_model_id header), and an OpenAI-style chat "
+    "with a LoRA adapter per tenant on one shared base model.",
 )
 install_ingress(api, app_name="multiplexing", max_body_bytes=65_536)
 
@@ -69,13 +79,20 @@ install_ingress(api, app_name="multiplexing", max_body_bytes=65_536)
 class MultiplexIngress:
     """I/O-bound: checks ids against the index and forwards to the model replicas."""
 
-    def __init__(self, forecasters: DeploymentHandle, args: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        forecasters: DeploymentHandle,
+        chat: DeploymentHandle | None,
+        args: dict[str, Any],
+    ) -> None:
         self.args = MultiplexArgs(**args)
         store = ModelStore.open(self.args.model_store_uri)
-        f = self.args.forecast
+        f, c = self.args.forecast, self.args.chat
         self.index = ModelIndex.load(store, f.index_name, f.index_version)
         self.spreader = f.spreader()
         self.forecasters = forecasters
+        self.chat = chat
+        self.tenants = ModelIndex.load(store, c.index_name, c.index_version) if chat else None
 
     async def _call(self, response: Any, timeout_s: float, what: str) -> Any:
         try:
@@ -152,14 +169,146 @@ class MultiplexIngress:
             self.args.forecast.request_timeout_s,
             "forecaster replicas",
         )
-        return {
+        info: dict[str, Any] = {
             "forecasters": {
                 **self.index.public(),
                 "cache": self.args.forecast.cache.model_dump(),
                 "hot_model_ids": sorted(self.spreader.hot),
                 "hot_slots": self.spreader.slots,
                 "replicas": sorted(replicas, key=lambda r: r["replica"]),
-            }
+            },
+            "chat": {"enabled": self.chat is not None},
+        }
+        if self.chat is not None and self.tenants is not None:
+            chat_replicas = await self._call(
+                self.chat.broadcast("stats").results_async(),
+                self.args.forecast.request_timeout_s,
+                "chat replicas",
+            )
+            info["chat"].update(
+                {
+                    **self.tenants.public(),
+                    "limits": self.args.chat.limits.model_dump(),
+                    "replicas": sorted(chat_replicas, key=lambda r: r["replica"]),
+                }
+            )
+        return info
+
+    # ------------------------------------------------------------------ chat
+    def _tenant(self, model: str, header: str | None) -> str:
+        """The tenant: the header if sent (then ``model`` must agree or name the base model),
+        else the ``model`` field. 422 if malformed, 404 if not in the adapter index."""
+        if header is not None:
+            if model not in (header, BASE_MODEL_ALIAS):
+                raise Unprocessable(
+                    f"The {MODEL_ID_HEADER} header names tenant {header[:64]!r} but the body's "
+                    f"model is {model[:64]!r}; send one, or the same id in both."
+                )
+            tenant = header
+        else:
+            tenant = BASE_TENANT if model == BASE_MODEL_ALIAS else model
+        check_model_id(tenant, "tenant id")
+        if tenant != BASE_TENANT and self.tenants is not None:
+            self.tenants.lookup(tenant)
+        return tenant
+
+    @api.post(
+        "/v1/chat/completions",
+        summary="OpenAI chat completions; the tenant is `model` or the header",
+        response_model=None,
+    )
+    async def chat_completions(self, body: ChatRequest, request: Request) -> Any:
+        if self.chat is None:
+            raise NotFound("Chat is not enabled in this deployment (chat.enabled: false).")
+        tenant = self._tenant(body.model, request.headers.get(MODEL_ID_HEADER))
+        body.wanted_tokens(self.args.chat.limits)  # 422 before any replica is involved
+        handle = self.chat.options(stream=True, multiplexed_model_id=tenant)
+        gen = handle.stream.remote(body.model_dump(mode="json", exclude_none=True))
+        try:
+            first = await asyncio.wait_for(gen.__anext__(), self.args.chat.first_token_timeout_s)
+        except TimeoutError as exc:
+            gen.cancel()
+            raise ServiceUnavailable("The chat model is busy; retry shortly.") from exc
+        except StopAsyncIteration as exc:  # pragma: no cover - the engine always says why
+            raise ServiceUnavailable("The chat model ended the answer early.") from exc
+        if first["type"] == "error":
+            raise_refusal({"error": first})
+        cid, created = completion_id(), int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                self._sse(gen, first, cid, created, tenant, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        text, end = [], {}
+        try:
+            async for item in gen:
+                if item["type"] == "delta":
+                    text.append(item["content"])
+                elif item["type"] == "end":
+                    end = item
+                elif item["type"] == "error":
+                    raise_refusal({"error": item})
+        finally:
+            gen.cancel()  # a client gone mid-answer: stop the generation (no-op when done)
+        return {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": tenant,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(text)},
+                    "finish_reason": end.get("finish_reason", "stop"),
+                }
+            ],
+            "usage": usage(first["prompt_tokens"], end.get("completion_tokens", 0)),
+            "adapter": first["adapter"],
+            "performance": {
+                "time_to_first_token_ms": end.get("time_to_first_token_ms"),
+                "tokens_per_s": end.get("tokens_per_s"),
+            },
+            "timings_ms": end.get("timings_ms", {}),
+        }
+
+    async def _sse(
+        self,
+        gen: Any,
+        first: dict[str, Any],
+        cid: str,
+        created: int,
+        tenant: str,
+        include_usage: bool,
+    ) -> AsyncIterator[bytes]:
+        """Server-sent events in OpenAI's chunk shape, ending with ``data: [DONE]``."""
+        try:
+            yield sse(chunk(cid, created, tenant, {"role": "assistant", "content": ""}, None))
+            async for item in gen:
+                if item["type"] == "delta":
+                    yield sse(chunk(cid, created, tenant, {"content": item["content"]}, None))
+                elif item["type"] == "end":
+                    last = chunk(cid, created, tenant, {}, item["finish_reason"])
+                    last["timings_ms"] = item["timings_ms"]
+                    yield sse(last)
+                    if include_usage:
+                        tail = chunk(cid, created, tenant, {}, None)
+                        tail["choices"] = []
+                        tail["usage"] = usage(first["prompt_tokens"], item["completion_tokens"])
+                        yield sse(tail)
+                elif item["type"] == "error":
+                    yield sse({"error": {"status": item["status"], "message": item["message"]}})
+            yield sse("[DONE]")
+        finally:
+            gen.cancel()  # the client went away: Serve cancels us, we cancel the generation
+
+    @api.get("/v1/models", summary="The chat tenants, in OpenAI's list shape")
+    async def chat_models(self) -> dict[str, Any]:
+        tenants = [BASE_TENANT, *(self.tenants.ids() if self.tenants else [])]
+        return {
+            "object": "list",
+            "data": [{"id": t, "object": "model", "owned_by": "multiplexing"} for t in tenants],
         }
 
 
@@ -168,10 +317,16 @@ def build_app(args: MultiplexArgs | dict[str, Any] | None = None) -> Application
     forecasters = ForecastModels.options(
         ray_actor_options=resolve_actor_options(args.forecast.resources, "multiplexing/forecast")
     ).bind(args.forecast.model_dump(), args.model_store_uri)
+    chat = None
+    if args.chat.enabled:
+        options = resolve_actor_options(args.chat.resources, "multiplexing/chat")
+        chat = ChatModel.options(ray_actor_options=options).bind(
+            args.chat.model_dump(), args.model_store_uri, wants_gpu(options)
+        )
     ingress = MultiplexIngress.options(
         ray_actor_options=resolve_actor_options(args.ingress_resources, "multiplexing/ingress")
     )
-    return ingress.bind(forecasters, args.model_dump())
+    return ingress.bind(forecasters, chat, args.model_dump())
 
 
 __getattr__ = default_app(lambda: build_app(MultiplexArgs()))

@@ -25,6 +25,10 @@ from patterns.multiplexing.forecasting import TRAIN_DAYS, calendar_features, tra
 FORECAST_INDEX = "forecast-index"
 FORECAST_VERSION = "v1"
 N_STORES = 1000
+CHAT_INDEX = "chat-adapter-index"
+CHAT_VERSION = "v1"
+ADAPTER_STEPS = 8  # enough for the style to show on unseen questions; ~10-30 s each on a CPU
+ADAPTER_LR = 3e-3
 
 
 def _log(msg: str) -> None:
@@ -90,15 +94,82 @@ def ensure_forecasters(store: ModelStore, *, force: bool = False) -> None:
     )
 
 
-def ensure_artifacts(store: ModelStore | None = None, *, force: bool = False) -> None:
+def adapter_name(tenant: str) -> str:
+    return f"chat-adapter-{tenant}"
+
+
+def build_adapters(store: ModelStore, version: str = CHAT_VERSION) -> dict[str, IndexEntry]:
+    """Train one LoRA adapter per tenant on the shared base model; write them and the index."""
+    from patterns.multiplexing.llm import BASE_MODEL_NAME, adapter_files, load_base, train_adapter
+    from patterns.multiplexing.tenants import TENANT_STYLES, tenant_examples
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_base("cpu")
+    _log(f"  base model {BASE_MODEL_NAME} loaded in {time.perf_counter() - t0:.1f}s")
+    entries: dict[str, IndexEntry] = {}
+    for i, tenant in enumerate(TENANT_STYLES):
+        state, meta = train_adapter(
+            model, tokenizer, tenant_examples(tenant), steps=ADAPTER_STEPS, lr=ADAPTER_LR, seed=i
+        )
+        meta["base_model"] = BASE_MODEL_NAME
+        ref = store.save_files(
+            adapter_name(tenant),
+            version,
+            adapter_files(state, meta),
+            "safetensors",
+            {"kind": "lora-adapter", "tenant": tenant, **meta},
+            overwrite=True,
+        )
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        entries[tenant] = IndexEntry(
+            name=ref.name,
+            version=ref.version,
+            manifest_sha256=ref.sha256,
+            nbytes=nbytes,
+            info={"base_model": BASE_MODEL_NAME, "rank": meta["rank"], "steps": meta["steps"]},
+        )
+        _log(
+            f"  adapter for {tenant}: {meta['steps']} steps in {meta['train_s']}s, loss "
+            f"{meta['losses'][0]} -> {meta['losses'][-1]}"
+        )
+    store.save_files(
+        CHAT_INDEX,
+        version,
+        ModelIndex.to_files("chat adapter", entries),
+        "json",
+        {"count": len(entries)},
+        overwrite=True,
+    )
+    return entries
+
+
+def ensure_adapters(store: ModelStore, *, force: bool = False) -> None:
+    if store.exists(CHAT_INDEX, CHAT_VERSION) and not force:
+        _log(f"{CHAT_INDEX}/{CHAT_VERSION} present")
+        return
+    t0 = time.perf_counter()
+    _log("training per-tenant LoRA adapters for the chat (CPU, about a minute)")
+    entries = build_adapters(store)
+    _log(f"{len(entries)} adapters and {CHAT_INDEX}/{CHAT_VERSION} written in "
+         f"{time.perf_counter() - t0:.1f}s")  # fmt: skip
+
+
+def ensure_artifacts(
+    store: ModelStore | None = None, *, force: bool = False, only: str | None = None
+) -> None:
     store = store or ModelStore.open()
-    ensure_forecasters(store, force=force)
+    if only in (None, "forecasters"):
+        ensure_forecasters(store, force=force)
+    if only in (None, "chat"):
+        ensure_adapters(store, force=force)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Build the multiplexing pattern's artifacts.")
     parser.add_argument("--force", action="store_true")
-    ensure_artifacts(force=parser.parse_args().force)
+    parser.add_argument("--only", choices=["forecasters", "chat"])
+    args = parser.parse_args()
+    ensure_artifacts(force=args.force, only=args.only)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ plus the extra slots of hot ids, so the two LRU lists see the same accesses and 
 """
 
 # No `from __future__ import annotations`: Serve inspects these classes' signatures.
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
@@ -22,6 +23,7 @@ from core.metrics import ModelMetrics
 from core.model_store import ModelStore
 from core.resources import StageResources
 from patterns.multiplexing.catalog import ModelIndex
+from patterns.multiplexing.chat import ChatEngine, ChatLimits
 from patterns.multiplexing.forecast_service import ForecastService
 from patterns.multiplexing.ids import HotIdSpreader, check_model_id
 
@@ -126,3 +128,69 @@ class ForecastModels(BatchedDeployment):
         if loads_of:
             out["loads_of"] = {m: self.service.cache.stats.loads_by_id[m] for m in loads_of}
         return out
+
+
+# ------------------------------------------------------------------------------ chat
+class ChatArgs(BaseModel):
+    enabled: bool = True  # false: no chat replicas (the forecasters alone, e.g. on tiny boxes)
+    index_name: str = "chat-adapter-index"
+    index_version: str = "latest"
+    limits: ChatLimits = ChatLimits()
+    max_adapters: int = Field(default=8, ge=1, le=1024)  # adapters one replica keeps loaded
+    max_adapter_bytes: int = Field(default=64 * MiB, gt=0)
+    # Loaded before the replica takes traffic (ray#61649).
+    prewarm_tenants: list[str] = Field(default=["pirate-co", "northwind"])
+    repetition_penalty: float = Field(default=1.2, ge=1.0, le=2.0)  # small models loop without
+    torch_threads: int | None = Field(default=2, ge=1, le=256)  # CPU threads per replica
+    first_token_timeout_s: float = Field(default=60.0, gt=0)  # queue + adapter + prefill
+    # A quarter of a GPU per replica where the cluster has one; CPU otherwise.
+    resources: StageResources = StageResources(
+        num_cpus=0.2, num_gpus=0.25, cpu_fallback_num_cpus=0.2
+    )
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=8)
+class ChatModel:
+    """The base LLM once per replica, tenants' LoRA adapters multiplexed on it."""
+
+    async def __init__(
+        self, args: dict[str, Any], model_store_uri: str | None, on_gpu: bool
+    ) -> None:
+        import asyncio
+
+        from core.resources import torch_device
+
+        self.args = ChatArgs(**args)
+        store = ModelStore.open(model_store_uri)
+        index = ModelIndex.load(store, self.args.index_name, self.args.index_version)
+        a = self.args
+        self.engine = await asyncio.to_thread(
+            ChatEngine,
+            store,
+            index,
+            a.limits,
+            device=torch_device(on_gpu),
+            torch_threads=a.torch_threads,
+            max_adapters=a.max_adapters,
+            max_adapter_bytes=a.max_adapter_bytes,
+            repetition_penalty=a.repetition_penalty,
+        )
+        self._claim = routing_claim(a.max_adapters)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.prewarmed: dict[str, str] = {}
+        for tenant in a.prewarm_tenants:
+            try:
+                await self.engine.adapter_for(tenant)
+                await self._claim(tenant)
+                self.prewarmed[tenant] = "ok"
+            except HTTPError as exc:
+                self.prewarmed[tenant] = exc.message
+
+    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """start | error, then delta..., then end; the tenant is the multiplexed model id."""
+        tenant = serve.get_multiplexed_model_id()
+        async for item in self.engine.stream(tenant, payload, self._claim):
+            yield item
+
+    async def stats(self) -> dict[str, Any]:
+        return {"replica": self.replica, "prewarmed": self.prewarmed, **self.engine.stats()}

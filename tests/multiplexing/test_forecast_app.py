@@ -28,6 +28,7 @@ def url(deploy, forecast_store) -> str:
     args = MultiplexArgs(
         model_store_uri=forecast_store.root_uri,
         forecast={"hot_model_ids": ["store-0001"], "hot_slots": 2, "cache": {"max_models": 64}},
+        chat={"enabled": False},
     )
     return deploy(build_app(args), "multiplexing-test", PREFIX)
 

@@ -1,0 +1,400 @@
+"""OpenAI-style chat on one shared base model with a LoRA adapter per tenant (plain classes).
+
+``ChatEngine`` lives in a chat replica. It holds the base model once and the adapters of the
+tenants it has served recently (``ModelCache``: one load per tenant, LRU by count and bytes),
+and generates one answer at a time per replica: the adapter is switched per request, and two
+generations on one set of weights would each see the other's adapter. Tokens are streamed from
+the generating thread through ``TextIteratorStreamer``; when the consumer goes away (the
+client disconnected and Serve cancelled the request), a ``StoppingCriteria`` sees the cancel
+flag at the next token and the generation stops, so an abandoned stream never holds the model.
+
+Limits (``ChatLimits``): prompt tokens, max_tokens, messages and characters; beyond them the
+answer is a 4xx with a sentence, decided before any generation starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from core.errors import (
+    BadRequest,
+    HTTPError,
+    IntegrityError,
+    ModelNotFound,
+    ServiceUnavailable,
+    Unprocessable,
+    UnsafeFormatError,
+)
+from core.model_store import ModelRef, ModelStore
+from core.timing import Timings
+from patterns.multiplexing.cache import ModelCache
+from patterns.multiplexing.catalog import ModelIndex
+from patterns.multiplexing.tenants import BASE_TENANT
+
+MAX_MESSAGE_CHARS = 8_000
+
+
+class ChatLimits(BaseModel):
+    max_prompt_tokens: int = Field(default=512, ge=16, le=8192)  # after the chat template
+    max_tokens: int = Field(default=256, ge=1, le=4096)  # the most a request may ask for
+    default_max_tokens: int = Field(default=96, ge=1, le=4096)  # when it asks for nothing
+    max_messages: int = Field(default=32, ge=1, le=256)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_MESSAGE_CHARS)
+
+    @field_validator("content")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("a message's content is empty")
+        return value
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The OpenAI chat-completions request, the fields this server honours.
+
+    Unknown fields are ignored (clients send ``user``, ``logprobs``: false, ...), fields with a
+    value this server cannot honour are refused.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=200)  # the tenant id (or "base")
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    # Greedy by default (temperature 0), unlike OpenAI's 1: answers are reproducible.
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    n: int = Field(default=1, ge=1, le=1)
+
+    def wanted_tokens(self, limits: ChatLimits) -> int:
+        wanted = self.max_completion_tokens or self.max_tokens or limits.default_max_tokens
+        if wanted > limits.max_tokens:
+            raise Unprocessable(
+                f"max_tokens is {wanted}; this service generates at most {limits.max_tokens} "
+                "tokens per answer."
+            )
+        return wanted
+
+
+# ------------------------------------------------------------------------------ OpenAI shapes
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None) -> dict:
+    return {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+# ------------------------------------------------------------------------------ the engine
+@dataclass
+class LoadedAdapter:
+    tenant: str
+    ref: ModelRef
+    config: dict[str, Any]
+    state: dict[str, Any] | None  # dropped once installed into the model
+    nbytes: int
+
+
+class _Cancel:
+    """A transformers StoppingCriteria that stops generation when the flag is set."""
+
+    def __init__(self, flag: threading.Event) -> None:
+        self.flag = flag
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool)
+
+
+class ChatEngine:
+    """One base model, many tenants' adapters, one generation at a time."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        index: ModelIndex,
+        limits: ChatLimits,
+        *,
+        device: str = "cpu",
+        torch_threads: int | None = None,
+        max_adapters: int = 8,
+        max_adapter_bytes: int = 64 * 1024 * 1024,
+        repetition_penalty: float = 1.2,
+    ) -> None:
+        from patterns.multiplexing.llm import load_base
+
+        self.store = store
+        self.index = index
+        self.limits = limits
+        self.device = device
+        self.repetition_penalty = repetition_penalty
+        t0 = time.perf_counter()
+        self.model, self.tokenizer = load_base(device, torch_threads)
+        self.base_load_s = round(time.perf_counter() - t0, 2)
+        self.adapters: ModelCache[LoadedAdapter] = ModelCache(
+            self._load_adapter,
+            lambda a: a.nbytes,
+            max_models=max_adapters,
+            max_bytes=max_adapter_bytes,
+            on_evict=lambda tenant, _a: self._to_remove.add(tenant),
+        )
+        self._installed: set[str] = set()
+        self._to_remove: set[str] = set()
+        self._turn = asyncio.Lock()  # one generation (and adapter install) at a time
+        self.store_reads = 0
+        self.counts = {"generations": 0, "cancelled": 0, "tokens": 0, "errors": 0}
+        self.last: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- adapters
+    async def _load_adapter(self, tenant: str) -> LoadedAdapter:
+        entry = self.index.lookup(tenant)
+        self.store_reads += 1
+        try:
+            files, ref = await asyncio.to_thread(
+                self.store.read_verified, entry.name, entry.version
+            )
+        except (IntegrityError, UnsafeFormatError, ModelNotFound) as exc:
+            raise ServiceUnavailable(
+                f"The adapter of tenant {tenant!r} cannot be loaded ({exc}); other tenants "
+                "are unaffected."
+            ) from exc
+        if ref.sha256 != entry.manifest_sha256:
+            raise ServiceUnavailable(
+                f"The adapter of tenant {tenant!r} is not the one the index names; refusing it."
+            )
+        from safetensors.torch import load
+
+        state = load(files["adapter_model.safetensors"])
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        config = json.loads(files["adapter_config.json"])
+        return LoadedAdapter(tenant, ref, config, state, nbytes)
+
+    def _install(self, adapter: LoadedAdapter) -> None:
+        """Put a loaded adapter into the base model (under the turn lock, in a thread)."""
+        from peft import LoraConfig
+
+        if adapter.tenant in self._installed:
+            return
+        config = LoraConfig(**adapter.config)
+        self.model.load_adapter(
+            adapter_name=adapter.tenant,
+            peft_config=config,
+            adapter_state_dict=adapter.state,
+        )
+        self._installed.add(adapter.tenant)
+        adapter.state = None  # the model holds the weights now; the cache keeps accounting
+
+    def _remove_evicted(self) -> None:
+        for tenant in list(self._to_remove):
+            self._to_remove.discard(tenant)
+            if tenant in self._installed and tenant not in self.adapters:
+                self.model.delete_adapter(tenant)
+                self._installed.discard(tenant)
+
+    def _select(self, tenant: str) -> None:
+        if tenant == BASE_TENANT:
+            if self._installed:
+                self.model.disable_adapters()
+            return
+        self.model.enable_adapters()
+        self.model.set_adapter(tenant)
+
+    async def adapter_for(self, tenant: str) -> tuple[LoadedAdapter | None, str]:
+        if tenant == BASE_TENANT:
+            return None, "base"
+        self.index.lookup(tenant)  # 404 before any read
+        return await self.adapters.get(tenant)
+
+    # ---------------------------------------------------------------- requests
+    def prompt_ids(self, request: ChatRequest) -> list[int]:
+        from patterns.multiplexing.llm import chat_ids
+
+        if len(request.messages) > self.limits.max_messages:
+            raise Unprocessable(
+                f"The conversation has {len(request.messages)} messages; at most "
+                f"{self.limits.max_messages} are accepted."
+            )
+        if request.messages[-1].role != "user":
+            raise Unprocessable("The last message must be from the user.")
+        messages = [m.model_dump() for m in request.messages]
+        ids = chat_ids(self.tokenizer, messages)
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise BadRequest(
+                f"The prompt is {len(ids)} tokens after the chat template; this service "
+                f"accepts at most {self.limits.max_prompt_tokens}. Shorten the conversation."
+            )
+        return ids
+
+    async def stream(
+        self,
+        tenant: str,
+        payload: dict[str, Any],
+        claim: Callable[[str], Awaitable[Any]] | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Items: ``start`` (or ``error``), then ``delta`` per text piece, then ``end``."""
+        timings = Timings()
+        try:
+            request = ChatRequest(**payload)
+            max_new = request.wanted_tokens(self.limits)
+            ids = self.prompt_ids(request)
+            with timings.stage("adapter"):
+                adapter, outcome = await self.adapter_for(tenant)
+            if claim is not None and tenant != BASE_TENANT:
+                await claim(tenant)
+        except HTTPError as exc:
+            yield {"type": "error", "status": exc.status_code, "message": exc.message}
+            return
+        except ValueError as exc:
+            yield {"type": "error", "status": 422, "message": str(exc)}
+            return
+        yield {
+            "type": "start",
+            "prompt_tokens": len(ids),
+            "adapter": adapter.ref.public() if adapter else None,
+            "adapter_cache": outcome,
+        }
+        t_wait = time.perf_counter()
+        async with self._turn:
+            timings.add("queue", (time.perf_counter() - t_wait) * 1000)
+            await asyncio.to_thread(self._prepare_turn, tenant, adapter)
+            async for item in self._generate(ids, request, max_new, timings):
+                yield item
+
+    def _prepare_turn(self, tenant: str, adapter: LoadedAdapter | None) -> None:
+        self._remove_evicted()
+        if adapter is not None:
+            self._install(adapter)
+        self._select(tenant)
+
+    async def _generate(
+        self, ids: list[int], request: ChatRequest, max_new: int, timings: Timings
+    ) -> AsyncIterator[dict[str, Any]]:
+        import torch
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        cancel = threading.Event()
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        input_ids = torch.tensor([ids], device=self.device)
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "max_new_tokens": max_new,
+            "streamer": streamer,
+            "stopping_criteria": StoppingCriteriaList([_Cancel(cancel)]),
+            "repetition_penalty": self.repetition_penalty,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if request.temperature > 0:
+            kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p)
+            if request.seed is not None:
+                torch.manual_seed(request.seed)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    out = self.model.generate(**kwargs)
+                result["tokens"] = int(out.shape[1] - input_ids.shape[1])
+            except BaseException as exc:  # reported below; the stream must still end
+                result["error"] = exc
+                streamer.end()
+
+        t0 = time.perf_counter()
+        first_token_ms: float | None = None
+        thread = threading.Thread(target=run, name="chat-generate", daemon=True)
+        thread.start()
+        finish = "stop"
+        try:
+            while True:
+                piece = await asyncio.to_thread(next, streamer, None)
+                if piece is None:
+                    break
+                if piece:
+                    if first_token_ms is None:
+                        first_token_ms = (time.perf_counter() - t0) * 1000
+                    yield {"type": "delta", "content": piece}
+        except BaseException:
+            finish = "cancelled"
+            raise
+        finally:
+            cancel.set()  # a consumer that went away stops the generation at the next token
+            await asyncio.to_thread(thread.join)
+            tokens = int(result.get("tokens", 0))
+            elapsed = time.perf_counter() - t0
+            self.counts["generations"] += 1
+            self.counts["tokens"] += tokens
+            if finish == "cancelled":
+                self.counts["cancelled"] += 1
+            if "error" in result:
+                self.counts["errors"] += 1
+            self.last = {"completion_tokens": tokens, "finish": finish, "seconds": elapsed}
+        if "error" in result:
+            yield {"type": "error", "status": 503, "message": "Generation failed; retry."}
+            return
+        if tokens >= max_new:
+            finish = "length"
+        timings.add("generate", elapsed * 1000)
+        yield {
+            "type": "end",
+            "completion_tokens": tokens,
+            "finish_reason": finish,
+            "time_to_first_token_ms": round(first_token_ms or 0.0, 1),
+            "tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else None,
+            "timings_ms": timings.as_dict(),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "base_model_load_s": self.base_load_s,
+            "adapters": self.adapters.snapshot(),
+            "installed": sorted(self._installed),
+            "store_reads": self.store_reads,
+            **self.counts,
+            "last": self.last,
+        }
