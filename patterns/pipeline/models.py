@@ -47,6 +47,17 @@ def normalise(images_uint8: np.ndarray) -> np.ndarray:
     return ((x - MEAN) / STD).transpose(0, 3, 1, 2)
 
 
+def as_input(images: list[np.ndarray] | np.ndarray, device: str | torch.device) -> torch.Tensor:
+    """(H, W, 3) uint8 letterboxed images -> the models' (N, 3, H, W) float32 input on
+    ``device``: ``normalise`` done there. The uint8 image is what travels between stages
+    (28 KB, a quarter of the float32 tensor), and it crosses to the GPU as uint8 too."""
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(images))).to(device)
+    x = x.permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.as_tensor(MEAN, device=x.device)[:, None, None]
+    std = torch.as_tensor(STD, device=x.device)[:, None, None]
+    return (x - mean) / std
+
+
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)
@@ -164,6 +175,21 @@ def crop_digits(images: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor
         half = (b[:, 2:] - b[:, :2]).amax(1, keepdim=True) / 2 + pad
         padded.append(torch.cat([c - half, c + half], 1))
     return roi_align(images, padded, output_size=CROP, spatial_scale=1.0, aligned=True)
+
+
+def box_tensors(boxes: list[Any], device: str | torch.device) -> list[torch.Tensor]:
+    """Per image, its (K, 4) boxes (numpy arrays or lists, K may be 0) as float32 tensors on
+    ``device``: roi_align wants its boxes on the images' device ("rois must be a CUDA
+    tensor" otherwise)."""
+    return [torch.as_tensor(b, dtype=torch.float32, device=device).reshape(-1, 4) for b in boxes]
+
+
+def read_digits(model: LoadedModel, x: torch.Tensor, boxes: list[torch.Tensor]) -> np.ndarray:
+    """(K, 10) digit probabilities for every box of every image of ``x``, in order (one
+    forward pass for all crops). Boxes on ``x``'s device, in model-input pixels."""
+    if sum(len(b) for b in boxes) == 0:
+        return np.zeros((0, 10), np.float32)
+    return torch.softmax(model.module(crop_digits(x, boxes)), 1).cpu().numpy()
 
 
 # ------------------------------------------------------------------------------ weights

@@ -1,4 +1,4 @@
-"""Decode, validate, resize and normalise one uploaded image (CPU, no torch).
+"""Decode, validate and letterbox one uploaded image (CPU, no torch).
 
 Refusals come back as values (``ImageRejected``), not exceptions, so the ingress can turn
 them into a 4xx with the sentence unchanged: an exception raised inside a replica reaches the
@@ -22,8 +22,9 @@ from patterns.pipeline.scenes import CANVAS
 # frames), and reports it as format "MPO"; Pillow has no separate MPO parser to name here.
 PARSERS = ("PNG", "JPEG")
 # ImageNet statistics: what torchvision's pretrained models expect, so one preprocessing
-# serves the digit models and real pretrained ones alike. Here (numpy only), not in
-# models.py, so this CPU stage never imports torch.
+# serves the digit models and real pretrained ones alike (models.as_input applies them on
+# the model's device). Here (numpy only), not in models.py, so this CPU stage never imports
+# torch.
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
@@ -44,7 +45,10 @@ class ImageRejected:
 
 @dataclass
 class Prepared:
-    tensor: np.ndarray  # (3, CANVAS, CANVAS) float16, ImageNet-normalised, letterboxed
+    # (CANVAS, CANVAS, 3) uint8, letterboxed: 28 KB, what travels to the model stages, which
+    # normalise it on their own device (models.as_input). A normalised float16 tensor would be
+    # twice the size and a float32 one four times.
+    image: np.ndarray
     meta: dict[str, Any]  # width, height, format, scale, pad: maps model boxes back
 
 
@@ -100,11 +104,8 @@ def prepare(data: bytes, limits: ImageLimits) -> Prepared | ImageRejected:
     canvas = Image.new("RGB", (CANVAS, CANVAS), (124, 116, 104))
     pad_x, pad_y = (CANVAS - new_w) // 2, (CANVAS - new_h) // 2
     canvas.paste(resized, (pad_x, pad_y))
-    x = (np.asarray(canvas, dtype=np.float32) / 255.0 - MEAN) / STD
     return Prepared(
-        # float16 halves what travels to the model stages (55 KB, under the 100 KB a Ray
-        # call sends inline instead of through the object store).
-        tensor=x.transpose(2, 0, 1).astype(np.float16),
+        image=np.asarray(canvas, dtype=np.uint8),
         meta={
             "width": width,
             "height": height,

@@ -1,8 +1,9 @@
 """All three models in one process: the monolith the Serve pipeline is compared with.
 
 ``artifacts.py`` measures quality with it and ``benchmark.py`` uses it as the raw-PyTorch
-baseline. The Serve stages call the same functions (``run_detector``, ``crop_digits``, the
-classifiers), so both paths read a scene the same way.
+baseline. The Serve stages (``stages.py``) call the same functions (``run_detector``,
+``read_digits``, the classifiers), so both paths read a scene the same way, on CPU or CUDA:
+``x`` and the models on one device, and every tensor made here on that device too.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from patterns.pipeline.models import LoadedModel, crop_digits, run_detector
+from patterns.pipeline.models import LoadedModel, box_tensors, read_digits, run_detector
 
 
 @dataclass
@@ -35,14 +36,10 @@ class DigitReader:
         dets = detections
         if dets is None:
             dets = run_detector(self.detector, self.detector_arch, x, self.score_threshold)
-        counts = torch.softmax(self.scene.module(x), 1)
-        boxes = [torch.as_tensor(d["boxes"]) for d in dets]
-        crops = crop_digits(x, boxes)
-        probs = (
-            torch.softmax(self.digits.module(crops), 1).cpu().numpy()
-            if len(crops)
-            else np.zeros((0, 10), np.float32)
-        )
+        counts = torch.softmax(self.scene.module(x), 1).cpu()
+        # Every tensor made here lives on x's device (the models' device): roi_align refuses
+        # CPU boxes for CUDA images.
+        probs = read_digits(self.digits, x, box_tensors([d["boxes"] for d in dets], x.device))
         out, start = [], 0
         for i, d in enumerate(dets):
             p = probs[start : start + len(d["boxes"])]

@@ -41,7 +41,8 @@ def test_scenes_are_deterministic_and_splits_disjoint() -> None:
 def test_prepare_accepts_png_and_jpeg_and_letterboxes() -> None:
     scene = make_scene("heldout", 0)
     out = prepare(encode(scene.image), LIMITS)
-    assert isinstance(out, Prepared) and out.tensor.shape == (3, CANVAS, CANVAS)
+    assert isinstance(out, Prepared) and out.image.shape == (CANVAS, CANVAS, 3)
+    assert out.image.dtype == np.uint8 and np.array_equal(out.image, scene.image)  # lossless
     assert out.meta["format"] == "PNG" and out.meta["scale"] == 1.0
     wide = np.zeros((50, 200, 3), np.uint8)
     out = prepare(encode(wide, "JPEG", quality=90), LIMITS)
@@ -118,18 +119,21 @@ def test_phone_mpo_jpeg_is_read_as_jpeg() -> None:
     out = prepare(buf.getvalue(), LIMITS)
     assert isinstance(out, Prepared) and out.meta["format"] == "JPEG"
     plain = prepare(encode(scene.image, "JPEG"), LIMITS)
-    assert isinstance(plain, Prepared) and np.array_equal(out.tensor, plain.tensor)
+    assert isinstance(plain, Prepared) and np.array_equal(out.image, plain.image)
 
 
 def test_preprocess_does_not_import_torch() -> None:
-    """The CPU stage decodes and normalises with PIL and numpy only: torch stays out."""
+    """The CPU stage decodes and letterboxes with PIL and numpy only: torch stays out, from
+    the function and from the stage class its deployment wraps."""
     code = (
         "import io, sys\n"
         "from PIL import Image\n"
         "from patterns.pipeline.preprocess import ImageLimits, Prepared, prepare\n"
+        "from patterns.pipeline.stages import PreprocessStage\n"
         "buf = io.BytesIO()\n"
         "Image.new('RGB', (64, 48), (200, 10, 10)).save(buf, format='PNG')\n"
         "assert isinstance(prepare(buf.getvalue(), ImageLimits()), Prepared)\n"
+        "assert PreprocessStage(ImageLimits()).run(buf.getvalue())['ok']\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:5])\n"
     )
     out = subprocess.run(
@@ -144,15 +148,15 @@ def test_preprocess_stage_turns_unexpected_errors_into_422(
     """Whatever else the decoder raises is about the bytes: a 422 refusal, not a 503."""
     from PIL import Image
 
-    from patterns.pipeline import app
+    from patterns.pipeline import stages
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
-    stage = app.Preprocess.func_or_class(LIMITS.model_dump())
+    stage = stages.PreprocessStage(LIMITS)
 
     def broken(data, limits):
         raise RuntimeError("decoder state machine confused")
 
-    monkeypatch.setattr(app, "prepare", broken)
+    monkeypatch.setattr(stages, "prepare", broken)
     out = stage.run(scene_png("heldout", 0))
     assert out["ok"] is False and out["status"] == 422
     assert "could not be decoded (RuntimeError)" in out["message"]
@@ -204,7 +208,7 @@ def test_checkpoint_uri_loads_the_same_weights(store: ModelStore, tmp_path) -> N
 def test_loaded_model_carries_the_metrics_of_the_version_it_loaded(
     store: ModelStore, tmp_path
 ) -> None:
-    """GET /models reports these: with ``store:NAME`` (latest) they must be the figures of
+    """GET /model reports these: with ``store:NAME`` (latest) they must be the figures of
     the version actually loaded, not of whatever the manifest says at request time."""
     from patterns.pipeline.models import load_model
 
