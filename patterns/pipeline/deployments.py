@@ -1,0 +1,150 @@
+"""The pipeline's stage deployments: each wraps one plain stage class from ``stages.py``.
+
+A deployment adds only what Serve is for: its own replicas and resources, ``@serve.batch``
+across requests (knobs from ``user_config``, live through ``reconfigure``), and the
+device it was given. ``HandleStages`` is what the request flow (``flow.PipelineFlow``) calls.
+
+The options written here are the defaults ``serve run patterns.pipeline.app:app`` uses, and
+config.yaml states the same values (tests/pipeline checks that they agree).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+
+from core.batching import BatchedDeployment
+from core.model_store import ModelStore
+from core.resources import torch_device
+from patterns.pipeline.preprocess import ImageLimits
+from patterns.pipeline.stages import (
+    DetectorStage,
+    DigitStage,
+    ModelStage,
+    PreprocessStage,
+    SceneStage,
+)
+
+
+# CPU-bound decode: scale it on its own, without copying the models.
+@serve.deployment(
+    max_ongoing_requests=16,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+)
+class Preprocess:
+    """CPU stage: bytes in, a letterboxed uint8 image (or a refusal with a sentence) out."""
+
+    def __init__(self, limits: dict[str, Any]) -> None:
+        self.stage = PreprocessStage(ImageLimits(**limits))
+
+    def run(self, data: bytes) -> dict[str, Any]:
+        return self.stage.run(data)
+
+
+class _ModelDeployment(BatchedDeployment):
+    """Loads its stage on the device it was given; batching knobs come from user_config."""
+
+    stage_cls: type[ModelStage] = ModelStage
+    stage: ModelStage
+
+    def __init__(
+        self, spec: dict[str, Any], store_uri: str | None, on_gpu: bool, opts: dict[str, Any]
+    ) -> None:
+        import torch
+
+        # A replica owns a fraction of a core: more threads would only contend.
+        torch.set_num_threads(1)
+        self.stage = self.stage_cls(
+            spec,
+            ModelStore.open(store_uri),
+            torch_device(on_gpu),
+            storage_options=opts,
+            metrics_app="pipeline",
+        )
+
+    def model_info(self) -> dict[str, Any]:
+        return self.stage.describe()
+
+
+# Allow at least max_batch_size requests in flight, or batches can never fill.
+@serve.deployment(max_ongoing_requests=32)
+class Detector(_ModelDeployment):
+    stage_cls = DetectorStage
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _batched(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        return self.stage.run(images)
+
+    async def detect(self, prepared: dict[str, Any]) -> dict[str, Any]:
+        return await self._batched(prepared["image"])
+
+
+@serve.deployment(max_ongoing_requests=32)
+class SceneClassifier(_ModelDeployment):
+    stage_cls = SceneStage
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _batched(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        return self.stage.run(images)
+
+    async def classify(self, prepared: dict[str, Any]) -> dict[str, Any]:
+        return await self._batched(prepared["image"])
+
+
+@serve.deployment(max_ongoing_requests=64)
+class DigitClassifier(_ModelDeployment):
+    stage_cls = DigitStage
+    stage: DigitStage
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batched(self, items: list[tuple[np.ndarray, list]]) -> list[dict[str, Any]]:
+        return self.stage.run(items)
+
+    async def read(self, prepared: dict[str, Any], detections: dict[str, Any]) -> dict[str, Any]:
+        """``prepared`` from Preprocess and ``detections`` from the Detector, each handed
+        over by Serve straight from the stage that made it."""
+        if not detections["boxes"]:
+            return self.stage.nothing_to_read()
+        return await self._batched((prepared["image"], detections["boxes"]))
+
+
+class HandleStages:
+    """``flow.Stages`` over DeploymentHandles: each call returns its DeploymentResponse,
+    which the flow awaits or hands on to the next call."""
+
+    def __init__(
+        self,
+        preprocess: DeploymentHandle,
+        detector: DeploymentHandle,
+        scene: DeploymentHandle,
+        digits: DeploymentHandle,
+    ) -> None:
+        self._preprocess = preprocess
+        self._detector = detector
+        self._scene = scene
+        self._digits = digits
+
+    def preprocess(self, data: bytes) -> DeploymentResponse:
+        return self._preprocess.run.remote(data)
+
+    def detect(self, prepared: DeploymentResponse) -> DeploymentResponse:
+        return self._detector.detect.remote(prepared)
+
+    def count(self, prepared: DeploymentResponse) -> DeploymentResponse:
+        return self._scene.classify.remote(prepared)
+
+    def read_digits(
+        self, prepared: DeploymentResponse, detections: DeploymentResponse
+    ) -> DeploymentResponse:
+        return self._digits.read.remote(prepared, detections)
+
+    def model_info(self) -> Mapping[str, DeploymentResponse]:
+        return {
+            "detector": self._detector.model_info.remote(),
+            "scene_classifier": self._scene.model_info.remote(),
+            "digit_classifier": self._digits.model_info.remote(),
+        }
