@@ -1,6 +1,8 @@
 """The pipeline under Serve: held-out scenes in, codes out; every bad input gets a 4xx with
 a sentence, and the app keeps serving after it."""
 
+from pathlib import Path
+
 import httpx
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from patterns.pipeline.artifacts import ensure_artifacts
 from patterns.pipeline.scenes import make_scene, scene_png
 from tests.pipeline.images import encode, png_bomb
 
+ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "/pipeline-test"
 PNG = {"Content-Type": "image/png"}
 JPG = {"Content-Type": "image/jpeg"}
@@ -186,11 +189,54 @@ def test_still_serving_after_bad_inputs(client, url) -> None:
     assert r.status_code == 200 and r.json()["decision"]["code"] == make_scene("heldout", 4).code
 
 
-def test_models_and_health(client, url) -> None:
-    body = client.get(f"{url}/models").json()
+def test_model_and_health(client, url) -> None:
+    body = client.get(f"{url}/model").json()
     assert body["detector"]["version"] == "v1" and body["detector"]["source"] == "store"
     assert body["heldout_metrics"]["detection_recall"] > 0.9
+    for stage, figure in (
+        ("detector", "detection_recall"),
+        ("scene_classifier", "count_accuracy"),
+        ("digit_classifier", "digit_reading_accuracy"),
+    ):
+        assert body[stage]["device"] == "cpu" and body[stage]["heldout"][figure] > 0.8, body
+    assert body["business_rules"]["max_code_length"] == 4
     assert client.get(f"{url}/healthz").json()["status"] == "ok"
+    # Renamed to the name every pattern uses; the old path is gone, with a JSON 404.
+    assert client.get(f"{url}/models").status_code == 404
+
+
+def _shape(value):
+    """Keys and kinds of an answer, not its numbers: what a README example must keep."""
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shape(value[0])] if value else []
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    return "number" if isinstance(value, int | float) else type(value).__name__
+
+
+def test_readme_answers_match_a_live_answer(client, url) -> None:
+    """The README's examples came from `python -m patterns.pipeline.client --readme`: a live
+    answer has the same keys and kinds of values, the same image and model names, and
+    reads scene 12 as the README says (its ground truth). Timings and scores may differ."""
+    from patterns.pipeline.client import README_EXAMPLES, read_scene, readme_examples
+
+    shown = readme_examples((ROOT / "patterns" / "pipeline" / "README.md").read_text())
+    assert set(shown) == set(README_EXAMPLES), "rerun the client with --readme"
+    for scene, keys in README_EXAMPLES.items():
+        live = read_scene(client, url, scene)
+        live = {k: live[k] for k in keys} if keys else live
+        assert _shape(shown[scene]) == _shape(live), scene
+    full, live = shown[12], read_scene(client, url, 12)
+    assert full["decision"]["code"] == live["decision"]["code"] == make_scene("heldout", 12).code
+    assert full["image"] == live["image"]
+    assert len(full["detections"]) == len(live["detections"])
+    for stage, model in live["model_versions"].items():
+        shown_model = full["model_versions"][stage]
+        assert {k: shown_model[k] for k in ("name", "version", "arch")} == {
+            k: model[k] for k in ("name", "version", "arch")
+        }
 
 
 def test_detector_from_a_checkpoint_uri(client, deploy, tmp_path_factory) -> None:

@@ -366,3 +366,19 @@ def test_sample_request_for_load_tests() -> None:
     req = sample_request(3)
     assert req["method"] == "POST" and req["path"] == "/pipeline/read"
     assert req["data"] == scene_png("heldout", 3) and req["headers"]["Content-Type"] == "image/png"
+
+
+def test_readme_blocks_read_back_as_printed() -> None:
+    """`client --readme` prints each example behind a marker; the README test reads the
+    same markers back: what is printed is what is checked."""
+    from patterns.pipeline.client import readme_block, readme_examples
+
+    answer = {
+        "detections": [{"box": [11.2, 58.9, 38.1, 94.0], "label": 4}],
+        "scene": {"digit_count": 3, "confidence": 0.68},
+        "decision": {"action": "review", "code": "45", "reasons": ["counts differ"]},
+    }
+    text = f"intro\n\n{readme_block(12, answer)}\n\nprose\n\n{readme_block(13, answer)}\n"
+    assert '"box": [11.2, 58.9, 38.1, 94.0]' in text  # boxes kept on one line
+    shown = readme_examples(text)
+    assert shown == {12: answer, 13: {"scene": answer["scene"], "decision": answer["decision"]}}
