@@ -309,7 +309,7 @@ def evaluate(reader, x, boxes, labels) -> dict[str, Any]:
 
 
 def ensure_artifacts(store: ModelStore | None = None, *, force: bool = False) -> None:
-    store = store or ModelStore.from_settings()
+    store = store or ModelStore.open()
     names = (DETECTOR, DIGITS, SCENE)
     if not force and all(store.exists(n, VERSION) for n in names):
         _log(f"models present in {store.root_uri} ({', '.join(names)} @ {VERSION})")
@@ -367,7 +367,7 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="retrain even if models exist")
     parser.add_argument("--store", help="model store URI (default: COOKBOOK_MODEL_STORE_URI)")
     args = parser.parse_args()
-    ensure_artifacts(ModelStore(args.store) if args.store else None, force=args.force)
+    ensure_artifacts(ModelStore.open(args.store), force=args.force)
 
 
 if __name__ == "__main__":
