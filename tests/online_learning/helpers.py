@@ -41,12 +41,14 @@ def play(
     n: int,
     *,
     batch: int = 32,
-    client: str = "stream",
+    client: str = "users",
     flip: bool = False,
     tag: str | None = None,
 ) -> dict[str, Any]:
     """Predict events start..start+n-1 in batches, then label them (flipped if ``flip``).
-    Returns the prequential accuracy of the answers and the versions that served them."""
+    Honest traffic (``client="users"``) comes from 8 client ids, like a shop's customers; any
+    other name is one client. Returns the prequential accuracy of the answers (against the
+    true labels) and the versions that served them."""
     tag = tag or uuid.uuid4().hex[:8]
     correct = total = 0
     versions: list[str] = []
@@ -64,13 +66,14 @@ def play(
             versions.append(body["model_version"])
             events = []
             for i, (p, y) in enumerate(zip(body["predictions"], labels, strict=True)):
-                true = 1 - y if flip else y
+                true = 1 - y if flip else y  # y is what we send; true is the stream's label
                 correct += int(p["label"] == true)
                 total += 1
                 events.append(
                     {"event_id": f"{tag}-{s + i}", "prediction_id": p["prediction_id"], "label": y}
                 )
-            r = send_with_backoff(http, f"{url}/feedback/batch", {"events": events}, client)
+            who = f"user-{(s // batch) % 8}" if client == "users" else client
+            r = send_with_backoff(http, f"{url}/feedback/batch", {"events": events}, who)
             assert r.status_code == 202, r.text
             acks += r.json()["acks"]
     return {"accuracy": correct / max(1, total), "versions": versions, "acks": acks}

@@ -131,6 +131,33 @@ def test_it_learns_across_a_drift_and_every_replica_converges(url) -> None:
     assert served["model_version"] == champion
 
 
+def test_a_poisoned_burst_is_rejected_by_the_gate_and_live_quality_holds(url) -> None:
+    """One client floods flipped labels; the gate (each client capped at a quarter of its
+    window) refuses every candidate that learned them, and honest users keep getting good
+    answers from the champion."""
+    # Concept 3 (60 degrees): the live model follows the drift first.
+    start = 3 * STREAM.drift_every
+    play(url, STREAM, start, 600)
+    before = pointer(url)
+    seq_before = _history(url)[0]["seq"]
+    flood = play(url, STREAM, start + 600, 600, client="mallory", flip=True)
+    honest = play(url, STREAM, start + 1200, 300)
+    assert flood["accuracy"] > 0.8  # answers to mallory were still right (against the truth)
+    assert honest["accuracy"] > 0.85, honest["accuracy"]
+    history = httpx.get(f"{url}/model", timeout=30).json()["metrics_history"]
+    assert any(h["decision"] == "reject" for h in history), history
+    promoted = [h for h in _history(url) if h["seq"] > seq_before]
+    # Any promotion during or after the flood must have been as good on the held-out window.
+    for h in promoted:
+        assert h["reason"].startswith("gate"), h
+    r = httpx.post(f"{url}/predict", json={"instances": [ROW]}, timeout=30).json()
+    assert r["model_version"] in {before} | {h["version"] for h in promoted}
+
+
+def _history(url: str) -> list[dict]:
+    return httpx.get(f"{url}/model", timeout=30).json()["pointer_history"]
+
+
 def test_a_restarted_replica_comes_back_on_the_current_champion(url) -> None:
     champion = pointer(url)
     assert champion != "v000001"
