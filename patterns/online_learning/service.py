@@ -165,6 +165,8 @@ class OnlineService:
             limits.client_rate_per_s, limits.client_burst, limits.max_clients_tracked
         )
         self.writes_in_flight = 0
+        self._queued: dict[str, list[tuple[list[Any], asyncio.Future[list[Any]]]]] = {}
+        self._writers: dict[str, asyncio.Task[None]] = {}
         self._backlog = (0, 0.0)  # (events, when read)
 
     # -------------------------------------------------------------------- predict
@@ -209,7 +211,7 @@ class OnlineService:
             )
         if self.writes_in_flight >= self.limits.max_writes_in_flight:
             raise ServiceUnavailable(
-                f"{self.writes_in_flight} feedback writes are already waiting on the log in "
+                f"{self.writes_in_flight} feedback requests are already waiting on the log in "
                 "this replica; retry shortly."
             )
 
@@ -227,11 +229,38 @@ class OnlineService:
             )
 
     async def _append(self, stream: str, items: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+        """Group commit: requests that arrive while a write is under way share the next
+        transaction (one fsync for all of them), so one-event requests scale with concurrency
+        instead of queueing on the disk one by one."""
         self.writes_in_flight += 1
         try:
-            return await asyncio.to_thread(self.log.append, stream, items)
+            future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+            self._queued.setdefault(stream, []).append((items, future))
+            if stream not in self._writers:
+                self._writers[stream] = asyncio.create_task(self._write_queued(stream))
+            return await future
         finally:
             self.writes_in_flight -= 1
+
+    async def _write_queued(self, stream: str) -> None:
+        try:
+            while self._queued.get(stream):
+                waiting, self._queued[stream] = self._queued[stream], []
+                merged = [item for items, _ in waiting for item in items]
+                try:
+                    results = await asyncio.to_thread(self.log.append, stream, merged)
+                except Exception as exc:  # every request of this group gets the error
+                    for _, future in waiting:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                at = 0
+                for items, future in waiting:
+                    if not future.done():
+                        future.set_result(results[at : at + len(items)])
+                    at += len(items)
+        finally:
+            del self._writers[stream]
 
     # -------------------------------------------------------------------- joins
     async def _joined(self, record_id: str, what: str, index: int | None) -> dict[str, Any]:

@@ -154,8 +154,34 @@ def test_a_trainer_far_behind_or_writes_piling_up_is_a_503(make_service) -> None
     make_service.log.commit(LABELS_STREAM, "4")  # the trainer caught up
     svc._backlog = (0, 0.0)
     svc.writes_in_flight = 1  # another batch is still waiting on the log
-    with pytest.raises(ServiceUnavailable, match="writes are already waiting"):
+    with pytest.raises(ServiceUnavailable, match="requests are already waiting"):
         run(svc.feedback([fb("e5", pids[5])], "c"))
+
+
+def test_concurrent_feedback_shares_one_transaction_and_each_gets_its_own_ack(
+    make_service, monkeypatch
+) -> None:
+    svc = make_service()
+    pids = [p["prediction_id"] for p in run(svc.predict([ROW] * 8))["predictions"]]
+    calls = []
+    real_append = make_service.log.append
+
+    def counting_append(stream, items):
+        calls.append(len(items))
+        return real_append(stream, items)
+
+    monkeypatch.setattr(make_service.log, "append", counting_append)
+
+    async def burst():
+        return await asyncio.gather(
+            *(svc.feedback([fb(f"g{i}", pids[i])], f"c{i}") for i in range(8))
+        )
+
+    answers = run(burst())
+    assert sorted(calls, reverse=True)[0] > 1 and sum(calls) == 8  # grouped, none lost
+    offsets = [acks[0]["offset"] for _, acks in answers]
+    assert len(set(offsets)) == 8
+    assert [acks[0]["event_id"] for _, acks in answers] == [f"g{i}" for i in range(8)]
 
 
 def test_token_bucket_refills_at_its_rate() -> None:
