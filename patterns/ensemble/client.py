@@ -1,16 +1,27 @@
 """Send held-out tumours to the ensemble and print the vote.
 
-python -m patterns.ensemble.client [--url http://127.0.0.1:8000/ensemble] [--rows 3]
+    python -m patterns.ensemble.client [--url http://127.0.0.1:8000/ensemble] [--rows 3]
+    python -m patterns.ensemble.client --readme          # the README's example, as markdown
+    python -m patterns.ensemble.client --write-readme    # ...written into README.md
+
+The README's example answer is this client's output against a running app; a test compares it
+with a live answer (``stable_fields``), so the page cannot drift from what the app says.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+from pathlib import Path
+from typing import Any
 
 import httpx
 
 from patterns.ensemble.data import load_split
+
+README = Path(__file__).with_name("README.md")
+BEGIN, END = "<!-- client --readme: begin -->", "<!-- client --readme: end -->"
 
 
 def sample_request(i: int) -> dict:
@@ -20,29 +31,84 @@ def sample_request(i: int) -> dict:
     return {"method": "POST", "path": "/ensemble/predict", "json": {"instances": [row.tolist()]}}
 
 
+def example(url: str, rows: int = 3) -> dict[str, Any]:
+    """Predict ``rows`` held-out rows, send their true labels as feedback, read the gate."""
+    split = load_split()
+    r = httpx.post(f"{url}/predict", json={"instances": split.x_test[:rows].tolist()}, timeout=30)
+    out: dict[str, Any] = {"status": r.status_code, "answer": r.json()}
+    if r.status_code == 200:
+        truth = [int(v) for v in split.y_test[:rows]]
+        fb = httpx.post(
+            f"{url}/feedback",
+            json={"prediction_id": r.json()["prediction_id"], "labels": truth},
+            timeout=30,
+        )
+        stats = httpx.get(f"{url}/challenger", timeout=30).json()
+        out.update(truth=truth, feedback=(fb.status_code, fb.json()), gate=stats["gate_failures"])
+    return out
+
+
+def stable_fields(answer: dict[str, Any]) -> dict[str, Any]:
+    """What a deterministic run repeats: the votes and who cast them (no ids, no times)."""
+    return {
+        "predictions": answer["predictions"],
+        "voting": answer["voting"],
+        "members": {k: answer["members"][k] for k in ("counted", "late", "failed")},
+        "degraded": answer["degraded"],
+        "model_versions": answer["model_versions"],
+        "challenger": answer["challenger"],
+        "timings_ms": sorted(answer["timings_ms"]),
+    }
+
+
+def readme_block(url: str) -> str:
+    """The README's example: the command, then what it printed."""
+    ex = example(url)
+    lines = [BEGIN, "```json", f"HTTP {ex['status']}", json.dumps(ex["answer"], indent=2)]
+    if ex["status"] == 200:
+        status, body = ex["feedback"]
+        lines += [
+            f"true labels: {ex['truth']} (1 = benign)",
+            f"feedback: {status} {json.dumps(body)}",
+            f"promotion gate failures: {json.dumps(ex['gate'])}",
+        ]
+    return "\n".join([*lines, "```", END])
+
+
+def readme_answer(text: str) -> dict[str, Any]:
+    """The answer shown in the README (between the markers)."""
+    block = text[text.index(BEGIN) : text.index(END)]
+    match = re.search(r"^HTTP \d+\n(\{.*?^\})$", block, re.S | re.M)
+    if match is None:
+        raise ValueError("README example block holds no JSON answer")
+    return json.loads(match.group(1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000/ensemble")
     parser.add_argument("--rows", type=int, default=3)
+    parser.add_argument("--readme", action="store_true", help="print the README example")
+    parser.add_argument("--write-readme", action="store_true", help="write it into README.md")
     args = parser.parse_args()
-    split = load_split()
-    rows = split.x_test[: args.rows].tolist()
-    r = httpx.post(f"{args.url}/predict", json={"instances": rows}, timeout=30)
-    print(f"HTTP {r.status_code}")
-    print(json.dumps(r.json(), indent=2))
-    if r.status_code == 200:
-        truth = [int(v) for v in split.y_test[: args.rows]]
-        print("true labels:", truth, "(1 = benign)")
-        fb = httpx.post(
-            f"{args.url}/feedback",
-            json={"prediction_id": r.json()["prediction_id"], "labels": truth},
-            timeout=30,
-        )
-        print("feedback:", fb.status_code, fb.json())
-        if fb.status_code == 202:
+    if args.readme or args.write_readme:
+        block = readme_block(args.url)
+        if args.write_readme:
+            text = README.read_text()
+            start, stop = text.index(BEGIN), text.index(END) + len(END)
+            README.write_text(text[:start] + block + text[stop:])
+        print(block)
+        return
+    ex = example(args.url, args.rows)
+    print(f"HTTP {ex['status']}")
+    print(json.dumps(ex["answer"], indent=2))
+    if ex["status"] == 200:
+        status, body = ex["feedback"]
+        print("true labels:", ex["truth"], "(1 = benign)")
+        print("feedback:", status, body)
+        if status == 202:
             print("(held: the shadow copy was not recorded yet; the labels are scored when it is)")
-        stats = httpx.get(f"{args.url}/challenger", timeout=30).json()
-        print("promotion gate failures:", stats.get("gate_failures"))
+        print("promotion gate failures:", ex["gate"])
 
 
 if __name__ == "__main__":

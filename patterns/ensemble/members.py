@@ -2,19 +2,46 @@
 
 Every member answers P(benign) for a 2-D float array. Loading goes through the core model
 store only (skops for scikit-learn, UBJ for XGBoost, safetensors for PyTorch): no pickle.
+
+``Member`` is one loaded model with its chaos knob, as plain Python: the ``EnsembleMember``
+deployment (deployments.py) serves it with batching, and the flow's tests call it in-process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import random
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import numpy as np
+from pydantic import BaseModel, Field
 
 from core.model_store import ModelRef, ModelStore
-from patterns.ensemble.data import N_FEATURES, seed_of
+from core.resources import StageResources
+from patterns.ensemble.data import N_FEATURES
 
 Family = Literal["sklearn", "xgboost", "torch"]
+NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+
+
+class FaultInjection(BaseModel):
+    """Chaos knob, off by default: make a member slow or failing to see the ensemble degrade
+    instead of hang (the tests and benchmark use it; so can a game day)."""
+
+    delay_s: float = Field(default=0.0, ge=0, le=60)
+    error_rate: float = Field(default=0.0, ge=0, le=1)
+
+
+class MemberSpec(BaseModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    family: Family  # a new family: add it to Family and to load_member below
+    model: str  # model id in the store
+    version: str = "latest"
+    weight: float = Field(default=1.0, gt=0)  # used by voting: weighted
+    resources: StageResources = StageResources(num_cpus=0.1)
+    fault: FaultInjection = FaultInjection()
 
 
 class Predictor(Protocol):
@@ -96,42 +123,52 @@ def load_member(
     raise ValueError(f"unknown model family {family!r}")
 
 
-# ---------------------------------------------------------------- training (make setup)
-def train_logreg(x: np.ndarray, y: np.ndarray) -> Any:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+class Member:
+    """One member loaded from the store, warmed up, with its fault knob.
 
-    return make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=2000)).fit(x, y)
+    ``device`` matters for the torch family only (the others run on the CPU whatever they
+    are given). ``predict`` is the in-process answer; the deployment splits it into
+    ``inject_fault``, a batched ``predict_proba`` and ``answer``.
+    """
 
+    def __init__(self, spec: MemberSpec, store: ModelStore, device: str = "cpu") -> None:
+        self.spec = spec
+        self.device = device if spec.family == "torch" else "cpu"
+        self.model, self.ref = load_member(
+            store, spec.family, spec.model, spec.version, self.device
+        )
+        # One throwaway call so the first live request does not pay for lazy initialisation
+        # (torch kernels, XGBoost's DMatrix path) and blow the ensemble's deadline.
+        self.model.predict_proba(np.zeros((1, N_FEATURES), dtype=np.float32))
+        seed = hashlib.sha256(f"fault/{spec.name}".encode()).digest()
+        self._rng = random.Random(int.from_bytes(seed[:8], "little"))
 
-def train_xgboost(x: np.ndarray, y: np.ndarray, *, n_estimators: int, max_depth: int) -> Any:
-    import xgboost
+    async def inject_fault(self) -> None:
+        fault = self.spec.fault
+        if fault.delay_s:
+            await asyncio.sleep(fault.delay_s)
+        if fault.error_rate and self._rng.random() < fault.error_rate:
+            raise RuntimeError(f"injected fault in member {self.spec.name}")
 
-    return xgboost.XGBClassifier(
-        n_estimators=n_estimators,
-        max_depth=max_depth,
-        learning_rate=0.1,
-        subsample=0.9,
-        colsample_bytree=0.8,
-        random_state=seed_of(f"ensemble/xgb/{n_estimators}/{max_depth}") % (2**31),
-        n_jobs=1,
-    ).fit(x, y)
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        return self.model.predict_proba(x)
 
+    def answer(self, proba: np.ndarray) -> dict[str, Any]:
+        return {"proba": np.asarray(proba).tolist(), "version": self.ref.version}
 
-def train_mlp(x: np.ndarray, y: np.ndarray, *, hidden: int = 32, epochs: int = 300) -> Any:
-    import torch
+    async def predict(self, rows: np.ndarray | list[list[float]]) -> dict[str, Any]:
+        await self.inject_fault()
+        return self.answer(self.predict_proba(np.asarray(rows, dtype=np.float32)))
 
-    torch.manual_seed(seed_of("ensemble/mlp"))
-    net = build_mlp(hidden)
-    net.mean.copy_(torch.as_tensor(x.mean(0)))
-    net.std.copy_(torch.as_tensor(x.std(0) + 1e-6))
-    xt, yt = torch.as_tensor(x), torch.as_tensor(y, dtype=torch.float32)
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-3)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    net.train()
-    for _ in range(epochs):  # full batch: 398 rows
-        opt.zero_grad()
-        loss_fn(net(xt), yt).backward()
-        opt.step()
-    return net.eval()
+    def info(self) -> dict[str, Any]:
+        ref = self.ref.public()
+        return {
+            "member": self.spec.name,
+            "model": ref["name"],
+            "version": ref["version"],
+            "sha256": ref["sha256"],
+            "family": self.spec.family,
+            "device": self.device,
+            # accuracy on the held-out split, written by artifacts.py into the manifest
+            "held_out": self.ref.metadata.get("held_out"),
+        }

@@ -1,4 +1,5 @@
-"""The ensemble app under Serve: real members, real requests, assertions on the answers."""
+"""The ensemble app under Serve: real members, real requests, assertions on the answers.
+(The flow's every branch, over the same members in-process, is in test_flow.py.)"""
 
 import math
 import time
@@ -7,6 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
+from patterns.ensemble import client
 from patterns.ensemble.app import FLOAT32_MAX, EnsembleArgs, build_app
 from patterns.ensemble.artifacts import ensure_artifacts
 from patterns.ensemble.data import N_FEATURES, load_split
@@ -72,6 +74,25 @@ def test_default_app_reads_held_out_data_well(run, split) -> None:
     assert accuracy >= 0.93, accuracy
     decided = {p["decided_by"] for p in body["predictions"]}
     assert decided <= {"ensemble", "gate:logreg"}
+    assert set(body["timings_ms"]) == {"gate", "fan_out", "total"}
+
+
+def _shape(value):
+    """The keys of an answer, recursively: what a README example must show."""
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shape(v) for v in value]
+    return type(value).__name__ if isinstance(value, str | bool) else "number"
+
+
+def test_readme_example_is_a_live_answer(run) -> None:
+    """README.md shows `client --readme` output: same keys and same votes as the app now."""
+    live = client.example(run())
+    assert live["status"] == 200, live
+    shown = client.readme_answer(client.README.read_text())
+    assert _shape(shown) == _shape(live["answer"])
+    assert client.stable_fields(shown) == client.stable_fields(live["answer"])
 
 
 def test_cascade_sends_only_uncertain_rows_to_the_ensemble(run, split) -> None:
@@ -159,10 +180,17 @@ def test_schema_and_model_routes(run) -> None:
     assert schema["n_features"] == 30 and schema["features"][0] == "mean radius"
     model = httpx.get(f"{url}/model", timeout=30).json()
     assert model["members"]["xgb"]["version"] == "v1" and model["members"]["xgb"]["weight"] == 1.5
+    for member in model["members"].values():  # no GPU here: the MLP fell back to the CPU
+        assert member["device"] == "cpu" and member["held_out"]["n_test"] == 171
+    assert model["members"]["mlp"]["held_out"]["accuracy"] == 0.9591
+    assert model["held_out"]["cascade"]["accuracy"] == 0.9591
+    assert model["challenger_model"]["version"] == "v2"
     assert httpx.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
 
 
-@pytest.mark.parametrize("mode", ["soft", "hard", "weighted"])
+# One mode through Serve (the app below is reused by the kill test); test_flow.py checks all
+# three over the same code in-process, without two more redeploys here.
+@pytest.mark.parametrize("mode", ["weighted"])
 def test_vote_matches_member_outputs(run, split, mode) -> None:
     url = run(voting=mode, selection={"mode": "all"})
     r = httpx.post(f"{url}/predict", json={"instances": split.x_test[:40].tolist()}, timeout=30)

@@ -1,4 +1,5 @@
-"""The ensemble's guards without Serve: args validation, member-answer checks, the recorder."""
+"""The ensemble's guards without Serve: args validation, member-answer checks, the recorder,
+the promotion state read in the background."""
 
 import asyncio
 from typing import Any
@@ -7,8 +8,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from patterns.ensemble.app import EnsembleArgs, EnsembleIngress, MemberSpec, usable_proba
+from patterns.ensemble.app import EnsembleArgs, build_app, voting_ensemble
 from patterns.ensemble.artifacts import configured_args
+from patterns.ensemble.flow import usable_proba
+from patterns.ensemble.members import MemberSpec
 from patterns.ensemble.shadow import ShadowRecorder
 
 
@@ -104,56 +107,65 @@ class _FakeRecorder:
         return answer()
 
 
-def _bare_ingress(recorder: _FakeRecorder) -> Any:
-    """The ingress class itself, without Serve's ASGI wrapper (whose __init__ starts FastAPI)."""
-    cls = next(c for c in EnsembleIngress.func_or_class.__mro__ if "_voters" in vars(c))
-    ingress = cls.__new__(cls)
-    cls.__init__(ingress, {}, object(), recorder, EnsembleArgs().model_dump())
-    return ingress
+def _flow_reading(recorder: _FakeRecorder) -> Any:
+    """The app's request flow with no members and a challenger that is never called."""
+    return voting_ensemble(EnsembleArgs(), {}, object(), recorder)
 
 
 def test_promotion_state_is_read_in_the_background() -> None:
     async def scenario() -> None:
         # A recorder that never answers: requests keep the last known state, one read at most.
         hung = _FakeRecorder(None)
-        ingress = _bare_ingress(hung)
-        ingress._promoted = True
+        flow = _flow_reading(hung)
+        flow._promoted = True
         for _ in range(50):
-            assert ingress._challenger_promoted() is True
+            assert flow._challenger_promoted() is True
             await asyncio.sleep(0)
         assert hung.reads == 1
-        ingress._promotion_task.cancel()
+        flow._promotion_task.cancel()
 
         # A failing recorder: the last known state stays.
         failing = _FakeRecorder(RuntimeError("recorder down"))
-        ingress = _bare_ingress(failing)
-        ingress._promoted = True
-        ingress._challenger_promoted()
+        flow = _flow_reading(failing)
+        flow._promoted = True
+        flow._challenger_promoted()
         for _ in range(5):
             await asyncio.sleep(0)
-        assert failing.reads == 1 and ingress._challenger_promoted() is True
-        ingress._promotion_task.cancel()
+        assert failing.reads == 1 and flow._challenger_promoted() is True
+        flow._promotion_task.cancel()
 
         # A working recorder: its state is applied...
         ok = _FakeRecorder({"challenger": "xgb_v2", "promoted": True})
-        ingress = _bare_ingress(ok)
-        assert ingress._challenger_promoted() is False  # nothing read yet
+        flow = _flow_reading(ok)
+        assert flow._challenger_promoted() is False  # nothing read yet
         for _ in range(5):
             await asyncio.sleep(0)
-        assert ingress._challenger_promoted() is True
-        ingress._promotion_task.cancel()
+        assert flow._challenger_promoted() is True
+        flow._promotion_task.cancel()
 
         # ...unless this replica promoted or rolled back while the read was in flight.
         stale = _FakeRecorder({"challenger": "xgb_v2", "promoted": False}, hold=True)
-        ingress = _bare_ingress(stale)
-        ingress._challenger_promoted()
+        flow = _flow_reading(stale)
+        flow._challenger_promoted()
         await asyncio.sleep(0)
         assert stale.reads == 1  # the read is in flight...
-        ingress._set_promoted(True)  # ...when POST /challenger/promote lands here
+        flow._set_promoted(True)  # ...when POST /challenger/promote lands here
         stale.release.set()  # and it answers the state from before the promotion
         for _ in range(5):
             await asyncio.sleep(0)
-        assert stale.reads == 1 and ingress._challenger_promoted() is True
-        ingress._promotion_task.cancel()
+        assert stale.reads == 1 and flow._challenger_promoted() is True
+        flow._promotion_task.cancel()
 
     asyncio.run(scenario())
+
+
+def test_builder_refuses_rosters_that_cannot_vote() -> None:
+    with pytest.raises(ValueError, match="quorum 4 is larger than the roster"):
+        build_app(EnsembleArgs(quorum=4))
+    with pytest.raises(ValueError, match="must be unique"):
+        build_app({"members": [m.model_dump() for m in EnsembleArgs().members * 2]})
+    with pytest.raises(ValueError, match="cascade gate 'nope' is not a member"):
+        build_app({"selection": {"gate_member": "nope"}})
+    clash = {"member": {"name": "xgb", "family": "xgboost", "model": "ensemble-xgb"}}
+    with pytest.raises(ValueError, match="also a member's"):
+        build_app({"challenger": clash})

@@ -1,0 +1,46 @@
+"""The ensemble's model deployment: one member of any family, batched across ingress replicas.
+
+(The other deployments: ``ShadowRecorder`` in shadow.py, the ingress in app.py.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from core.batching import BatchedDeployment, timed_batch
+from core.metrics import ModelMetrics
+from core.model_store import ModelStore
+from core.resources import torch_device
+from patterns.ensemble.members import Member, MemberSpec
+
+
+# how many requests may share one model call, and how long may a batch wait to fill?
+# (config.yaml's user_config sets both per member, live: BatchedDeployment.reconfigure)
+@serve.deployment(
+    max_ongoing_requests=32,
+    user_config={"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
+)
+class EnsembleMember(BatchedDeployment):
+    """One model of any family. Requests from all ingress replicas are batched together."""
+
+    def __init__(self, spec: dict[str, Any], store_uri: str | None, on_gpu: bool) -> None:
+        parsed = MemberSpec(**spec)
+        device = torch_device(on_gpu) if parsed.family == "torch" else "cpu"
+        self.member = Member(parsed, ModelStore.open(store_uri), device)
+        self.metrics = ModelMetrics("ensemble", parsed.name, self.member.ref.version)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batched(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        with timed_batch(self.metrics, len(arrays)):
+            p = self.member.predict_proba(np.concatenate(arrays))
+        return np.split(p, np.cumsum([len(a) for a in arrays])[:-1])
+
+    async def predict(self, rows: np.ndarray | list[list[float]]) -> dict[str, Any]:
+        await self.member.inject_fault()
+        return self.member.answer(await self._batched(np.asarray(rows, dtype=np.float32)))
+
+    def info(self) -> dict[str, Any]:
+        return self.member.info()
