@@ -8,8 +8,10 @@
                             '--> FraudModel (own deployment, @serve.batch, few in flight)
                                    -> score -> business rules -> approve | review | decline
 
-Run: ``make setup`` then ``serve run patterns.business_logic.app:app`` (and the risk service,
-``python -m patterns.business_logic.risk_service``). Knobs: config.yaml.
+This module declares the args, wires the two deployments and maps routes to the request flow
+(``Scorer`` in scoring.py). Run: ``python -m patterns.business_logic.artifacts``, then
+``serve run patterns.business_logic.app:app --route-prefix /business`` (and the risk service,
+``python -m patterns.business_logic.risk_service``). Knobs: config.yaml, equal to the defaults.
 """
 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI views need real
@@ -23,12 +25,14 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+from core.apps import coerce_args, default_app
 from core.errors import ServiceUnavailable
 from core.ingress import api_key_auth, install_ingress, request_id_of
 from core.resilience import describe_error
 from core.resources import StageResources, resolve_actor_options
+from patterns.business_logic.deployments import FraudModel
 from patterns.business_logic.features import FeaturePolicy, open_feature_store
-from patterns.business_logic.model import MODEL_VERSION, FraudModel
+from patterns.business_logic.model import MODEL_VERSION
 from patterns.business_logic.records import RecordStore
 from patterns.business_logic.risk_client import RiskServiceClient
 from patterns.business_logic.rules import DecisionRules
@@ -95,23 +99,19 @@ def build_scorer(args: BusinessArgs, model_call: Any) -> Scorer:
 
 
 # ------------------------------------------------------------------------------ ingress
-# Per-replica state that the module-level FastAPI dependencies read. Reached only through
-# named module functions: Serve ships the ingress class by value, and a lambda or the class
-# body would see a pickled copy of a module global, not the replica's own.
-_replica: dict[str, Any] = {"keys": [], "scorer": None}
-
-
-def _register_replica(keys: list[str], scorer: Scorer) -> None:
-    _replica["keys"], _replica["scorer"] = keys, scorer
+def _this_replica() -> Any:
+    """The ingress instance serving this request (Serve passes the same object to the routes
+    as ``self``). Replica state (keys, scorer) lives on it, never in module globals: Serve
+    pickles the ingress class by value, so module state its code reads would be a copy."""
+    return serve.get_replica_context().servable_object
 
 
 def _api_keys() -> list[str]:
-    return _replica["keys"]
+    return _this_replica().api_keys
 
 
 def _health() -> dict[str, Any]:
-    scorer = _replica["scorer"]
-    return scorer.health() if scorer is not None else {}
+    return _this_replica().scorer.health()
 
 
 api = FastAPI(
@@ -123,7 +123,18 @@ install_ingress(api, app_name="business_logic", max_body_bytes=16_384, health=_h
 require_key = api_key_auth(_api_keys)
 
 
-@serve.deployment(max_ongoing_requests=128)
+# I/O-bound: a replica mostly waits on the database, the store and the risk API, so it holds
+# many requests at once and scales on a high in-flight target.
+@serve.deployment(
+    max_ongoing_requests=128,
+    autoscaling_config={
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 32,
+        "upscale_delay_s": 5,
+        "downscale_delay_s": 60,
+    },
+)
 @serve.ingress(api)
 class BusinessIngress:
     """I/O-bound: mostly waits on the database, the store and the risk service, so one replica
@@ -133,8 +144,7 @@ class BusinessIngress:
         self.args = BusinessArgs(**args)
         self.model = model
         self.scorer = build_scorer(self.args, self._call_model)
-        # load_api_keys refuses placeholder keys in production
-        _register_replica(load_api_keys(), self.scorer)
+        self.api_keys = load_api_keys()  # refuses placeholder keys in production
 
     @staticmethod
     async def _await(response: Any) -> Any:
@@ -154,7 +164,7 @@ class BusinessIngress:
     ) -> dict[str, Any]:
         return await self.scorer.score(body, request_id_of(request))
 
-    @api.get("/model", summary="The model version and where its inputs come from")
+    @api.get("/model", summary="Model version, device and held-out quality; dependency state")
     async def model_info(self, key_id: str = Depends(require_key)) -> dict[str, Any]:
         timeout_s = self.args.model_timeout_s
         try:
@@ -177,8 +187,7 @@ class BusinessIngress:
 
 # ------------------------------------------------------------------------------ builder
 def build_app(args: BusinessArgs) -> Application:
-    if isinstance(args, dict):  # `serve run ... key=value` or a config's args block
-        args = BusinessArgs(**args)
+    args = coerce_args(args, BusinessArgs)
     model = FraudModel.options(
         ray_actor_options=resolve_actor_options(args.model_resources, "business_logic/model")
     ).bind(args.model_version, args.model_store_uri)
@@ -188,12 +197,4 @@ def build_app(args: BusinessArgs) -> Application:
     return ingress.bind(model, args.model_dump())
 
 
-def __getattr__(name: str) -> Any:
-    """``serve run patterns.business_logic.app:app`` builds the default app here, on first access.
-
-    Not at import: building resolves placements against the cluster and logs, and importing
-    this module (for its args model, say) should do neither.
-    """
-    if name == "app":
-        return build_app(BusinessArgs())
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = default_app(lambda: build_app(BusinessArgs()))

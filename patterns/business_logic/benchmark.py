@@ -35,7 +35,8 @@ from ray import serve
 
 from patterns.business_logic.app import BusinessArgs, BusinessIngress, build_scorer
 from patterns.business_logic.client import sample_request
-from patterns.business_logic.model import MODEL_NAME, FraudModel
+from patterns.business_logic.deployments import FraudModel
+from patterns.business_logic.model import MODEL_NAME
 from patterns.business_logic.scoring import ScoreRequest
 
 
@@ -48,8 +49,7 @@ class BusinessMonolith:
         from core.model_store import ModelStore
 
         parsed = BusinessArgs(**args)
-        store = ModelStore(parsed.model_store_uri) if parsed.model_store_uri else None
-        store = store or ModelStore.from_settings()
+        store = ModelStore.open(parsed.model_store_uri)
         self.model, self.ref = store.load_sklearn(MODEL_NAME, parsed.model_version)
         self.scorer = build_scorer(parsed, self._call_model)
 
@@ -128,11 +128,13 @@ async def _load(handle: Any, seconds: float, concurrency: int) -> dict[str, Any]
 
 
 def _split_app(args: BusinessArgs, ingress_max_ongoing: int = 128) -> Any:
-    model = FraudModel.options(num_replicas=1, ray_actor_options={"num_cpus": 0.5}).bind(
-        args.model_version, args.model_store_uri
-    )
+    # fixed replica counts (autoscaling off) so both designs get the same CPU
+    model = FraudModel.options(
+        num_replicas=1, autoscaling_config=None, ray_actor_options={"num_cpus": 0.5}
+    ).bind(args.model_version, args.model_store_uri)
     return BusinessIngress.options(
         num_replicas=1,
+        autoscaling_config=None,
         max_ongoing_requests=ingress_max_ongoing,
         ray_actor_options={"num_cpus": 0.5},
     ).bind(model, args.model_dump())
@@ -150,7 +152,7 @@ def run(seconds: float, concurrency: int) -> None:
     from patterns.business_logic.artifacts import ensure_model
     from patterns.business_logic.seed import seed_database, seed_feature_store
 
-    ensure_model(ModelStore.from_settings())
+    ensure_model(ModelStore.open())
     tmp = Path(tempfile.mkdtemp(prefix="business-bench-"))
     db, fs = f"sqlite:///{tmp / 'records.db'}", f"sqlite:///{tmp / 'features.db'}"
     seed_database(db)
@@ -190,11 +192,11 @@ def run(seconds: float, concurrency: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print("\nLatency of each lookup in the split run (ms, p50 / p95):")
-    for key in ("records_ms", "features_ms", "risk_service_ms", "model_ms", "total_ms"):
+    for key in ("records", "features", "risk_service", "model", "total"):
         vals = [t[key] for t in split["timings"] if key in t]
         if len(vals) > 1:
             q = statistics.quantiles(vals, n=20)
-            print(f"  {key.removesuffix('_ms'):<14} {statistics.median(vals):7.2f} / {q[18]:7.2f}")
+            print(f"  {key:<14} {statistics.median(vals):7.2f} / {q[18]:7.2f}")
     print("\nRatios:")
     print(f"  split / one deployment throughput:        {split['rps'] / mono['rps']:.2f}x")
     print(f"  split / one deployment p50 latency:       {split['p50_ms'] / mono['p50_ms']:.2f}x")

@@ -1,28 +1,96 @@
-"""Synchronous database drivers called from the event loop: a thread pool, a deadline, and
-one rule for which errors are an outage.
+"""Synchronous database drivers from the event loop: engines with short timeouts, a thread
+pool with a deadline around each call, and one rule for which errors are an outage.
 
-The records database and the SQLite feature store both use a synchronous driver through
-SQLAlchemy, so both run their calls in a small pool of their own threads with a deadline around
-each call. Only operational failures (refused, dropped, locked, timed out, pool exhausted,
-missing file) become the caller's "unavailable" exception, which the scorer turns into a 503 or
-a degraded answer. Anything else (a bad query, a value the database refuses) is a bug: it is not
-dressed up as an outage, so it surfaces as a 500 and in the logs.
+The records database (records.py) and the SQLite feature store (features.py) both use a
+synchronous driver through SQLAlchemy: ``make_engine`` gives them small pools and short
+timeouts, and ``BlockingCalls`` runs their calls in a small pool of their own threads with a
+deadline around each call. Only operational failures (refused, dropped, locked, timed out, pool
+exhausted, missing file) become the caller's "unavailable" exception, which the scorer turns
+into a 503 or a degraded answer. Anything else (a bad query, a value the database refuses) is a
+bug: it is not dressed up as an outage, so it surfaces as a 500 and in the logs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Engine, create_engine
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import QueuePool
 
 from core.resilience import describe_error
 
-logger = logging.getLogger("patterns.business_logic.blocking")
+logger = logging.getLogger("patterns.business_logic.database")
 
+
+# ------------------------------------------------------------------------------ engines
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def sqlite_path(url: str) -> Path:
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        raise ValueError(f"{url!r}: the embedded database must be a file (sqlite:///path.db)")
+    return Path(database)
+
+
+def make_engine(
+    url: str, *, timeout_s: float = 2.0, pool_size: int = 4, create: bool = False
+) -> Engine:
+    """An engine with a small pool and short timeouts, so a dead database is a fast error.
+
+    SQLite opens read-write without create (``mode=rw``): a missing file is an outage to
+    report, not an empty database to invent. ``create=True`` is for the seed script.
+    PostgreSQL gets a connect timeout and a server-side statement timeout (libpq options);
+    other backends get the pool timeout and the caller's deadline only.
+
+    No overflow connections: the callers run in a pool of ``pool_size`` threads, so at most
+    ``pool_size`` connections are ever checked out at once.
+    """
+    if is_sqlite(url):
+        path = sqlite_path(url)
+        mode = "rwc" if create else "rw"
+
+        def connect() -> sqlite3.Connection:
+            # timeout: how long to wait for another writer's lock before failing.
+            return sqlite3.connect(
+                f"file:{path}?mode={mode}", uri=True, timeout=timeout_s, check_same_thread=False
+            )
+
+        return create_engine(
+            "sqlite://",
+            creator=connect,
+            poolclass=QueuePool,
+            pool_size=pool_size,
+            max_overflow=0,
+            pool_timeout=timeout_s,
+        )
+    connect_args: dict[str, Any] = {}
+    if make_url(url).get_backend_name() == "postgresql":
+        connect_args = {
+            "connect_timeout": max(1, math.ceil(timeout_s)),
+            "options": f"-c statement_timeout={int(timeout_s * 1000)}",
+        }
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_timeout=timeout_s,  # wait for a free pooled connection at most this long
+        pool_pre_ping=True,  # a server restart costs one reconnect, not a failed request
+        connect_args=connect_args,
+    )
+
+
+# ------------------------------------------------------------------------------ calls
 # What "the database did not answer" means. sqlalchemy.exc.TimeoutError is the pool's
 # "no free connection in pool_timeout"; the builtin TimeoutError is our own deadline.
 OUTAGE_ERRORS: tuple[type[BaseException], ...] = (

@@ -27,17 +27,11 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, Field
 from sqlalchemy import Column, Float, MetaData, String, Table, Text, select
 
-from patterns.business_logic.blocking import BlockingCalls
+from patterns.business_logic.database import BlockingCalls, make_engine, sqlite_path
+from patterns.business_logic.records import FEATURE_NAMES
 
 logger = logging.getLogger("patterns.business_logic.features")
 
-FEATURE_NAMES = (
-    "txn_count",
-    "avg_amount_eur",
-    "max_amount_eur",
-    "distinct_merchants",
-    "share_foreign",
-)
 REDIS_PREFIX = "bizfeat:"
 
 feature_metadata = MetaData()
@@ -112,14 +106,6 @@ class FeatureStore(Protocol):
     async def close(self) -> None: ...
 
 
-def features_from_history_row(row: Any) -> dict[str, float]:
-    """A history aggregate row (records.history_query) as a feature dict; no row: no history."""
-    if row is None:
-        return dict.fromkeys(FEATURE_NAMES, 0.0)
-    m = row._mapping
-    return {name: round(float(m[name] or 0.0), 4) for name in FEATURE_NAMES}
-
-
 # ------------------------------------------------------------------------------ SQLite
 class SQLiteFeatureStore:
     """Embedded default: one SQLite file, read in a small thread pool with a short timeout."""
@@ -127,8 +113,6 @@ class SQLiteFeatureStore:
     kind = "sqlite"
 
     def __init__(self, url: str, *, timeout_s: float = 0.5, create: bool = False) -> None:
-        from patterns.business_logic.records import make_engine, sqlite_path
-
         if create:
             sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(url, timeout_s=timeout_s, pool_size=2, create=create)

@@ -14,10 +14,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import math
-import sqlite3
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,22 +23,19 @@ from sqlalchemy import (
     Boolean,
     Column,
     Date,
-    Engine,
     Float,
     ForeignKey,
     Integer,
     MetaData,
     String,
     Table,
-    create_engine,
     func,
     insert,
     select,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import QueuePool
 
-from patterns.business_logic.blocking import BlockingCalls
+from patterns.business_logic.database import BlockingCalls, is_sqlite, make_engine, sqlite_path
 
 metadata = MetaData()
 
@@ -193,65 +188,6 @@ def seed_rows() -> dict[str, list[dict[str, Any]]]:
     }
 
 
-# ------------------------------------------------------------------------------ engines
-def is_sqlite(url: str) -> bool:
-    return make_url(url).get_backend_name() == "sqlite"
-
-
-def sqlite_path(url: str) -> Path:
-    database = make_url(url).database
-    if not database or database == ":memory:":
-        raise ValueError(f"{url!r}: the embedded database must be a file (sqlite:///path.db)")
-    return Path(database)
-
-
-def make_engine(
-    url: str, *, timeout_s: float = 2.0, pool_size: int = 4, create: bool = False
-) -> Engine:
-    """An engine with a small pool and short timeouts, so a dead database is a fast error.
-
-    SQLite opens read-write without create (``mode=rw``): a missing file is an outage to
-    report, not an empty database to invent. ``create=True`` is for the seed script.
-    PostgreSQL gets a connect timeout and a server-side statement timeout (libpq options);
-    other backends get the pool timeout and the caller's deadline only.
-
-    No overflow connections: the callers run in a pool of ``pool_size`` threads, so at most
-    ``pool_size`` connections are ever checked out at once.
-    """
-    if is_sqlite(url):
-        path = sqlite_path(url)
-        mode = "rwc" if create else "rw"
-
-        def connect() -> sqlite3.Connection:
-            # timeout: how long to wait for another writer's lock before failing.
-            return sqlite3.connect(
-                f"file:{path}?mode={mode}", uri=True, timeout=timeout_s, check_same_thread=False
-            )
-
-        return create_engine(
-            "sqlite://",
-            creator=connect,
-            poolclass=QueuePool,
-            pool_size=pool_size,
-            max_overflow=0,
-            pool_timeout=timeout_s,
-        )
-    connect_args: dict[str, Any] = {}
-    if make_url(url).get_backend_name() == "postgresql":
-        connect_args = {
-            "connect_timeout": max(1, math.ceil(timeout_s)),
-            "options": f"-c statement_timeout={int(timeout_s * 1000)}",
-        }
-    return create_engine(
-        url,
-        pool_size=pool_size,
-        max_overflow=0,
-        pool_timeout=timeout_s,  # wait for a free pooled connection at most this long
-        pool_pre_ping=True,  # a server restart costs one reconnect, not a failed request
-        connect_args=connect_args,
-    )
-
-
 def create_schema_and_seed(url: str, *, force: bool = False) -> bool:
     """Create the tables and load the seed rows; returns False when already seeded."""
     if is_sqlite(url):
@@ -348,8 +284,6 @@ class RecordStore:
 
     async def history_features(self, customer: str) -> dict[str, float]:
         """The customer's feature vector computed from raw history (the slow, exact path)."""
-        from patterns.business_logic.features import features_from_history_row
-
         row = await self._run(self._history_sync, customer)
         return features_from_history_row(row)
 
@@ -367,6 +301,25 @@ class RecordStore:
     def close(self) -> None:
         self._calls.close()
         self.engine.dispose()
+
+
+# The feature vector: what the feature store holds per customer, and what history_query
+# computes from the raw transactions (the exact path when the store cannot answer).
+FEATURE_NAMES = (
+    "txn_count",
+    "avg_amount_eur",
+    "max_amount_eur",
+    "distinct_merchants",
+    "share_foreign",
+)
+
+
+def features_from_history_row(row: Any) -> dict[str, float]:
+    """A history aggregate row (``history_query``) as a feature dict; no row: no history."""
+    if row is None:
+        return dict.fromkeys(FEATURE_NAMES, 0.0)
+    m = row._mapping
+    return {name: round(float(m[name] or 0.0), 4) for name in FEATURE_NAMES}
 
 
 def history_query() -> Any:

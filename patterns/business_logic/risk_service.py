@@ -20,9 +20,11 @@ import hashlib
 import os
 import random
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
+from core.errors import ServiceUnavailable
+from core.ingress import install_ingress
 from patterns.business_logic.settings import RISK_SERVICE_PORT
 
 PROVIDER_VERSION = "risk-signals-2025.1"
@@ -61,14 +63,11 @@ def create_app(delay_ms: float = 0.0, fail_rate: float = 0.0) -> FastAPI:
     rng = random.Random(int.from_bytes(hashlib.sha256(b"risk_service").digest()[:8], "little"))
     received = {"calls": 0}  # valid scoring calls that reached the handler
 
-    @api.get("/healthz")
-    async def healthz() -> dict:
-        return {
-            "status": "ok",
-            "delay_ms": delay_ms,
-            "fail_rate": fail_rate,
-            "calls": received["calls"],
-        }
+    def health() -> dict:
+        return {"delay_ms": delay_ms, "fail_rate": fail_rate, "calls": received["calls"]}
+
+    # The same edge as the apps: JSON errors with a sentence, a body limit, GET /healthz.
+    install_ingress(api, app_name="risk_service", max_body_bytes=4096, health=health)
 
     @api.post("/v1/risk-signal")
     async def score(body: SignalRequest) -> dict:
@@ -76,7 +75,7 @@ def create_app(delay_ms: float = 0.0, fail_rate: float = 0.0) -> FastAPI:
         if delay_ms:
             await asyncio.sleep(delay_ms / 1000)
         if fail_rate and rng.random() < fail_rate:
-            raise HTTPException(503, "risk service is failing on purpose (--fail-rate)")
+            raise ServiceUnavailable("The risk service is failing on purpose (--fail-rate).")
         return risk_signal(body)
 
     return api

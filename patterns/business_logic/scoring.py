@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.errors import NotFound, ServiceUnavailable, Unprocessable
 from core.resilience import CircuitBreaker, CircuitOpenError, describe_error
+from core.timing import Timings
 from patterns.business_logic.features import (
     FeaturePolicy,
     FeatureStore,
@@ -238,30 +239,26 @@ class Scorer:
         return records, amount_eur
 
     async def score(self, req: ScoreRequest, request_id: str) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        timings: dict[str, float] = {}
+        timings = Timings()
 
         async def timed(name: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
             # takes the function, not a coroutine: a task cancelled before it starts then
             # leaves no never-awaited coroutine behind
-            t = time.perf_counter()
-            try:
+            with timings.stage(name):
                 return await fn(*args)
-            finally:
-                timings[name] = (time.perf_counter() - t) * 1000
 
         # The features need only the customer id: fetch them while the records are looked
         # up. The records still decide first (404 / 422 / 503 before any feature outcome).
-        tasks = [asyncio.ensure_future(timed("features_ms", self._features, req.customer_id))]
+        tasks = [asyncio.ensure_future(timed("features", self._features, req.customer_id))]
         try:
-            records, amount_eur = await timed("records_ms", self._records, req)
+            records, amount_eur = await timed("records", self._records, req)
             payload = {
                 "customer_id": req.customer_id,
                 "merchant_id": req.merchant_id,
                 "amount_eur": amount_eur,
                 "channel": req.channel,
             }
-            tasks.append(asyncio.ensure_future(timed("risk_service_ms", self.risk.fetch, payload)))
+            tasks.append(asyncio.ensure_future(timed("risk_service", self.risk.fetch, payload)))
             features: _Features = await tasks[0]
             risk: RiskSignal = await tasks[1]
         except BaseException:
@@ -281,11 +278,11 @@ class Scorer:
             risk_signal=risk.value,
             risk_signal_missing=missing_signal,
         )
-        t = time.perf_counter()
         try:
-            score, version = await asyncio.wait_for(
-                self.model_call(as_row(named)), self.model_timeout_s
-            )
+            with timings.stage("model"):
+                score, version = await asyncio.wait_for(
+                    self.model_call(as_row(named)), self.model_timeout_s
+                )
         except TimeoutError as exc:
             raise ServiceUnavailable(
                 f"The fraud model did not answer within {self.model_timeout_s:g}s; retry shortly."
@@ -297,7 +294,6 @@ class Scorer:
                 f"The fraud model could not score this payment ({why}); no decision was made. "
                 "Retry shortly."
             ) from exc
-        timings["model_ms"] = (time.perf_counter() - t) * 1000
         decision, reasons = decide(
             self.rules,
             score=score,
@@ -312,21 +308,19 @@ class Scorer:
         if missing_signal:
             degraded_reasons.append(f"risk service {risk.failure}; default signal used")
         if self.log_decisions:
-            t = time.perf_counter()
             try:
-                await self.records.log_decision(
-                    request_id=request_id[:64],
-                    customer_id=req.customer_id,
-                    merchant_id=req.merchant_id,
-                    amount_eur=amount_eur,
-                    decision=decision,
-                    score=score,
-                    memo=req.memo,
-                )
+                with timings.stage("audit_log"):
+                    await self.records.log_decision(
+                        request_id=request_id[:64],
+                        customer_id=req.customer_id,
+                        merchant_id=req.merchant_id,
+                        amount_eur=amount_eur,
+                        decision=decision,
+                        score=score,
+                        memo=req.memo,
+                    )
             except DatabaseUnavailable as exc:
                 degraded_reasons.append(f"decision not written to the audit log ({exc})")
-            timings["audit_log_ms"] = (time.perf_counter() - t) * 1000
-        timings["total_ms"] = (time.perf_counter() - t0) * 1000
         return {
             "request_id": request_id,
             "decision": decision,
@@ -346,7 +340,7 @@ class Scorer:
             "risk_signal": risk.public(),
             "degraded": bool(degraded_reasons),
             "degraded_reasons": degraded_reasons,
-            "timings_ms": {k: round(v, 2) for k, v in timings.items()},
+            "timings_ms": timings.as_dict(),
         }
 
     def health(self) -> dict[str, Any]:

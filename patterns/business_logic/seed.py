@@ -24,7 +24,6 @@ from patterns.business_logic.features import (
     FeatureStore,
     FeatureVector,
     InvalidFeatureVector,
-    features_from_history_row,
     open_feature_store,
 )
 from patterns.business_logic.records import (
@@ -32,6 +31,7 @@ from patterns.business_logic.records import (
     RecordStore,
     create_schema_and_seed,
     customer_id,
+    features_from_history_row,
 )
 from patterns.business_logic.settings import BusinessSettings
 

@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 
+from patterns.business_logic import client
 from patterns.business_logic.app import BusinessArgs, build_app
 from patterns.business_logic.seed import MISSING_FEATURES, STALE_FEATURES
 
@@ -67,10 +68,36 @@ def test_score_returns_decision_with_records_features_and_model(url, risk_servic
     assert body["features"]["model_input"]["risk_signal_missing"] == 0.0
     assert body["risk_signal"]["source"] == "risk_service"
     assert body["degraded"] is False and body["degraded_reasons"] == []
-    assert set(body["timings_ms"]) >= {"records_ms", "features_ms", "risk_service_ms", "model_ms"}
+    assert set(body["timings_ms"]) == {
+        "records",
+        "features",
+        "risk_service",
+        "model",
+        "audit_log",
+        "total",
+    }
+    assert body["timings_ms"]["total"] >= body["timings_ms"]["model"] > 0
     assert r.headers["x-request-id"] == body["request_id"]
     # the same payment twice gets the same score (deterministic data, model and signal)
     assert _score(url).json()["score"] == body["score"]
+
+
+def _shape(value):
+    """The keys of an answer, recursively: what a README example must show."""
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shape(v) for v in value]
+    return type(value).__name__ if isinstance(value, str | bool) else "number"
+
+
+def test_readme_example_is_a_live_answer(url, risk_service) -> None:
+    """README.md shows `client --readme` output: the same keys and stable fields as now."""
+    risk_service.start()
+    live = client.readme_example(url)
+    shown = client.readme_answer(client.README.read_text())
+    assert _shape(shown) == _shape(live)
+    assert client.stable_fields(shown) == client.stable_fields(live)
 
 
 def test_blocked_customer_is_declined_with_the_reason(url) -> None:
@@ -106,7 +133,10 @@ def test_docs_health_and_model_routes(url) -> None:
     assert health["status"] == "ok"
     assert set(health["dependencies"]) == {"database", "feature_store", "risk_service"}
     model = httpx.get(f"{url}/model", headers=KEY, timeout=10).json()
-    assert model["model"]["version"] == "v1"
+    assert model["model"]["version"] == "v1" and model["model"]["device"] == "cpu"
+    assert 0.5 < model["model"]["held_out"]["auc"] < 1
+    assert set(model["dependencies"]) == {"database", "feature_store", "risk_service"}
+    assert httpx.get(f"{url}/model", timeout=10).status_code == 401
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -197,8 +227,14 @@ def test_risk_service_slow_gives_a_fast_degraded_answer(url, risk_service) -> No
 
 def test_risk_service_down_degrades_then_breaker_opens_and_recovers(url, risk_service) -> None:
     risk_service.stop()
-    reasons = []
-    for _ in range(5):
+    # the README's second example (`client --readme --degraded`) is this answer
+    live = client.readme_example(url, degraded=True)
+    shown = client.readme_answer(client.README.read_text(), degraded=True)
+    assert _shape(shown) == _shape(live)
+    assert client.stable_fields(shown) == client.stable_fields(live)
+    assert live["decision"] == "review" and live["risk_signal"]["failure"] == "unreachable"
+    reasons = ["unreachable"]
+    for _ in range(4):
         r = _score(url)
         assert r.status_code == 200
         reasons.append(r.json()["risk_signal"]["failure"])
