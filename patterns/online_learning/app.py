@@ -122,22 +122,19 @@ class RewardRequest(BaseModel):
 
 
 # ------------------------------------------------------------------------------ ingress
-# Per-replica state for the module-level FastAPI dependencies, reached only through named
-# module functions: Serve ships the ingress class by value (see the root README).
-_replica: dict[str, Any] = {"keys": [], "service": None}
-
-
-def _register_replica(keys: list[str], service: OnlineService) -> None:
-    _replica["keys"], _replica["service"] = keys, service
+def _this_replica() -> Any:
+    """The ingress instance serving this request (Serve passes the same object to the routes
+    as ``self``). Replica state lives on it, never in module globals: Serve pickles the
+    ingress class by value, so module state its code reads would be a copy."""
+    return serve.get_replica_context().servable_object
 
 
 def _admin_keys() -> list[str]:
-    return _replica["keys"]
+    return _this_replica().admin_keys
 
 
 def _health() -> dict[str, Any]:
-    service = _replica["service"]
-    return service.health() if service is not None else {}
+    return _this_replica().service.health()
 
 
 api = FastAPI(
@@ -179,7 +176,7 @@ class OnlineIngress:
             self.args.limits,
             holdout_every=self.args.trainer.gate.holdout_every,
         )
-        _register_replica(load_admin_keys(), self.service)  # placeholders refused in production
+        self.admin_keys = load_admin_keys()  # placeholders refused in production
         self._stop = threading.Event()
         threading.Thread(target=self._poll, name="pointer-poll", daemon=True).start()
 
