@@ -1,8 +1,7 @@
 """Send held-out tumours to the ensemble and print the vote.
 
     python -m patterns.ensemble.client [--url http://127.0.0.1:8000/ensemble] [--rows 3]
-    python -m patterns.ensemble.client --readme          # the README's example, as markdown
-    python -m patterns.ensemble.client --write-readme    # ...written into README.md
+    python -m patterns.ensemble.client --readme [--write]   # the README's example (into README.md)
 
 The README's example answer is this client's output against a running app; a test compares it
 with a live answer (``stable_fields``), so the page cannot drift from what the app says.
@@ -89,11 +88,11 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000/ensemble")
     parser.add_argument("--rows", type=int, default=3)
     parser.add_argument("--readme", action="store_true", help="print the README example")
-    parser.add_argument("--write-readme", action="store_true", help="write it into README.md")
+    parser.add_argument("--write", action="store_true", help="write it into README.md")
     args = parser.parse_args()
-    if args.readme or args.write_readme:
+    if args.readme:
         block = readme_block(args.url)
-        if args.write_readme:
+        if args.write:
             text = README.read_text()
             start, stop = text.index(BEGIN), text.index(END) + len(END)
             README.write_text(text[:start] + block + text[stop:])

@@ -13,3 +13,16 @@ def test_sample_requests_are_valid_and_varied() -> None:
     assert len({r["json"]["customer_id"] for r in reqs}) == 200
     for payment in PAYMENTS:
         ScoreRequest(**payment)
+
+
+def test_readme_example_blocks_parse() -> None:
+    """Both README examples (checked against live answers in test_app.py) are where the
+    client writes them: a whole answer, and the summary of the degraded one."""
+    from patterns.business_logic import client
+
+    text = client.README.read_text()
+    whole = client.readme_answer(text)
+    assert whole["decision"] == "approve" and "total" in whole["timings_ms"]
+    degraded = client.readme_answer(text, degraded=True)
+    assert degraded["decision"] == "review" and degraded["risk_signal"]["source"] == "default"
+    assert client.stable_fields(whole)["features_from"] == "feature_store"

@@ -169,3 +169,13 @@ def test_builder_refuses_rosters_that_cannot_vote() -> None:
     clash = {"member": {"name": "xgb", "family": "xgboost", "model": "ensemble-xgb"}}
     with pytest.raises(ValueError, match="also a member's"):
         build_app({"challenger": clash})
+
+
+def test_readme_example_block_parses() -> None:
+    """The README's example (checked against a live answer in test_app.py) is where the
+    client writes it, and is a whole answer."""
+    from patterns.ensemble import client
+
+    shown = client.readme_answer(client.README.read_text())
+    assert len(shown["predictions"]) == 3 and set(shown["timings_ms"]) >= {"total"}
+    assert client.stable_fields(shown)["members"]["counted"] == ["logreg", "mlp", "xgb"]
