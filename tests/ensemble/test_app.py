@@ -263,6 +263,7 @@ def test_quorum_lost_is_a_fast_503(run, split) -> None:
     assert time.perf_counter() - t0 < 5.0
 
 
+@pytest.mark.slow  # two deploys: ~20-40 s on the 2-core box
 def test_slow_shadow_neither_changes_nor_delays_the_answer(run, split) -> None:
     rows = split.x_test[:20].tolist()
     url = run(selection={"mode": "all"}, challenger={"member": None})
