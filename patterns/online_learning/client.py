@@ -40,6 +40,7 @@ class Step:
     version: str
     trained_through: str | None
     acked: int
+    last_offset: str | None
 
 
 def _post(http: httpx.Client, url: str, body: dict, client: str, attempts: int = 30) -> dict:
@@ -99,6 +100,7 @@ def stream_and_learn(
                 version=live["model_version"],
                 trained_through=live["trained_through"],
                 acked=sum(a["status"] in ("logged", "duplicate") for a in acks),
+                last_offset=acks[-1].get("offset") if acks else None,
             )
 
 
@@ -107,7 +109,7 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000/online")
     parser.add_argument("--events", type=int, default=8000)
     parser.add_argument("--start", type=int, default=0, help="first stream index")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=50, help="events per request (<= 64)")
     parser.add_argument("--report-every", type=int, default=500)
     args = parser.parse_args()
     stream = DriftingStream()
@@ -119,28 +121,36 @@ def main() -> None:
     print(f"{'events':>13} {'concept':>7} {'live acc':>8} {'frozen acc':>10}  live version")
     window: list[Step] = []
     t0 = time.perf_counter()
-    acked = 0
+    acked, last_offset = 0, None
     for step in stream_and_learn(args.url, stream, args.start, args.events, batch=args.batch):
         window.append(step)
         acked += step.acked
+        last_offset = step.last_offset or last_offset
         if sum(s.n for s in window) >= args.report_every:
             n = sum(s.n for s in window)
             live = sum(s.live_correct for s in window) / n
             frozen = sum(s.frozen_correct for s in window) / n
-            drift = "  <- drift" if any(s.start % stream.drift_every == 0 for s in window) else ""
+            first, end = window[0].start, window[-1].start + window[-1].n
+            drift = "  <- drift" if any(first <= d < end for d in stream.drift_points(end)) else ""
             print(
-                f"{window[0].start:>6}-{window[-1].start + window[-1].n - 1:<6} "
+                f"{first:>6}-{end - 1:<6} "
                 f"{window[-1].concept:>7} {live:>8.3f} {frozen:>10.3f}  {window[-1].version}"
                 f"{drift}"
             )
             window = []
     elapsed = time.perf_counter() - t0
     print(f"{acked} labels acknowledged in {elapsed:.1f}s ({args.events / elapsed:.0f} events/s)")
-    model = httpx.get(f"{args.url}/model", timeout=30).json()
+    deadline = time.monotonic() + 10  # give the trainer a moment to learn the last labels
+    while True:
+        model = httpx.get(f"{args.url}/model", timeout=30).json()
+        if model["trainer"].get("consumed") == last_offset or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    trainer = model["trainer"]
     print(
-        f"champion {model['version']}: learned {model['learned_events']} events, held out "
-        f"{model['held_out_events']}, consumed the labels log up to offset "
-        f"{model['consumed_offsets']['labels']}"
+        f"trainer: consumed the labels log up to offset {trainer.get('consumed')}, learned "
+        f"{trainer.get('learned')} events, held out {trainer.get('held_out')}; champion "
+        f"{model['version']} (learned up to offset {model['consumed_offsets']['labels']})"
     )
 
 

@@ -133,7 +133,7 @@ def test_unknown_expired_and_out_of_range_feedback_is_refused_and_not_logged(
 
 
 def test_a_flooding_client_gets_429_and_others_are_served(make_service) -> None:
-    svc = make_service(client_rate_per_s=10, client_burst=20)
+    svc = make_service(client_rate_per_s=0.1, client_burst=20)  # a token every 10 s
     pids = [p["prediction_id"] for p in run(svc.predict([ROW] * 30))["predictions"]]
     run(svc.feedback([fb(f"a{i}", pids[i]) for i in range(20)], "flood"))
     with pytest.raises(TooManyRequests) as exc:
