@@ -20,12 +20,14 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
+from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parents[1]
 PATTERNS = sorted(p.parent.name for p in ROOT.glob("patterns/*/app.py"))
@@ -71,9 +73,12 @@ def test_config_yaml_equals_the_code_defaults(name: str) -> None:
     app_cfg = _config_app(name)
     builder = app_cfg["import_path"].split(":")[1]
     params = list(inspect.signature(getattr(module, builder)).parameters.values())
-    args_cls = params[0].annotation
-    if isinstance(args_cls, str):  # string annotations: resolve in the module
-        args_cls = getattr(module, args_cls)
+    annotation = params[0].annotation
+    if isinstance(annotation, str):  # string annotations: resolve in the module
+        annotation = eval(annotation, vars(module))
+    # `PipelineArgs` or `PipelineArgs | dict`: the pydantic model is the args class
+    candidates = typing.get_args(annotation) or (annotation,)
+    args_cls = next(c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel))
     problems = _differences(app_cfg.get("args") or {}, args_cls().model_dump(), "args")
 
     from ray.serve._private.utils import DEFAULT
