@@ -33,6 +33,7 @@ from ray.serve.handle import DeploymentHandle
 from core.apps import coerce_args, default_app
 from core.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
 from core.ingress import api_key_auth, install_ingress
+from core.metrics import ModelMetrics
 from core.model_store import ModelStore
 from core.resilience import describe_error
 from core.resources import StageResources, resolve_actor_options
@@ -175,7 +176,9 @@ class OnlineIngress:
             self.live,
             self.args.limits,
             holdout_every=self.args.trainer.gate.holdout_every,
+            observe=self._observe,
         )
+        self._metrics: dict[str, ModelMetrics] = {}
         self.admin_keys = load_admin_keys()  # placeholders refused in production
         self._stop = threading.Event()
         threading.Thread(target=self._poll, name="pointer-poll", daemon=True).start()
@@ -189,6 +192,15 @@ class OnlineIngress:
 
     def __del__(self) -> None:
         self._stop.set()
+
+    def _observe(self, version: str, latency_s: float, rows: int) -> None:
+        """Prediction latency and rows per call, tagged with the version that answered."""
+        if version not in self._metrics:
+            if len(self._metrics) >= 8:  # versions change often: keep the newest few series
+                self._metrics.pop(next(iter(self._metrics)))
+            self._metrics[version] = ModelMetrics("online_learning", MODEL_NAME, version)
+        self._metrics[version].observe(latency_s)
+        self._metrics[version].observe_batch(rows)
 
     # -- control plane (DeploymentHandle callers) -------------------------------------------
     async def reload(self, version: str) -> str:

@@ -64,7 +64,8 @@ def ensure_artifacts(store: ModelStore | None = None, *, force: bool = False) ->
     store = store or ModelStore.open()
     versions = store.versions(MODEL_NAME)
     if versions and not (force and versions == [BASELINE_VERSION]):
-        _log(f"model {MODEL_NAME}/{BASELINE_VERSION} present ({len(versions)} versions)")
+        note = " (--force ignored: it has learned online since)" if force else ""
+        _log(f"model {MODEL_NAME}/{BASELINE_VERSION} present ({len(versions)} versions){note}")
         return
     t0 = time.perf_counter()
     _log(f"training {MODEL_NAME}/{BASELINE_VERSION} on the first concept of the stream")

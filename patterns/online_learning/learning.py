@@ -153,6 +153,15 @@ class Trainer:
         champion = pointer["version"] if pointer else BASELINE_VERSION
         if pointer is None:
             self.log.set_champion(champion, "initial champion (no pointer yet)")
+        if not self.store.exists(MODEL_NAME, champion):
+            logger.warning(
+                "the pointer names %s, which the store lacks; champion = %s", champion, head
+            )
+            champion = head
+            self.log.set_champion(
+                head,
+                f"pointer named {pointer and pointer['version']}, missing from the model store",
+            )
         if meta.get("decision") == "promote" and version_number(head) > version_number(champion):
             # Saved and passed the gate, then the process died before moving the pointer.
             champion = head

@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 from core.errors import (
     Conflict,
     HTTPError,
+    ModelNotFound,
     NotFound,
     ServiceUnavailable,
     TooManyRequests,
@@ -41,6 +42,7 @@ from core.timing import Timings
 from patterns.online_learning.feedback_log import FeedbackLog
 from patterns.online_learning.learning import LABELS_STREAM
 from patterns.online_learning.model import (
+    BASELINE_VERSION,
     MODEL_NAME,
     is_holdout,
     probability_of_one,
@@ -116,9 +118,16 @@ class LiveModel:
         return self.current[0] if self.current else None
 
     def follow_pointer(self) -> str:
-        """Blocking: serve whatever the pointer names (at start, and on every poll)."""
+        """Blocking: serve whatever the pointer names (at start, and on every poll). Before the
+        trainer has written a pointer, and if the pointer names a version the store does not
+        have (a store wiped under a kept log), serve the baseline until the trainer fixes it."""
         pointer = self.log.champion()
-        return self.switch(pointer["version"] if pointer else self.store.latest(MODEL_NAME))
+        version = pointer["version"] if pointer else BASELINE_VERSION
+        try:
+            return self.switch(version)
+        except ModelNotFound:
+            logger.warning("champion %s is not in the model store; serving the baseline", version)
+            return self.switch(BASELINE_VERSION) if self.current is None else str(self.version)
 
     def switch(self, version: str) -> str:
         """Blocking: load ``version`` unless it is the one served."""
@@ -157,10 +166,13 @@ class OnlineService:
         *,
         holdout_every: int,
         clock: Callable[[], float] = time.time,
+        observe: Callable[[str, float, int], None] | None = None,
     ) -> None:
         self.log, self.live, self.limits = log, live, limits
         self.holdout_every = holdout_every
         self.clock = clock
+        # (version, model latency s, rows) after each predict: the ingress feeds its metrics
+        self.observe = observe or (lambda version, latency_s, rows: None)
         self.buckets = TokenBuckets(
             limits.client_rate_per_s, limits.client_burst, limits.max_clients_tracked
         )
@@ -182,6 +194,7 @@ class OnlineService:
             else:
                 clf, served, through = await self.live.pinned(version), version, None
             p1 = probability_of_one(clf, x)
+        self.observe(str(served), t.as_dict()["model"] / 1000, len(rows))
         labels = (p1 >= 0.5).astype(int)
         ids = [f"p-{uuid.uuid4().hex}" for _ in rows]
         with t.stage("record"):
