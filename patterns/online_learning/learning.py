@@ -16,7 +16,8 @@ One round:
 
 Failure policy, written once:
 - a crash anywhere before the save loses only in-memory work: the restart reloads the newest
-  saved version and reads again after its offset (nothing lost, nothing applied twice);
+  saved version and reads again after its offset (nothing lost, nothing applied twice); a
+  round that fails without a crash (a write refused) rebuilds the same way before retrying;
 - a crash between the save and the pointer update is finished on restart (the saved version
   says it passed the gate);
 - the gate looks at held-out events with each client's share capped, so one client flooding
@@ -202,7 +203,15 @@ class Trainer:
         if not entries:
             return None
         with self.lock:
-            return self._round(entries)
+            try:
+                return self._round(entries)
+            except Exception:
+                # A failed round (the store or the log refused a write) may have trained the
+                # head in memory: forget it all and rebuild from what is durable, exactly as a
+                # restart would, so the retry does not learn the batch twice.
+                self.in_batch = None
+                self._restore()
+                raise
 
     def _round(self, entries: list[Entry]) -> dict[str, Any]:
         gate = self.args.gate

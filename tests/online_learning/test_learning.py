@@ -25,14 +25,17 @@ def baseline_store(tmp_path_factory) -> Path:
     return d / "models"
 
 
-@pytest.fixture
-def world(tmp_path, baseline_store):
+def fresh_world(baseline_store: Path, where: Path) -> tuple[ModelStore, SqliteLog]:
     """A fresh log and a store holding only the baseline (copied, so tests do not share)."""
     import shutil
 
-    shutil.copytree(baseline_store, tmp_path / "models")
-    store = ModelStore((tmp_path / "models").as_uri())
-    log = SqliteLog(tmp_path / "log.db")
+    shutil.copytree(baseline_store, where / "models")
+    return ModelStore((where / "models").as_uri()), SqliteLog(where / "log.db")
+
+
+@pytest.fixture
+def world(tmp_path, baseline_store):
+    store, log = fresh_world(baseline_store, tmp_path)
     yield store, log
     log.close()
 
@@ -93,7 +96,9 @@ def test_live_model_recovers_after_a_drift_and_the_frozen_one_does_not(world) ->
     assert accuracy(champion, d + 1500, 500) > 0.85
 
 
-def test_each_event_is_learned_once_across_crashes(world, monkeypatch) -> None:
+def test_each_event_is_learned_once_across_crashes(
+    world, monkeypatch, baseline_store, tmp_path
+) -> None:
     """A crash before the save loses only memory; the restart re-reads after the saved offset.
     Versions then cover contiguous, non-overlapping offset ranges, and every event is counted
     exactly once (trained on or held out)."""
@@ -113,6 +118,14 @@ def test_each_event_is_learned_once_across_crashes(world, monkeypatch) -> None:
     monkeypatch.setattr(store, "save_sklearn", real_save)
     restarted = Trainer(log, store, TrainerArgs(batch_size=64))
     assert restarted.consumed == "192"
+
+    def refuse(*a, **k):
+        raise OSError("store unavailable")  # a failure the loop survives and retries
+
+    monkeypatch.setattr(store, "save_sklearn", refuse)
+    with pytest.raises(OSError):
+        restarted.step(block_s=0)  # trained in memory, save refused: state rebuilt
+    monkeypatch.setattr(store, "save_sklearn", real_save)
     drain(restarted)
     # A second restart with everything consumed reads nothing.
     again = Trainer(log, store, TrainerArgs(batch_size=64))
@@ -125,6 +138,15 @@ def test_each_event_is_learned_once_across_crashes(world, monkeypatch) -> None:
     assert metas[-1]["learned"] + metas[-1]["held_out"] == 640
     holdout = sum(is_holdout(f"e{i}", GatePolicy().holdout_every) for i in range(640))
     assert metas[-1]["held_out"] == holdout
+    # The weights too: the same as a trainer that never failed, fed the same batches (a batch
+    # learned twice in memory would show here, not in the counts).
+    (tmp_path / "ref").mkdir()
+    ref_store, ref_log = fresh_world(baseline_store, tmp_path / "ref")
+    feed(ref_log, 0, 640)
+    reference = Trainer(ref_log, ref_store, TrainerArgs(batch_size=64))
+    drain(reference)
+    np.testing.assert_allclose(restarted.head_model.coef_, reference.head_model.coef_)
+    ref_log.close()
 
 
 def test_a_save_that_crashed_before_the_pointer_moved_is_finished_on_restart(world) -> None:
