@@ -11,7 +11,8 @@ Failure policy, written once:
   one a 410: nothing is logged for a refused request;
 - backpressure: one client beyond its rate gets ``429``, a replica with too many log writes
   in flight or a trainer too far behind answers ``503``; both say when to retry, and memory
-  stays bounded (at most ``max_writes_in_flight`` batches wait per replica).
+  stays bounded (at most ``max_writes_in_flight`` batches wait per replica);
+- the log failing is a 503 too: retrying with the same event ids is always safe.
 """
 
 from __future__ import annotations
@@ -181,6 +182,19 @@ class OnlineService:
         self._writers: dict[str, asyncio.Task[None]] = {}
         self._backlog = (0, 0.0)  # (events, when read)
 
+    async def _io(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """A blocking log call off the event loop; the log failing is a 503, not a 500."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except HTTPError:
+            raise
+        except Exception as exc:
+            logger.warning("feedback log: could not %s: %s", what, exc)
+            raise ServiceUnavailable(
+                f"The feedback log is unavailable (could not {what}); retry shortly. Feedback "
+                "retries are safe: the same event ids are never logged twice."
+            ) from exc
+
     # -------------------------------------------------------------------- predict
     async def predict(self, rows: list[list[Any]], version: str | None = None) -> dict[str, Any]:
         t = Timings()
@@ -202,7 +216,12 @@ class OnlineService:
                 (pid, {"x": x[i].tolist(), "version": served, "predicted": int(labels[i])})
                 for i, pid in enumerate(ids)
             ]
-            await asyncio.to_thread(self.log.put_records, records, 2 * self.limits.prediction_ttl_s)
+            await self._io(
+                "record the prediction",
+                self.log.put_records,
+                records,
+                2 * self.limits.prediction_ttl_s,
+            )
         return {
             "model_version": served,
             "trained_through": through,
@@ -232,7 +251,7 @@ class OnlineService:
         events, when = self._backlog
         now = time.monotonic()
         if now - when > 1.0:  # one count per second per replica, not one per request
-            events = await asyncio.to_thread(self.log.backlog, stream)
+            events = await self._io("read the backlog", self.log.backlog, stream)
             self._backlog = (events, now)
         if events > self.limits.max_backlog:
             raise ServiceUnavailable(
@@ -261,7 +280,7 @@ class OnlineService:
                 waiting, self._queued[stream] = self._queued[stream], []
                 merged = [item for items, _ in waiting for item in items]
                 try:
-                    results = await asyncio.to_thread(self.log.append, stream, merged)
+                    results = await self._io("log the feedback", self.log.append, stream, merged)
                 except Exception as exc:  # every request of this group gets the error
                     for _, future in waiting:
                         if not future.done():
@@ -278,7 +297,7 @@ class OnlineService:
     # -------------------------------------------------------------------- joins
     async def _joined(self, record_id: str, what: str, index: int | None) -> dict[str, Any]:
         where = f"Event {index}: " if index is not None else ""
-        found = await asyncio.to_thread(self.log.get_record, record_id)
+        found = await self._io("look the prediction up", self.log.get_record, record_id)
         ttl = self.limits.prediction_ttl_s
         if found is None:
             raise NotFound(

@@ -206,3 +206,20 @@ def test_rewards_need_a_known_choice_and_a_value_in_range(make_service) -> None:
     assert status == 202 and ack["status"] == "logged"
     status, ack = run(svc.reward("r1", "c-1", 1.0, "c"))
     assert status == 200 and ack["duplicate"]
+
+
+def test_the_log_failing_is_a_503_that_says_retries_are_safe(make_service, monkeypatch) -> None:
+    import sqlite3
+
+    svc = make_service()
+    pid = run(svc.predict([ROW]))["predictions"][0]["prediction_id"]
+
+    def locked(*a, **k):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(make_service.log, "append", locked)
+    with pytest.raises(ServiceUnavailable, match="retries are safe"):
+        run(svc.feedback([fb("ev-1", pid)], "c"))
+    monkeypatch.setattr(make_service.log, "put_records", locked)
+    with pytest.raises(ServiceUnavailable, match="could not record the prediction"):
+        run(svc.predict([ROW]))
