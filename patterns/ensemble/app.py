@@ -16,7 +16,8 @@ This module declares the args, wires the deployments and maps routes to the requ
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response, Security
+from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field, Strict
 from ray import serve
 from ray.serve import Application
@@ -24,13 +25,14 @@ from ray.serve.handle import DeploymentHandle
 
 from core.apps import coerce_args, default_app
 from core.errors import ModelNotFound
-from core.ingress import install_ingress, request_id_of
+from core.ingress import api_key_auth, install_ingress, request_id_of
 from core.model_store import ModelStore
 from core.resources import StageResources, resolve_actor_options, wants_gpu
 from patterns.ensemble.data import CLASS_NAMES, N_FEATURES, feature_names
 from patterns.ensemble.deployments import EnsembleMember
 from patterns.ensemble.flow import VotingEnsemble
 from patterns.ensemble.members import MemberSpec
+from patterns.ensemble.settings import KEY_HEADER, Access, load_access
 from patterns.ensemble.shadow import PromotionGate, ShadowRecorder
 from patterns.ensemble.voting import SelectionSpec, VotingMode
 
@@ -157,6 +159,42 @@ api = FastAPI(
 install_ingress(api, app_name="ensemble", max_body_bytes=256_000)
 
 
+# ------------------------------------------------------------------------------ keys
+def _access() -> Access:
+    """The access policy of the ingress serving this request (loaded in its ``__init__``; Serve
+    passes the same object to the routes as ``self``). Kept on the replica, never in a module
+    global: Serve ships the ingress class by value, so module state would be a copy."""
+    return serve.get_replica_context().servable_object.access
+
+
+def _admin_keys() -> tuple[str, ...]:
+    return _access().admin_keys
+
+
+def _client_keys() -> tuple[str, ...]:
+    return _access().client_keys
+
+
+_key_header = APIKeyHeader(
+    name=KEY_HEADER,
+    auto_error=False,
+    description="Admin key (promote, rollback) or client key (feedback); required in production.",
+)
+_admin_check = api_key_auth(_admin_keys, header=KEY_HEADER)
+_client_check = api_key_auth(_client_keys, header=KEY_HEADER)
+
+
+async def require_admin(presented: str | None = Security(_key_header)) -> str:
+    """401 without a key, 403 with any key that is not an admin key (a client key included);
+    passes everyone while the development profile keeps the routes open."""
+    return await _admin_check(presented) if _access().required else "open"
+
+
+async def require_client(presented: str | None = Security(_key_header)) -> str:
+    """The same for client keys (feedback)."""
+    return await _client_check(presented) if _access().required else "open"
+
+
 # I/O-bound (fan out and wait): many requests in flight per replica are cheap.
 @serve.deployment(
     max_ongoing_requests=200,
@@ -172,6 +210,8 @@ class EnsembleIngress:
         args: dict[str, Any],
     ) -> None:
         parsed = EnsembleArgs(**args)
+        self.access = load_access()  # placeholder keys refused in production
+        self.access.announce()  # open (development) or which keys, in the replica's log
         self.ensemble = voting_ensemble(
             parsed, members, challenger, recorder, _stored_report(parsed.model_store_uri)
         )
@@ -194,12 +234,14 @@ class EnsembleIngress:
         return await self.ensemble.model()
 
     @api.post("/feedback", summary="Ground-truth labels for an earlier prediction")
-    async def feedback(self, body: FeedbackRequest, response: Response) -> dict[str, Any]:
+    async def feedback(
+        self, body: FeedbackRequest, response: Response, key: str = Depends(require_client)
+    ) -> dict[str, Any]:
         """200 when the labels were scored against a recorded prediction; 202 when the
         prediction is not recorded yet (its shadow copy is still in flight, or the id is
         unknown): the labels are held and scored when it arrives (the last 1,000 such ids are
         kept). 409 while the challenger is promoted: it is no longer shadowed, so there is
-        nothing to score new labels against."""
+        nothing to score new labels against. Needs a client key in production."""
         out = await self.ensemble.feedback(body.prediction_id, list(body.labels))
         if out["status"] == "held":
             response.status_code = 202
@@ -209,12 +251,16 @@ class EnsembleIngress:
     async def challenger_stats(self) -> dict[str, Any]:
         return await self.ensemble.challenger_stats()
 
-    @api.post("/challenger/promote", summary="Make the challenger a voter if the gate passes")
-    async def promote(self) -> dict[str, Any]:
+    @api.post(
+        "/challenger/promote", summary="Make the challenger a voter if the gate passes (admin key)"
+    )
+    async def promote(self, key: str = Depends(require_admin)) -> dict[str, Any]:
         return await self.ensemble.promote()
 
-    @api.post("/challenger/rollback", summary="Take the challenger back out of the vote")
-    async def rollback(self) -> dict[str, Any]:
+    @api.post(
+        "/challenger/rollback", summary="Take the challenger back out of the vote (admin key)"
+    )
+    async def rollback(self, key: str = Depends(require_admin)) -> dict[str, Any]:
         return await self.ensemble.rollback()
 
 

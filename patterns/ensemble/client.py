@@ -1,6 +1,6 @@
 """Send held-out tumours to the ensemble and print the vote.
 
-    python -m patterns.ensemble.client [--url http://127.0.0.1:8000/ensemble] [--rows 3]
+    python -m patterns.ensemble.client [--url http://127.0.0.1:8000/ensemble] [--rows 3] [--key K]
     python -m patterns.ensemble.client --readme [--write]   # the README's example (into README.md)
 
 The README's example answer is this client's output against a running app; a test compares it
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,9 @@ def sample_request(i: int) -> dict:
     return {"method": "POST", "path": "/ensemble/predict", "json": {"instances": [row.tolist()]}}
 
 
-def example(url: str, rows: int = 3) -> dict[str, Any]:
-    """Predict ``rows`` held-out rows, send their true labels as feedback, read the gate."""
+def example(url: str, rows: int = 3, key: str | None = None) -> dict[str, Any]:
+    """Predict ``rows`` held-out rows, send their true labels as feedback, read the gate.
+    ``key``: a client key for the feedback (needed in production, see settings.py)."""
     split = load_split()
     r = httpx.post(f"{url}/predict", json={"instances": split.x_test[:rows].tolist()}, timeout=30)
     out: dict[str, Any] = {"status": r.status_code, "answer": r.json()}
@@ -40,6 +42,7 @@ def example(url: str, rows: int = 3) -> dict[str, Any]:
         fb = httpx.post(
             f"{url}/feedback",
             json={"prediction_id": r.json()["prediction_id"], "labels": truth},
+            headers={"X-API-Key": key} if key else None,
             timeout=30,
         )
         stats = httpx.get(f"{url}/challenger", timeout=30).json()
@@ -87,6 +90,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000/ensemble")
     parser.add_argument("--rows", type=int, default=3)
+    parser.add_argument(
+        "--key",
+        default=os.environ.get("ENSEMBLE_CLIENT_KEY"),
+        help="client key for the feedback (production; default: $ENSEMBLE_CLIENT_KEY)",
+    )
     parser.add_argument("--readme", action="store_true", help="print the README example")
     parser.add_argument("--write", action="store_true", help="write it into README.md")
     args = parser.parse_args()
@@ -98,7 +106,7 @@ def main() -> None:
             README.write_text(text[:start] + block + text[stop:])
         print(block)
         return
-    ex = example(args.url, args.rows)
+    ex = example(args.url, args.rows, args.key)
     print(f"HTTP {ex['status']}")
     print(json.dumps(ex["answer"], indent=2))
     if ex["status"] == 200:
