@@ -30,7 +30,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from core.apps import coerce_args, default_app
-from core.errors import HTTPError, NotFound, ServiceUnavailable, Unprocessable
+from core.errors import BadRequest, HTTPError, NotFound, ServiceUnavailable, Unprocessable
 from core.ingress import install_ingress
 from core.model_store import ModelStore
 from core.resources import StageResources, resolve_actor_options, wants_gpu
@@ -46,7 +46,7 @@ from patterns.multiplexing.tenants import BASE_TENANT
 BASE_MODEL_ALIAS = "smollm2-135m-instruct"
 
 MODEL_ID_HEADER = "serve_multiplexed_model_id"  # Serve's own header name
-_STATUS = {404: NotFound, 422: Unprocessable, 503: ServiceUnavailable}
+_STATUS = {400: BadRequest, 404: NotFound, 422: Unprocessable, 503: ServiceUnavailable}
 
 
 class MultiplexArgs(BaseModel):

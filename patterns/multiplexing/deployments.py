@@ -31,6 +31,18 @@ APP_NAME = "multiplexing"
 MiB = 1024 * 1024
 
 
+def rss_mb() -> float | None:
+    """This process's resident memory in MiB (Linux), for the stats routes and the benchmark."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
 class CacheArgs(BaseModel):
     # Models one replica keeps. 0 turns caching off (every request loads: the baseline).
     max_models: int = Field(default=512, ge=0, le=100_000)
@@ -124,7 +136,12 @@ class ForecastModels(BatchedDeployment):
 
     async def stats(self, loads_of: list[str] | None = None) -> dict[str, Any]:
         """This replica's cache; ``loads_of``: how often each of these ids was loaded here."""
-        out = {"replica": self.replica, "prewarmed": self.prewarmed, **self.service.stats()}
+        out = {
+            "replica": self.replica,
+            "rss_mb": rss_mb(),
+            "prewarmed": self.prewarmed,
+            **self.service.stats(),
+        }
         if loads_of:
             out["loads_of"] = {m: self.service.cache.stats.loads_by_id[m] for m in loads_of}
         return out
@@ -193,4 +210,9 @@ class ChatModel:
             yield item
 
     async def stats(self) -> dict[str, Any]:
-        return {"replica": self.replica, "prewarmed": self.prewarmed, **self.engine.stats()}
+        return {
+            "replica": self.replica,
+            "rss_mb": rss_mb(),
+            "prewarmed": self.prewarmed,
+            **self.engine.stats(),
+        }

@@ -51,7 +51,7 @@ def load_base(device: str = "cpu", torch_threads: int | None = None) -> tuple[An
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    hf_logging.disable_progress_bar()  # de-quantizing prints a bar per replica otherwise
+    hf_logging.disable_progress_bar()  # (the GGUF de-quantizing bar is plain tqdm: TQDM_DISABLE)
     path = base_model_file()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(
@@ -124,12 +124,20 @@ def train_adapter(
     optimizer = torch.optim.AdamW(params, lr=lr)
     t0 = time.perf_counter()
     losses = []
+    causal_lm = peft_model.base_model.model  # the LlamaForCausalLM, LoRA layers injected
+    # The loss needs logits only where an answer token is predicted (position t predicts
+    # t + 1): projecting just those rows onto the 49k-token vocabulary, instead of every
+    # position, is the same loss for about a fifth less work per step.
+    targets = label_ids[:, 1:]
+    where = targets != -100
     for _ in range(steps):
-        out = peft_model(input_ids=input_ids, attention_mask=mask, labels=label_ids)
-        out.loss.backward()
+        hidden = causal_lm.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        logits = causal_lm.lm_head(hidden[:, :-1][where])
+        loss = torch.nn.functional.cross_entropy(logits, targets[where])
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(round(float(out.loss.detach()), 4))
+        losses.append(round(float(loss.detach()), 4))
     state = {k: v.detach().cpu().contiguous() for k, v in
              get_peft_model_state_dict(peft_model).items()}  # fmt: skip
     peft_model.unload()  # back to the plain base model, LoRA layers removed

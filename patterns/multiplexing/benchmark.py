@@ -1,0 +1,379 @@
+"""What multiplexing buys, measured: cache hit rate and latency over 1,000 forecasters under
+Zipf traffic, and the chat's speed and the memory one shared base model saves.
+
+    python -m patterns.multiplexing.benchmark [forecast] [--serve] [--requests 3000]
+    python -m patterns.multiplexing.benchmark chat [--device auto|cpu|cuda] [--tokens 64]
+
+forecast (about a minute; ``--serve`` adds about two more):
+1. LRU hit rate of the replica cache for Zipf(s) traffic over the 1,000 ids, per cache size,
+   for one replica, and for two replicas with Serve's routing by model id (each id goes to
+   the replica that holds it) against random routing (every replica sees every id).
+2. One replica's request path in this process (index lookup, cache, predict) on the real
+   model store: p50/p95 with the configured cache against loading the model every request;
+   load latency; memory the cache charges and the process's RSS with the cache full.
+3. ``--serve``: the same trace through Serve (the ingress handle, 8 callers, two replicas,
+   default config) against the same app with ``cache.max_models: 0``; hit rate and RSS from
+   the replicas' own stats.
+
+chat (the GPU-ready entry: on a GPU machine ``--device auto`` uses it; CPU otherwise):
+time to first token and tokens/s for one tenant, and the memory of N tenants sharing one
+replica (base model + N adapters) against one replica per tenant (N base models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from core.model_store import ModelStore
+from patterns.multiplexing.artifacts import ensure_artifacts, store_ids
+from patterns.multiplexing.cache import ModelCache
+from patterns.multiplexing.catalog import ModelIndex
+from patterns.multiplexing.deployments import CacheArgs, ForecastArgs, rss_mb
+from patterns.multiplexing.forecast_service import ForecastService
+
+
+def machine() -> str:
+    gpu = ""
+    if _local_gpus():
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f", GPU {torch.cuda.get_device_name(0)}"
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.node()}: {os.cpu_count()} CPUs, {mem:.0f} GiB RAM{gpu or ', no GPU'}"
+
+
+def _local_gpus() -> float:
+    from core.resources import cluster_gpu_count
+
+    return cluster_gpu_count()
+
+
+def zipf_trace(n_requests: int, n_ids: int = 1000, s: float = 1.1, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, n_ids + 1) ** s
+    p /= p.sum()
+    ids = store_ids(n_ids)
+    # popularity rank is shuffled over ids, so the hot stores are not simply the first ones
+    order = rng.permutation(n_ids)
+    return [ids[order[k]] for k in rng.choice(n_ids, size=n_requests, p=p)]
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+# ------------------------------------------------------------------------------ 1. hit rate
+async def _lru_hit_rate(trace: list[str], size: int, replicas: int, affinity: bool) -> float:
+    async def free_load(key: str) -> str:
+        return key
+
+    caches = [
+        ModelCache(free_load, lambda _v: 1, max_models=size, max_bytes=1 << 40)
+        for _ in range(replicas)
+    ]
+    home: dict[str, int] = {}
+    rng = np.random.default_rng(1)
+    warm = len(trace) // 4  # the first quarter warms the caches and is not counted
+    hits = 0
+    for i, key in enumerate(trace):
+        if affinity:  # Serve: a known id goes where it is; a new one to the emptiest replica
+            r = home.get(key)
+            if r is None or key not in caches[r]:
+                r = min(range(replicas), key=lambda j: len(caches[j]))
+                home[key] = r
+        else:
+            r = int(rng.integers(replicas))
+        _, outcome = await caches[r].get(key)
+        hits += outcome == "hit" and i >= warm
+    return hits / (len(trace) - warm)
+
+
+def hit_rates(requests: int, s: float) -> None:
+    trace = zipf_trace(requests, s=s)
+    print(f"\n1. LRU hit rate, Zipf s={s} over 1,000 ids, {requests} requests (first 25% warm-up)")
+    print("   cache/replica | 1 replica | 2 replicas, routed by id | 2 replicas, random")
+    for size in (64, 128, 256, 512, 1000):
+        one = asyncio.run(_lru_hit_rate(trace, size, 1, True))
+        aff = asyncio.run(_lru_hit_rate(trace, size, 2, True))
+        rnd = asyncio.run(_lru_hit_rate(trace, size, 2, False))
+        print(f"   {size:>13} | {one:9.1%} | {aff:24.1%} | {rnd:18.1%}")
+
+
+# ------------------------------------------------------------------------------ 2. in process
+async def _serve_trace(
+    services: list[ForecastService], trace: list[str], warm: int, measured: int
+) -> tuple[list[float], float]:
+    """Latency of ``measured`` requests after ``warm``, routed by id like Serve; hit rate."""
+    home: dict[str, int] = {}
+    out, hits = [], 0
+    for i, model_id in enumerate(trace[: warm + measured]):
+        r = home.get(model_id)
+        if r is None or model_id not in services[r].cache:
+            r = min(range(len(services)), key=lambda j: len(services[j].cache))
+            home[model_id] = r
+        t0 = time.perf_counter()
+        answer = (await services[r].forecast_batch(model_id, [{"horizon_days": 7}]))[0]
+        if i >= warm:
+            out.append((time.perf_counter() - t0) * 1000)
+            hits += answer["served_by"]["cache"] == "hit"
+        assert "error" not in answer, answer
+    return out, hits / max(len(out), 1)
+
+
+def in_process(
+    store: ModelStore, requests: int, s: float, replicas: int = 2, baseline_requests: int = 0
+) -> None:
+    index = ModelIndex.load(store, "forecast-index")
+    cache = CacheArgs()
+    trace = zipf_trace(requests, s=s, seed=2)
+    warm = len(trace) // 4
+    rss0 = rss_mb()
+
+    def services(max_models: int) -> list[ForecastService]:
+        return [
+            ForecastService(store, index, max_models=max_models, max_bytes=cache.max_bytes)
+            for _ in range(replicas)
+        ]
+
+    cached = services(cache.max_models)
+    t_cached, hit = asyncio.run(_serve_trace(cached, trace, warm, len(trace)))
+    rss1 = rss_mb()
+    baseline = services(0)  # every request loads: no warm-up needed, fewer requests suffice
+    n_base = baseline_requests or len(trace) - warm
+    t_base, _ = asyncio.run(_serve_trace(baseline, trace[warm:], 0, n_base))
+    loads = [ms for svc in baseline for ms in svc.cache.stats.load_ms]
+    held = [svc.cache.snapshot() for svc in cached]
+    print(f"\n2. The request path (index, cache, predict) of {replicas} replicas routed by id, in "
+          f"this process: {requests} Zipf(s={s}) requests, the first 25% warm-up")  # fmt: skip
+    print(
+        f"   cache {cache.max_models} models / {cache.max_bytes // 2**20} MiB per replica: "
+        f"hit rate {hit:.1%}, p50 {pct(t_cached, 50):.3f} ms, p95 {pct(t_cached, 95):.3f} ms"
+    )
+    print(f"   load per request (max_models 0, {len(t_base)} requests): "
+          f"p50 {pct(t_base, 50):.3f} ms, "
+          f"p95 {pct(t_base, 95):.3f} ms -> p95 {pct(t_base, 95) / pct(t_cached, 95):.1f}x "
+          "slower than with the cache")  # fmt: skip
+    print(f"   one load (local store read + sha256 + parse): p50 {pct(loads, 50):.2f} ms, "
+          f"p95 {pct(loads, 95):.2f} ms")  # fmt: skip
+    print(f"   memory per replica: the cache charges {[h['bytes'] // 1024 for h in held]} KiB "
+          f"for {[h['models'] for h in held]} models; this process's RSS went {rss0} -> {rss1} "
+          "MiB filling both")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ 3. Serve
+def through_serve(store: ModelStore, requests: int, s: float, concurrency: int = 8) -> None:
+    import ray
+    from ray import serve
+
+    from patterns.multiplexing.app import MultiplexArgs, build_app
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    trace = zipf_trace(requests, s=s, seed=3)
+    print(f"\n3. Through Serve: ingress handle, {concurrency} callers, 2 forecaster replicas, "
+          f"{requests} Zipf(s={s}) requests")  # fmt: skip
+    try:
+        for label, cache in (("cache 512 (config)", {}), ("load per request", {"max_models": 0})):
+            args = MultiplexArgs(
+                model_store_uri=store.root_uri,
+                forecast=ForecastArgs(cache=CacheArgs(**cache)),
+                chat={"enabled": False},
+            )
+            handle = serve.run(build_app(args), name="mux-bench", route_prefix="/mux-bench")
+            lat = asyncio.run(_drive(handle, trace, concurrency))
+            stats = asyncio.run(_stats(handle))
+            hits = sum(r["cache"]["hits"] for r in stats)
+            served = sum(r["cache"]["hits"] + r["cache"]["misses"] + r["cache"]["joined"]
+                         for r in stats)  # fmt: skip
+            loads = [r["cache"]["load_ms_p50"] for r in stats]
+            print(f"   {label:>20}: p50 {pct(lat, 50):.1f} ms, p95 {pct(lat, 95):.1f} ms, "
+                  f"hit rate {hits / max(served, 1):.1%}, load p50 per replica {loads} ms, "
+                  f"RSS per replica {[r['rss_mb'] for r in stats]} MiB, models held "
+                  f"{[r['cache']['models'] for r in stats]}")  # fmt: skip
+            serve.delete("mux-bench")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+async def _drive(handle: Any, trace: list[str], concurrency: int) -> list[float]:
+    queue = list(enumerate(trace))
+    lat: list[float] = []
+
+    async def worker() -> None:
+        while queue:
+            _, model_id = queue.pop()
+            t0 = time.perf_counter()
+            await handle.forecast_payload.remote(model_id, {"horizon_days": 7})
+            lat.append((time.perf_counter() - t0) * 1000)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return lat
+
+
+async def _stats(handle: Any) -> list[dict[str, Any]]:
+    info = await handle.model_info.remote()
+    return info["forecasters"]["replicas"]
+
+
+# ------------------------------------------------------------------------------ chat
+def chat(device: str, tokens: int, tenant: str = "pirate-co") -> None:
+    from core.resources import torch_device
+    from patterns.multiplexing.chat import ChatEngine, ChatLimits
+    from patterns.multiplexing.tenants import TENANT_STYLES
+
+    store = ModelStore.open()
+    ensure_artifacts(store, only="chat")
+    index = ModelIndex.load(store, "chat-adapter-index")
+    dev = torch_device(device != "cpu") if device == "auto" else device
+    rss0 = rss_mb()
+    t0 = time.perf_counter()
+    engine = ChatEngine(store, index, ChatLimits(max_tokens=max(tokens, 256)), device=dev)
+    load_s = time.perf_counter() - t0
+    rss_base = rss_mb()
+    print(f"\nchat: SmolLM2-135M-Instruct on {dev}; base model loaded in {load_s:.1f}s; "
+          f"RSS {rss0} -> {rss_base} MiB")  # fmt: skip
+
+    async def one(question: str) -> dict[str, Any]:
+        payload = {"model": tenant, "max_tokens": tokens,
+                   "messages": [{"role": "user", "content": question}]}  # fmt: skip
+        end: dict[str, Any] = {}
+        async for item in engine.stream(tenant, payload):
+            if item["type"] == "end":
+                end = item
+        return end
+
+    questions = ["Tell me a long story about the sea.", "Explain how rain forms, in detail.",
+                 "Describe a day in a busy harbour."]  # fmt: skip
+    asyncio.run(one("Warm up."))
+    runs = [asyncio.run(one(q)) for q in questions]
+    ttft = [r["time_to_first_token_ms"] for r in runs]
+    tps = [r["tokens_per_s"] for r in runs]
+    print(f"   tenant {tenant}, up to {tokens} new tokens, {len(runs)} answers: time to first "
+          f"token median {statistics.median(ttft):.0f} ms, {statistics.median(tps):.1f} "
+          f"tokens/s (one stream; {[r['completion_tokens'] for r in runs]} tokens)")  # fmt: skip
+
+    async def load_all() -> None:
+        for t in TENANT_STYLES:
+            adapter, _ = await engine.adapter_for(t)
+            await asyncio.to_thread(engine._prepare_turn, t, adapter)
+
+    asyncio.run(load_all())
+    rss_all = rss_mb()
+    n = len(TENANT_STYLES)
+    adapter_mb = engine.adapters.bytes / 2**20
+    base_mb = (rss_base or 0) - (rss0 or 0)
+    shared = rss_all or 0.0
+    per_tenant_replica = (rss_base or 0.0) + adapter_mb / n  # base model + its one adapter
+    separate = n * per_tenant_replica
+    print(f"   adapters: {n} tenants, {adapter_mb:.1f} MiB of LoRA weights in all; "
+          f"base model adds {base_mb:.0f} MiB to the process")  # fmt: skip
+    print(
+        f"   {n} tenants sharing one replica: ~{shared:.0f} MiB RSS; one replica per tenant: "
+        f"~{separate:.0f} MiB ({separate / shared:.1f}x the memory, {n}x the replicas)"
+    )
+    print(f"   per extra tenant: shared +{adapter_mb / n:.1f} MiB, "
+          f"separate +{per_tenant_replica:.0f} MiB and one more replica")  # fmt: skip
+
+
+class LocalS3:
+    """moto's S3-compatible server in a subprocess on loopback: a model store with real
+    request latency (what a replica pays when its models live in an object store)."""
+
+    def __init__(self) -> None:
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        endpoint = f"http://127.0.0.1:{self.port}"
+        self.options = {
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        }
+        import boto3
+
+        deadline = time.time() + 30
+        while True:
+            try:
+                boto3.client(
+                    "s3", endpoint_url=endpoint, region_name="us-east-1",
+                    aws_access_key_id="testing",
+                    aws_secret_access_key="testing",  # noqa: S106 - moto's fixed local creds
+                ).create_bucket(Bucket="models")  # fmt: skip
+                break
+            except Exception:
+                if time.time() > deadline:
+                    self.stop()
+                    raise
+                time.sleep(0.3)
+
+    def store(self) -> ModelStore:
+        return ModelStore("s3://models/cookbook", self.options)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", nargs="?", choices=["forecast", "chat"], default="forecast")
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--serve", action="store_true", help="also measure through Serve")
+    parser.add_argument(
+        "--store",
+        choices=["local", "s3"],
+        default="local",
+        help="where the models live for part 2: the local store, or an S3-compatible server "
+        "on loopback (moto; the 1,000 models are written there first)",
+    )
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--tokens", type=int, default=64)
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    if args.what == "chat":
+        chat(args.device, args.tokens)
+        return
+    store = ModelStore.open()
+    ensure_artifacts(store, only="forecasters")
+    hit_rates(max(args.requests, 20_000), args.zipf)
+    if args.store == "s3":
+        s3 = LocalS3()
+        try:
+            t0 = time.perf_counter()
+            from patterns.multiplexing.artifacts import build_forecasters
+
+            remote = s3.store()
+            build_forecasters(remote)
+            print(f"\n(1,000 forecasters written to s3://models/cookbook on a local moto "
+                  f"server in {time.perf_counter() - t0:.0f}s)")  # fmt: skip
+            in_process(remote, max(args.requests, 20_000), args.zipf, baseline_requests=1000)
+        finally:
+            s3.stop()
+    else:
+        in_process(store, max(args.requests, 20_000), args.zipf)
+    if args.serve:
+        through_serve(store, args.requests, args.zipf)
+
+
+if __name__ == "__main__":
+    main()
