@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
+from core.errors import ModelStoreError
 from core.model_store import ModelStore
 from patterns.online_learning.feedback_log import START, Entry, FeedbackLog
 from patterns.online_learning.model import (
@@ -173,7 +174,8 @@ class Trainer:
         if not self.store.exists(MODEL_NAME, self.anchor_version):
             self.anchor_version = champion
         self.anchor_model = self._load(self.anchor_version)[0]
-        self.live: list[tuple[bool, bool]] = []  # (served right, anchor right), this verdict
+        # (served answer right, anchor right, version that served it, client), next verdict
+        self.live: list[tuple[bool, bool, str, str]] = []
         # The gate's window, rebuilt from the log's tail (held-out events are never trained
         # on, so reading them again changes nothing).
         gate = self.args.gate
@@ -341,16 +343,38 @@ class Trainer:
         x, y = _rows(served)
         anchor_right = self.anchor_model.predict(x) == y
         for e, a in zip(served, anchor_right, strict=True):
-            self.live.append((int(e.payload["predicted"]) == int(e.payload["label"]), bool(a)))
+            right = int(e.payload["predicted"]) == int(e.payload["label"])
+            client = str(e.payload.get("client", ""))
+            self.live.append((right, bool(a), str(e.payload["served_version"]), client))
+
+    def _verdict_pairs(self) -> list[tuple[bool, bool, str, str]] | None:
+        """``window`` labelled answers with no client above the gate's share (a lone client
+        excepted), or None while there are not enough: a flood of labels from one client can
+        neither trigger a rollback nor confirm a model on its own."""
+        window = self.args.rollback.window
+        # Lone means one client across the recent held-out events too, not just these pairs:
+        # a flood right after a verdict must not count as "the only client there is".
+        lone = len({c for *_, c in self.live} | {c for c, _, _ in self.window}) <= 1
+        cap = window if lone else max(1, int(self.args.gate.max_client_share * window))
+        per_client: Counter[str] = Counter()
+        chosen = []
+        for pair in self.live:
+            if per_client[pair[3]] < cap:
+                per_client[pair[3]] += 1
+                chosen.append(pair)
+                if len(chosen) == window:
+                    return chosen
+        self.live = self.live[-window * 10 :]  # bounded while a flood waits for company
+        return None
 
     def _rollback_check(self) -> dict[str, Any] | None:
         pol = self.args.rollback
-        if len(self.live) < pol.window:
+        pairs = self._verdict_pairs()
+        if pairs is None:
             return None
-        pairs = self.live[: pol.window]
-        self.live = self.live[pol.window :]
-        served = sum(s for s, _ in pairs) / len(pairs)
-        anchor = sum(a for _, a in pairs) / len(pairs)
+        self.live = []
+        served = sum(s for s, *_ in pairs) / len(pairs)
+        anchor = sum(a for _, a, *_ in pairs) / len(pairs)
         verdict = {
             "served_accuracy": round(served, 4),
             "anchor_accuracy": round(anchor, 4),
@@ -365,12 +389,19 @@ class Trainer:
             self._rollback_to(self.anchor_version, reason)
             verdict["action"] = "rollback"
         else:
-            # Live data confirms the current champion: it becomes the reference.
-            if self.champion_version != self.anchor_version:
-                self.anchor_version = self.champion_version
-                self.anchor_model = copy.deepcopy(self.champion_model)
+            # Live data confirms the versions that served these answers: the newest of them
+            # becomes the reference. (Not the current champion: nothing has judged it yet, and
+            # a flood of wrong labels can make a bad one look no worse than the anchor.)
+            newest = max((v for _, _, v, _ in pairs), key=version_number)
+            if version_number(newest) > version_number(self.anchor_version):
+                try:
+                    self.anchor_model = self._load(newest)[0]
+                    self.anchor_version = newest
+                except ModelStoreError:  # pruned meanwhile: keep the older reference
+                    logger.info(
+                        "anchor candidate %s is gone; keeping %s", newest, self.anchor_version
+                    )
             verdict["action"] = "confirm"
-            self.live = []
         return verdict
 
     def rollback(self, to: str | None = None, reason: str = "manual rollback") -> dict[str, Any]:

@@ -1,9 +1,10 @@
-"""SIGKILL the trainer in the middle of a batch, under Serve, on each log backend.
+"""Faults under Serve, on each log backend: the trainer SIGKILLed mid-batch, and a bad model
+that gets past a disabled gate.
 
-The trainer runs with its chaos knob ``pause_before_save_s``: each round sleeps between
-``partial_fit`` and the save, so the kill lands while a batch is learned but not saved. While
-it is dead, predictions and feedback keep working; after Serve restarts it, every event is
-inside exactly one version (contiguous offset ranges, counts that add up).
+The app runs with two knobs a game day would use: the trainer's ``pause_before_save_s``
+(each round sleeps between ``partial_fit`` and the save, so a kill lands while a batch is
+learned but not saved) and ``gate.margin: 1.0`` (the gate lets every candidate through, so
+only the live rollback check stands between a poisoned model and users).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def app(request, deploy, tmp_path_factory):
     args = OnlineArgs(
         log_url=log_url,
         model_store_uri=store_uri,
-        trainer=TrainerArgs(batch_size=64, pause_before_save_s=1.0),
+        trainer=TrainerArgs(batch_size=64, pause_before_save_s=1.0, gate=GatePolicy(margin=1.0)),
     )
     url = deploy(build_app(args), name=name, route_prefix=f"/{name}")
     return {"url": url, "name": name, "store_uri": store_uri}
@@ -93,3 +94,34 @@ def test_sigkill_mid_batch_loses_nothing_and_applies_nothing_twice(app) -> None:
     assert (rounds[-1]["learned"], rounds[-1]["held_out"]) == (384 - held, held)
     r = httpx.post(f"{url}/predict", json={"instances": [[0.1] * 5]}, timeout=30)
     assert r.status_code == 200
+
+
+def _consumed(app_name: str, offset: str) -> bool:
+    s = trainer_status(app_name)
+    return bool(s) and s["consumed"] == offset
+
+
+def test_a_poisoned_model_that_got_live_is_rolled_back_by_live_labels(app) -> None:
+    url, name = app["url"], app["name"]
+    start = 16_000  # concept 0 again, events no other test sent
+    honest = play(url, STREAM, start, 320, tag="rb")
+    wait_for(lambda: _consumed(name, honest["acks"][-1]["offset"]), 90, 0.5)
+    flood = play(url, STREAM, start + 320, 320, client="mallory", flip=True, tag="rb")
+    wait_for(lambda: _consumed(name, flood["acks"][-1]["offset"]), 90, 0.5)
+    poisoned = httpx.get(f"{url}/model", timeout=30).json()["pointer_history"][0]
+    assert poisoned["reason"].startswith("gate")  # the disabled gate let it through...
+    after = play(url, STREAM, start + 640, 400, tag="rb")
+    assert after["accuracy"] < 0.6  # ...and users got its answers
+    history = wait_for(
+        lambda: [
+            h
+            for h in httpx.get(f"{url}/model", timeout=30).json()["pointer_history"]
+            if h["reason"].startswith("auto-rollback") and h["seq"] > poisoned["seq"]
+        ],
+        90,
+        0.5,
+        what="the live labels to trigger an automatic rollback",
+    )
+    assert int(history[-1]["version"].lstrip("v")) < int(poisoned["version"].lstrip("v"))
+    recovered = play(url, STREAM, start + 1040, 200, tag="rb")
+    assert recovered["accuracy"] > 0.8, recovered["accuracy"]

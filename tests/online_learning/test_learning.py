@@ -249,3 +249,29 @@ def test_a_pointer_to_a_version_the_store_lacks_falls_back_to_what_exists(world)
     trainer = Trainer(log, store, TrainerArgs())
     assert trainer.champion_version == BASELINE_VERSION == log.champion()["version"]
     assert "missing from the model store" in log.champion()["reason"]
+
+
+def test_a_flooder_agreeing_with_its_own_poisoned_model_cannot_make_it_the_anchor(world) -> None:
+    store, log = world
+    trainer = Trainer(log, store, TrainerArgs(gate=GatePolicy(margin=1.0)))
+    feed(log, 0, 300, client="user")
+    drain(trainer)
+    anchor = trainer.anchor_version
+    feed(log, 300, 400, client="mallory", flip=True, tag="m")
+    drain(trainer)  # the disabled gate promotes what mallory taught
+    poisoned = trainer.champion_version
+    live, _ = store.load_sklearn(MODEL_NAME, poisoned)
+    # Mallory labels the poisoned model's own answers, agreeing with every one of them.
+    feed(
+        log,
+        700,
+        400,
+        client="mallory",
+        flip=True,
+        tag="m2",
+        served=poisoned,
+        predicted=lambda x: int(live.predict(np.asarray([x]))[0]),
+    )
+    rounds = drain(trainer)
+    assert not any("rollback" in r for r in rounds)  # no verdict from one client alone
+    assert trainer.anchor_version == anchor
