@@ -164,3 +164,165 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+
+# ------------------------------------------------------------------------------ Prometheus
+class PrometheusServer:
+    """The Debian ``prometheus`` binary on a loopback port, storage in a temp dir.
+
+    ``config`` is a prometheus.yml as a dict (the test writes it); ``query(expr)`` runs an
+    instant PromQL query through the HTTP API and returns its JSON (``status``, ``data``).
+    """
+
+    def __init__(self, config: dict) -> None:
+        import yaml
+
+        self.binary = shutil.which("prometheus") or (
+            "/usr/bin/prometheus" if os.path.exists("/usr/bin/prometheus") else None
+        )
+        if not self.binary:
+            pytest.skip("prometheus not found; apt-get install prometheus")
+        self.dir = Path(tempfile.mkdtemp(prefix="prom-"))
+        self.config_file = self.dir / "prometheus.yml"
+        self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import httpx
+
+        cmd = [
+            self.binary,
+            f"--config.file={self.config_file}",
+            f"--storage.tsdb.path={self.dir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=warn",
+        ]
+        self.log = (self.dir / "prometheus.log").open("w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{self.url}/-/ready", timeout=5).status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"prometheus not ready: {self.log_tail()}")
+            time.sleep(0.2)
+
+    def query(self, expr: str) -> dict:
+        import httpx
+
+        r = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=30)
+        return dict(r.json())
+
+    def targets(self) -> list[dict]:
+        import httpx
+
+        r = httpx.get(f"{self.url}/api/v1/targets", timeout=30)
+        return list(r.json()["data"]["activeTargets"])
+
+    def log_tail(self) -> str:
+        path = self.dir / "prometheus.log"
+        return path.read_text()[-2000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+            self.proc = None
+            self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ make serve
+class ServeCluster:
+    """``make serve`` (``python -m scripts.serve_all``) on a config of the test's own, in a
+    subprocess: its own Ray cluster with the dashboard, every port on loopback or free, and
+    ``RAY_TMPDIR`` in a short temp dir, so Ray's Prometheus service-discovery file
+    (``sd_file``) lists this cluster's metrics endpoint and no other's.
+
+    ``config`` is a serve config as a dict; its HTTP port (and gRPC port, when it has
+    ``grpc_options``) are replaced by free ones: ``http_url``, ``grpc_target``.
+    """
+
+    ROOT = Path(__file__).resolve().parents[1]
+
+    def __init__(self, config: dict, num_cpus: int = 4, timeout_s: float = 420.0) -> None:
+        import yaml
+
+        # Short on purpose: Ray puts unix sockets under it (paths are limited to 107 bytes).
+        self.dir = Path(tempfile.mkdtemp(prefix="sc-", dir="/tmp"))
+        self.http_port, self.dashboard_port = free_port(), free_port()
+        config = {**config, "http_options": {"host": "127.0.0.1", "port": self.http_port}}
+        self.grpc_port: int | None = None
+        if "grpc_options" in config:
+            self.grpc_port = free_port()
+            config["grpc_options"] = {**config["grpc_options"], "port": self.grpc_port}
+        self.config = config
+        self.config_file = self.dir / "serve_config.yaml"
+        self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.num_cpus = num_cpus
+        self.timeout_s = timeout_s
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.sd_file = self.dir / "ray" / "prom_metrics_service_discovery.json"
+        self.log_file = self.dir / "serve.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import sys
+
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "COOKBOOK_TEST"))},
+            "RAY_TMPDIR": str(self.dir),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "scripts.serve_all",
+            "--config",
+            str(self.config_file),
+            "--dashboard-port",
+            str(self.dashboard_port),
+            "--num-cpus",
+            str(self.num_cpus),
+            "--timeout-s",
+            str(self.timeout_s),
+        ]
+        self._log = self.log_file.open("w")
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=self.ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() takes Ray down with it
+        )
+        deadline = time.monotonic() + self.timeout_s + 60
+        while "[serve] ready:" not in self.log_file.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_tail()
+                self.stop()
+                raise RuntimeError(f"make serve did not get ready:\n{tail}")
+            time.sleep(1)
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log_file.read_text()[-n:] if self.log_file.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)  # serve_all shuts Serve and Ray down
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(90)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # whatever is left of the group
+            self.proc.wait(10)
+            self.proc = None
+            self._log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)

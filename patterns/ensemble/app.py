@@ -28,6 +28,7 @@ from core.errors import ModelNotFound
 from core.ingress import api_key_auth, install_ingress, request_id_of
 from core.model_store import ModelStore
 from core.resources import StageResources, resolve_actor_options, wants_gpu
+from patterns.ensemble import ensemble_pb2, grpc_service
 from patterns.ensemble.data import CLASS_NAMES, N_FEATURES, feature_names
 from patterns.ensemble.deployments import EnsembleMember
 from patterns.ensemble.flow import VotingEnsemble
@@ -219,6 +220,17 @@ class EnsembleIngress:
     @api.post("/predict", summary="Vote on one or more rows")
     async def predict(self, body: PredictRequest, request: Request) -> dict[str, Any]:
         return await self.ensemble.predict(body.instances, request_id_of(request))
+
+    # Named like the RPC: Serve's gRPC proxy calls the ingress method by the RPC's name.
+    async def Predict(
+        self, request: ensemble_pb2.PredictRequest, grpc_context: Any
+    ) -> ensemble_pb2.PredictReply:
+        """gRPC ``EnsembleService.Predict`` (ensemble.proto, ``grpc_options`` in config.yaml):
+        the same flow; refusals are status codes (``grpc_context`` is Serve's
+        ``RayServegRPCContext``, passed because of the parameter's name)."""
+        return await grpc_service.predict(
+            self.ensemble, request, grpc_context, grpc_service.serve_request_id()
+        )
 
     @api.get("/schema", summary="The feature order a row must follow")
     async def schema(self) -> dict[str, Any]:
