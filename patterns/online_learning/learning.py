@@ -12,7 +12,7 @@ One round:
       -> gate: candidate vs champion on the recent window -> promote (pointer + nudge) or not
       -> rollback check: once the live window is full, if the answers served since the anchor
          scored worse than the anchor would have on the same events, roll back to the anchor;
-         otherwise the current champion becomes the new anchor
+         otherwise the newest version that served them becomes the new anchor
 
 Failure policy, written once:
 - a crash anywhere before the save loses only in-memory work: the restart reloads the newest

@@ -159,11 +159,11 @@ def test_a_poisoned_burst_is_rejected_by_the_gate_and_live_quality_holds(url) ->
     assert honest["accuracy"] > 0.85, honest["accuracy"]
     history = httpx.get(f"{url}/model", timeout=30).json()["metrics_history"]
     assert any(h["decision"] == "reject" for h in history), history
-    promoted = [h for h in _history(url) if h["seq"] > seq_before]
+    r = httpx.post(f"{url}/predict", json={"instances": [ROW]}, timeout=30).json()
+    promoted = [h for h in _history(url) if h["seq"] > seq_before]  # read after the answer
     # Any promotion during or after the flood must have been as good on the held-out window.
     for h in promoted:
         assert h["reason"].startswith("gate"), h
-    r = httpx.post(f"{url}/predict", json={"instances": [ROW]}, timeout=30).json()
     assert r["model_version"] in {before} | {h["version"] for h in promoted}
 
 
