@@ -25,7 +25,7 @@ import threading
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Response
-from pydantic import BaseModel, Field, Strict
+from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
@@ -42,6 +42,15 @@ from patterns.online_learning.deployments import INGRESS_DEPLOYMENT, BanditPolic
 from patterns.online_learning.feedback_log import open_log
 from patterns.online_learning.learning import TrainerArgs
 from patterns.online_learning.model import BASELINE_VERSION, MODEL_NAME, validate_rows
+from patterns.online_learning.schemas import (
+    ID_PATTERN,
+    ChooseRequest,
+    FeedbackBatch,
+    FeedbackEvent,
+    PredictRequest,
+    RewardRequest,
+    RollbackRequest,
+)
 from patterns.online_learning.service import (
     FeedbackLimits,
     LiveModel,
@@ -51,7 +60,6 @@ from patterns.online_learning.settings import OnlineSettings, load_admin_keys
 from patterns.online_learning.stream import CLASSES, N_FEATURES
 
 logger = logging.getLogger("patterns.online_learning")
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 
 
 class BanditArgs(BaseModel):
@@ -75,51 +83,6 @@ class OnlineArgs(BaseModel):
     ingress_replicas: int | None = Field(default=None, ge=1)
     ingress_resources: StageResources = StageResources(num_cpus=0.05)
     trainer_resources: StageResources = StageResources(num_cpus=0.1)
-
-
-# ------------------------------------------------------------------------------ requests
-Label = Annotated[int, Strict()]
-
-
-class PredictRequest(BaseModel):
-    instances: list[list[Any]] = Field(
-        min_length=1,
-        description=f"Rows of {N_FEATURES} finite numbers (x0..x{N_FEATURES - 1}).",
-        examples=[[[0.5, -1.2, 0.3, 0.0, 1.1]]],
-    )
-    version: str | None = Field(
-        default=None,
-        pattern=r"^v\d{6}$",
-        description="Pin a version (e.g. the frozen baseline v000001) instead of the champion.",
-    )
-
-
-class FeedbackEvent(BaseModel):
-    event_id: str = Field(pattern=ID_PATTERN, description="Your id for this feedback event.")
-    prediction_id: str = Field(min_length=1, max_length=128)
-    label: Label = Field(description=f"The true class: one of {list(CLASSES)}.")
-    client_id: str | None = Field(default=None, pattern=ID_PATTERN)
-
-
-class FeedbackBatch(BaseModel):
-    events: list[FeedbackEvent] = Field(min_length=1, max_length=512)
-    client_id: str | None = Field(default=None, pattern=ID_PATTERN)
-
-
-class RollbackRequest(BaseModel):
-    to_version: str | None = Field(default=None, pattern=r"^v\d{6}$")
-    reason: str = Field(default="manual rollback", max_length=200)
-
-
-class ChooseRequest(BaseModel):
-    context: list[Any] = Field(min_length=1, examples=[[1.2, -0.3, 0.1]])
-
-
-class RewardRequest(BaseModel):
-    event_id: str = Field(pattern=ID_PATTERN)
-    choice_id: str = Field(min_length=1, max_length=128)
-    reward: float = Field(description="In [0, 1], e.g. 1 = clicked.")
-    client_id: str | None = Field(default=None, pattern=ID_PATTERN)
 
 
 # ------------------------------------------------------------------------------ ingress
