@@ -13,6 +13,7 @@ import pytest
 from patterns.multiplexing.app import MultiplexArgs, build_app
 from patterns.multiplexing.artifacts import ensure_artifacts
 from patterns.multiplexing.tenants import TENANT_MARKERS
+from tests.multiplexing.conftest import wait_until_served
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,7 @@ def url(deploy) -> str:
         forecast={"hot_model_ids": []},
         chat={"limits": {"max_prompt_tokens": 200, "max_tokens": 200, "default_max_tokens": 48}},
     )
-    return deploy(build_app(args), APP, PREFIX)
+    return wait_until_served(deploy(build_app(args), APP, PREFIX))
 
 
 def _chat(url: str, body: dict, headers=None, timeout=120) -> httpx.Response:

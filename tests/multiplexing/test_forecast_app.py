@@ -12,6 +12,7 @@ import pytest
 from patterns.multiplexing.app import MultiplexArgs, build_app
 from patterns.multiplexing.artifacts import forecaster_name
 from patterns.multiplexing.forecasting import FIRST_FORECAST_DAY, Forecaster, forecast_answer
+from tests.multiplexing.conftest import wait_until_served
 
 PREFIX = "/multiplex-test"
 HEADER = "serve_multiplexed_model_id"
@@ -30,7 +31,7 @@ def url(deploy, forecast_store) -> str:
         forecast={"hot_model_ids": ["store-0001"], "hot_slots": 2, "cache": {"max_models": 64}},
         chat={"enabled": False},
     )
-    return deploy(build_app(args), "multiplexing-test", PREFIX)
+    return wait_until_served(deploy(build_app(args), "multiplexing-test", PREFIX))
 
 
 def _predict(url: str, model_id: str, body=None, **kw) -> httpx.Response:
@@ -189,11 +190,23 @@ def test_hot_id_is_prewarmed_and_served_by_both_replicas(url) -> None:
     assert len(stats) == 2
     for s in stats:
         assert s["prewarmed"] == {"store-0001": "ok"}
-    replicas, outcomes = set(), set()
-    for _ in range(30):
-        answer = _predict(url, "store-0001").json()
-        replicas.add(answer["served_by"]["replica"])
-        outcomes.add(answer["served_by"]["cache"])
+
+    async def hot_traffic() -> list[dict]:
+        sem = asyncio.Semaphore(16)  # a hot tenant: many requests in flight at once
+        async with httpx.AsyncClient(timeout=60) as client:
+
+            async def one(i: int) -> dict:
+                async with sem:
+                    r = await client.post(
+                        f"{url}/models/store-0001/predict", json={"horizon_days": 1 + i % 7}
+                    )
+                    return r.json()
+
+            return await asyncio.gather(*(one(i) for i in range(96)))
+
+    answers = asyncio.run(hot_traffic())
+    replicas = {a["served_by"]["replica"] for a in answers}
+    outcomes = {a["served_by"]["cache"] for a in answers}
     assert replicas == {s["replica"] for s in stats}
     assert outcomes == {"hit"}  # prewarmed: never a load on the request path
 
