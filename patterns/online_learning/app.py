@@ -79,7 +79,7 @@ class OnlineArgs(BaseModel):
     # Safety net under the broadcast nudge: each replica re-reads the pointer this often.
     pointer_poll_s: float = Field(default=1.0, gt=0, le=60)
     trainer_timeout_s: float = Field(default=5.0, gt=0)  # GET /model, POST /rollback
-    # None: Serve's default or the config's autoscaling_config (config.yaml scales it 1..4).
+    # None: autoscale 1..4 (the deployment's autoscaling_config); a number fixes the count.
     ingress_replicas: int | None = Field(default=None, ge=1)
     ingress_resources: StageResources = StageResources(num_cpus=0.05)
     trainer_resources: StageResources = StageResources(num_cpus=0.1)
@@ -120,7 +120,18 @@ def _context(values: list[Any], dim: int) -> list[float]:
     return validate_rows([values], dim)[0].tolist()
 
 
-@serve.deployment(max_ongoing_requests=64)
+@serve.deployment(
+    max_ongoing_requests=64,
+    max_queued_requests=256,  # beyond this the caller gets a 503 at once, not a growing queue
+    # Cheap per request (a linear model, a log append): scale on many requests in flight.
+    autoscaling_config={
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 16,
+        "upscale_delay_s": 5,
+        "downscale_delay_s": 60,
+    },
+)
 @serve.ingress(api)
 class OnlineIngress:
     def __init__(
@@ -292,7 +303,7 @@ def build_app(args: OnlineArgs | dict[str, Any] | None = None) -> Application:
         ray_actor_options=resolve_actor_options(args.ingress_resources, "online/ingress"),
     )
     if args.ingress_replicas is not None:
-        ingress = ingress.options(num_replicas=args.ingress_replicas)
+        ingress = ingress.options(num_replicas=args.ingress_replicas, autoscaling_config=None)
     return ingress.bind(trainer, bandit, args.model_dump())
 
 
