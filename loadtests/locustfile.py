@@ -12,8 +12,26 @@ never drifts from what the README shows.
 import importlib
 import itertools
 import os
+import time
 
-from locust import FastHttpUser, constant, task
+from locust import FastHttpUser, constant, events, task
+
+# LOADTEST_SAMPLES=DIR: every request (ok or failed) also goes to DIR/samples-<pid>.csv as
+# "end time, latency ms, ok" (one file per Locust process), so loadtests.study can compute
+# each load step's rps, p95 and failures exactly, not from Locust's 10 s rolling window.
+_samples: dict[int, object] = {}
+
+
+@events.request.add_listener
+def _record(response_time: float, exception: object = None, **_: object) -> None:
+    folder = os.environ.get("LOADTEST_SAMPLES")
+    if not folder:
+        return
+    pid = os.getpid()
+    f = _samples.get(pid)
+    if f is None:
+        f = _samples[pid] = open(os.path.join(folder, f"samples-{pid}.csv"), "a", buffering=1)  # noqa: SIM115
+    f.write(f"{time.time():.4f},{response_time:.2f},{0 if exception else 1}\n")
 
 
 def _load_sampler():
