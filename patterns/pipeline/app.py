@@ -1,4 +1,6 @@
-"""Vision pipeline on Ray Serve: each model stage its own deployment, resources and batching.
+"""Vision pipeline on Ray Serve: the same stages split into deployments, or fused in one.
+
+``topology: split`` (a GPU node: each model stage its own replicas, GPU fraction, batching):
 
     client --> PipelineIngress (FastAPI: raw PNG/JPEG, multipart, multipart batch)
                   |  PipelineFlow (flow.py): the request, in order
@@ -10,13 +12,16 @@
                   v                                             v
                business rule (rules.py, in process): accept / review / reject
 
+``topology: fused`` (a small CPU box: no hop at all): PipelineIngress runs the same flow over
+``stages.FusedStages``: decode in the replica, the three models batched together in it.
+
 Run: ``serve run patterns.pipeline.app:app`` (after ``python -m patterns.pipeline.artifacts``).
 Knobs: config.yaml (the same values as the defaults below).
 """
 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI views need real
 # annotations (with string annotations `self` becomes a required query parameter).
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
@@ -26,7 +31,8 @@ from ray.serve.handle import DeploymentHandle
 
 from core.apps import coerce_args, default_app
 from core.ingress import install_ingress, request_id_of
-from core.resources import StageResources, resolve_actor_options, wants_gpu
+from core.model_store import ModelStore
+from core.resources import StageResources, resolve_actor_options, torch_device, wants_gpu
 from patterns.pipeline.deployments import (
     Detector,
     DigitClassifier,
@@ -37,11 +43,36 @@ from patterns.pipeline.deployments import (
 from patterns.pipeline.flow import PipelineFlow
 from patterns.pipeline.preprocess import ImageLimits
 from patterns.pipeline.rules import RuleConfig
-from patterns.pipeline.stages import BATCH_KNOBS, DetectorSpec, DigitsSpec, ModelSpec, SceneSpec
+from patterns.pipeline.stages import (
+    BATCH_KNOBS,
+    DetectorSpec,
+    DigitsSpec,
+    FusedStages,
+    ModelSpec,
+    SceneSpec,
+)
 from patterns.pipeline.uploads import BATCH_BODY, IMAGE_BODY, batch_of_images, one_image
 
 
+class FusedSpec(BaseModel):
+    """The one replica of ``topology: fused``: it decodes, runs the three models on a batch
+    of requests at once, and answers."""
+
+    # how many requests may share one pass of the three models, and how long may a batch
+    # wait to fill? (scaled by load: no wait after a one-request batch; batcher.py)
+    max_batch_size: int = Field(default=16, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0, le=1)
+    # Where the cluster has no GPU, the GPU fraction becomes a CPU placement (core.resources).
+    resources: StageResources = StageResources(num_cpus=0.25, num_gpus=0.25)
+
+
 class PipelineArgs(BaseModel):
+    # split: every stage its own deployment (scale stages apart, share a GPU by fractions);
+    # fused: all stages in the ingress replica (no hop; a small CPU-only box). The local
+    # profile (config.yaml) is fused: measured faster on 2 cores (README); the GPU profile
+    # (config.gpu.yaml) is split.
+    topology: Literal["split", "fused"] = "fused"
+    fused: FusedSpec = FusedSpec()
     detector: DetectorSpec = DetectorSpec()
     scene: SceneSpec = SceneSpec()
     digits: DigitsSpec = DigitsSpec()
@@ -69,7 +100,8 @@ install_ingress(api, app_name="pipeline", max_body_bytes=64 * 1024 * 1024)
 _ERRORS: dict[int | str, dict[str, Any]] = {400: {}, 413: {}, 415: {}, 422: {}, 503: {}}
 
 
-# I/O-bound: awaits the stages; many requests in flight per replica are cheap.
+# split: I/O-bound, awaits the stages, many requests in flight per replica are cheap.
+# fused: the options below are replaced by FUSED_OPTIONS in build_app.
 @serve.deployment(
     max_ongoing_requests=100,
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 50},
@@ -78,19 +110,53 @@ _ERRORS: dict[int | str, dict[str, Any]] = {400: {}, 413: {}, 415: {}, 422: {}, 
 class PipelineIngress:
     def __init__(
         self,
-        preprocess: DeploymentHandle,
-        detector: DeploymentHandle,
-        scene: DeploymentHandle,
-        digits: DeploymentHandle,
+        preprocess: DeploymentHandle | None,
+        detector: DeploymentHandle | None,
+        scene: DeploymentHandle | None,
+        digits: DeploymentHandle | None,
         args: dict[str, Any],
     ) -> None:
         self.args = PipelineArgs(**args)
+        self.fused: FusedStages | None = None
+        stages: Any
+        if self.args.topology == "fused":
+            stages = self.fused = self._load_fused()
+        else:
+            stages = HandleStages(preprocess, detector, scene, digits)  # type: ignore[arg-type]
         self.flow = PipelineFlow(
-            HandleStages(preprocess, detector, scene, digits),
+            stages,
             rules=self.args.rules,
             stage_timeout_s=self.args.stage_timeout_s,
             max_image_bytes=self.args.max_image_bytes,
         )
+
+    def _load_fused(self) -> FusedStages:
+        """fused: every stage in this replica, on the device it was given."""
+        import torch
+
+        # A replica owns a core at most: more torch threads would only contend.
+        torch.set_num_threads(1)
+        args = self.args
+        on_gpu = wants_gpu(resolve_actor_options(args.fused.resources, "pipeline/fused"))
+        return FusedStages.load(
+            ModelStore.open(args.model_store_uri),
+            torch_device(on_gpu),
+            limits=args.limits,
+            detector=args.detector,
+            scene=args.scene,
+            digits=args.digits,
+            storage_options=args.checkpoint_storage_options,
+            metrics_app="pipeline",
+            max_batch_size=args.fused.max_batch_size,
+            batch_wait_timeout_s=args.fused.batch_wait_timeout_s,
+        )
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """fused: the batching knobs (user_config), applied live to the replica's batcher."""
+        if self.fused is not None:
+            knobs = FusedSpec(**{**self.args.fused.model_dump(), **config})
+            self.fused.batcher.set_max_batch_size(knobs.max_batch_size)
+            self.fused.batcher.set_batch_wait_timeout_s(knobs.batch_wait_timeout_s)
 
     @api.post(
         "/read",
@@ -134,6 +200,12 @@ class PipelineIngress:
 
 
 # ------------------------------------------------------------------------------ builder
+# fused: one process per core does all the work (decode and models); two replicas use both
+# cores of the local 2-CPU box. Each holds at most this many requests: enough to fill a batch
+# twice over, few enough that a burst queues in the proxy instead of in a busy replica.
+FUSED_OPTIONS: dict[str, Any] = {"num_replicas": 2, "max_ongoing_requests": 32}
+
+
 def _model_stage(cls: Any, spec: ModelSpec, args: PipelineArgs, stage: str) -> Application:
     options = resolve_actor_options(spec.resources, f"pipeline/{stage}")
     return cls.options(
@@ -151,6 +223,14 @@ def _model_stage(cls: Any, spec: ModelSpec, args: PipelineArgs, stage: str) -> A
 
 def build_app(args: PipelineArgs | dict[str, Any]) -> Application:
     args = coerce_args(args, PipelineArgs)
+    if args.topology == "fused":
+        ingress = PipelineIngress.options(
+            ray_actor_options=resolve_actor_options(args.fused.resources, "pipeline/fused"),
+            user_config=args.fused.model_dump(include=BATCH_KNOBS),
+            autoscaling_config=None,
+            **FUSED_OPTIONS,
+        )
+        return ingress.bind(None, None, None, None, args.model_dump())
     preprocess = Preprocess.options(
         ray_actor_options=resolve_actor_options(args.preprocess_resources, "pipeline/preprocess")
     ).bind(args.limits.model_dump())

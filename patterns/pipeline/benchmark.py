@@ -1,113 +1,178 @@
-"""Batching on vs off at the same replicas, and what each composition hop costs.
+"""Batching on vs off, fused vs split vs a plain monolith, and what each hop costs: one run.
 
-    python -m patterns.pipeline.benchmark                    # ~1.5 minutes
-    python -m patterns.pipeline.benchmark --duration 30 --concurrency 32
+    python -m patterns.pipeline.benchmark                      # ~5 min on 2 shared cores
+    python -m patterns.pipeline.benchmark --ingress haproxy    # HAProxy + direct ingress
+    python -m patterns.pipeline.benchmark --topology split --concurrency 32 --duration 15
 
-Starts its own local Ray + Serve (HTTP on a free loopback port), deploys the pipeline with
-batching on (each model stage's ``max_batch_size`` and ``batch_wait_timeout_s`` as in
-``PipelineArgs``, the same as config.yaml: 16 detector, 16 scene classifier, 32 digit
-classifier, 5 ms wait; ``--max-batch-size B`` puts B on all three instead), drives it with
-``--concurrency`` clients sending held-out scenes for a fixed time, then redeploys with
-``max_batch_size: 1`` on every model stage (same replicas, same resources) and repeats.
-Prints throughput and p50/p95 for both and their ratio.
+Starts its own local Ray + Serve (HTTP on a free loopback port) in the ingress mode under
+test (``--ingress``, default ``COOKBOOK_INGRESS_MODE`` or ``default``; Serve reads it when the
+cluster starts, so one mode per run), and drives it with ``patterns.pipeline.loadgen``
+(several client processes, raw keep-alive HTTP) sending held-out scenes as PNG bodies. Every
+comparison is side by side in this one run: the variants are deployed together and measured
+in alternating rounds, so a change in the machine's load hits both.
 
-Then, one request at a time: each stage's time as the ingress sees it (``timings_ms``:
-preprocess its round trip, the detector and scene classifier from the call to the answer, the
-digit classifier from the detector's answer to its own, since it gets the boxes straight from
-the detector) minus the stage's own compute time = what the hop itself adds (serialisation,
-routing, queueing); the business rule runs in process, so it adds no hop. And the whole
-pipeline against the same three models called in one process (the monolith: the same PNG
-bodies decoded and read; the bodies are encoded before the clock starts).
-Figures are for the machine it runs on; say which when you quote them.
+1. Batching on vs off at the same replicas (``--topology``, default the shipped local
+   profile's): on = the profile's ``max_batch_size`` / ``batch_wait_timeout_s``, off =
+   ``max_batch_size: 1``. Goal (issue 12, 2 cores): on >= 1.3x the req/s of off, p95 no worse.
+2. Topologies at the same concurrency: the fused profile, the split profile, and the
+   monolith (``monolith.py`` under ``uvicorn --workers 2``: the same flow and models, no
+   Ray). Goal: the shipped local profile >= 0.6x the monolith's req/s.
+3. The hops of the split profile, one request at a time, batching off: each stage's time as
+   the ingress sees it (``timings_ms``) minus its own compute time (``compute_ms``) = what
+   the hop adds (routing, the replica's event loop, the payload). Goal: <= 2 ms p50 per hop.
+   Then the pipeline at the ingress against the same decode and models called in one process.
+
+Figures are for the machine it runs on (printed, with its load average before and after).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from patterns.pipeline.loadgen import (
+    CpuMeter,
+    LoadResult,
+    Request,
+    machine,
+    process_tree,
+    run_load,
+)
 from patterns.pipeline.scenes import scene_png
 
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("preprocess", "detector", "scene_classifier", "digit_classifier", "business_rules")
+GOALS = {"batching": 1.3, "monolith": 0.6, "hop_ms": 2.0}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
+def bodies(n: int = 64) -> list[bytes]:
+    return [scene_png("heldout", i) for i in range(n)]
 
 
-async def _load(url: str, bodies: list[bytes], concurrency: int, duration_s: float) -> dict:
+def requests_for(prefix: str, pngs: list[bytes]) -> list[Request]:
+    return [Request("POST", f"{prefix}/read", png, "image/png") for png in pngs]
+
+
+def batching_off(args: Any) -> Any:
+    """The same args with every batch of one request (same replicas, same resources)."""
+    off = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
+    return args.model_copy(
+        update={
+            "fused": args.fused.model_copy(update=off),
+            "detector": args.detector.model_copy(update=off),
+            "scene": args.scene.model_copy(update=off),
+            "digits": args.digits.model_copy(update=off),
+        }
+    )
+
+
+def mean_batch(result: LoadResult) -> float:
+    sizes = [json.loads(b)["batch_sizes"]["detector"] for b in result.samples]
+    return statistics.fmean(sizes) if sizes else 0.0
+
+
+def wait_ready(url: str, png: bytes, timeout_s: float = 300.0, answers: int = 4) -> None:
+    """Until ``answers`` reads in a row answer 200 (every worker/replica warmed up)."""
     import httpx
 
-    latencies: list[float] = []
-    batch_sizes: list[int] = []
-    per_image: list[float] = []  # detector forward-pass time per image
-    errors = 0
-    deadline = time.perf_counter() + duration_s
-
-    async def user(uid: int, client: httpx.AsyncClient) -> None:
-        nonlocal errors
-        i = uid
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            r = await client.post(
-                f"{url}/read",
-                content=bodies[i % len(bodies)],
-                headers={"Content-Type": "image/png"},
-            )
-            if r.status_code == 200:
-                latencies.append((time.perf_counter() - t0) * 1000)
-                body = r.json()
-                batch_sizes.append(body["batch_sizes"]["detector"])
-                per_image.append(body["compute_ms"]["detector"] / body["batch_sizes"]["detector"])
-            else:
-                errors += 1
-            i += concurrency
-
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(user(u, client) for u in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-    return {
-        "throughput": len(latencies) / elapsed,
-        "p50": _pct(latencies, 50),
-        "p95": _pct(latencies, 95),
-        "ok": len(latencies),
-        "errors": errors,
-        "mean_batch": statistics.fmean(batch_sizes) if batch_sizes else 0.0,
-        "detector_ms_per_image": statistics.fmean(per_image) if per_image else 0.0,
-    }
+    deadline, good = time.monotonic() + timeout_s, 0
+    while time.monotonic() < deadline and good < answers:
+        try:
+            r = httpx.post(url, content=png, headers={"Content-Type": "image/png"}, timeout=30)
+            good = good + 1 if r.status_code == 200 else 0
+        except httpx.HTTPError:
+            good = 0
+        if good < answers:
+            time.sleep(0.2)
+    if good < answers:
+        raise RuntimeError(f"{url} did not answer within {timeout_s:g} s")
 
 
-def _sequential(url: str, bodies: list[bytes], n: int) -> dict[str, Any]:
+def start_monolith(port: int, workers: int) -> subprocess.Popen:
+    cmd = [
+        sys.executable, "-m", "uvicorn", "--factory", "patterns.pipeline.monolith:create_app",
+        "--workers", str(workers), "--host", "127.0.0.1", "--port", str(port),
+        "--log-level", "warning", "--no-access-log",
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+Cell = tuple[str, list[Request], Callable[[], list[int]]]  # base URL, requests, server pids
+
+
+def alternate(
+    cells: dict[str, Cell], *, concurrency: int, duration: float, rounds: int, processes: int
+) -> dict[str, tuple[LoadResult, float]]:
+    """Measure each cell in turn, ``rounds`` times; latencies and counts pooled over the
+    rounds, with the CPU ms the server's processes spent per answer in the same windows."""
+    pooled: dict[str, list[LoadResult]] = {label: [] for label in cells}
+    cpu: dict[str, float] = dict.fromkeys(cells, 0.0)
+    for r in range(rounds):
+        for label, (url, reqs, pids) in cells.items():
+            meter = CpuMeter(pids)
+            res = run_load(
+                url, reqs, concurrency=concurrency, duration_s=duration, warmup_s=2.0,
+                processes=processes, samples=40, on_window=meter,
+            )  # fmt: skip
+            pooled[label].append(res)
+            cpu[label] += meter.seconds
+            row = {**res.row(), "server_cpu_ms": round(meter.ms_per(res.ok), 2)}
+            print(f"  round {r + 1} {label:<26} {row}", flush=True)
+    out = {}
+    for label, results in pooled.items():
+        statuses: dict[int, int] = {}
+        for res in results:
+            for s, n in res.statuses.items():
+                statuses[s] = statuses.get(s, 0) + n
+        merged = LoadResult(
+            concurrency=concurrency,
+            processes=processes,
+            duration_s=sum(r.duration_s for r in results),
+            latencies_ms=np.concatenate([r.latencies_ms for r in results]),
+            statuses=statuses,
+            errors=sum(r.errors for r in results),
+            client_cpu=statistics.fmean(r.client_cpu for r in results),
+            samples=[s for r in results for s in r.samples],
+        )
+        out[label] = (merged, 1000 * cpu[label] / merged.ok if merged.ok else float("nan"))
+    return out
+
+
+def sequential_hops(url: str, pngs: list[bytes], n: int) -> dict[str, Any]:
+    """One request at a time: per stage (round trip at the ingress, compute in the stage)."""
     import httpx
 
     hops: dict[str, list[float]] = {s: [] for s in STAGES}
     compute: dict[str, list[float]] = {s: [] for s in STAGES}
     totals, client_ms = [], []
     with httpx.Client(timeout=60) as client:
-        for i in range(n):
+        for i in range(n + 5):
             t0 = time.perf_counter()
             r = client.post(
-                f"{url}/read",
-                content=bodies[i % len(bodies)],
-                headers={"Content-Type": "image/png"},
+                f"{url}/read", content=pngs[i % len(pngs)], headers={"Content-Type": "image/png"}
             )
-            client_ms.append((time.perf_counter() - t0) * 1000)
+            ms = (time.perf_counter() - t0) * 1000
+            if i < 5:  # warm the connections and the handles
+                continue
             body = r.json()
+            client_ms.append(ms)
             totals.append(body["timings_ms"]["total"])
             for s in STAGES:
                 if s in body["timings_ms"]:
@@ -124,7 +189,7 @@ def _sequential(url: str, bodies: list[bytes], n: int) -> dict[str, Any]:
     }
 
 
-def _monolith(bodies: list[bytes], n: int) -> float:
+def in_process_ms(pngs: list[bytes], n: int) -> float:
     """Median ms per image for decode + all three models in one process, one at a time, on
     the same PNG bodies the HTTP clients send (encoded before timing, as theirs are)."""
     import torch
@@ -145,27 +210,36 @@ def _monolith(bodies: list[bytes], n: int) -> float:
     times = []
     for i in range(n + 3):
         t0 = time.perf_counter()
-        prep = prepare(bodies[i % len(bodies)], limits)
+        prep = prepare(pngs[i % len(pngs)], limits)
         reader.read(as_input([prep.image], "cpu"))  # type: ignore[union-attr]
         if i >= 3:  # the first calls pay for lazy initialisation
             times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds per run")
-    parser.add_argument("--sequential", type=int, default=40, help="requests for hop costs")
-    parser.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=None,
-        help="batching on: this max_batch_size on every model stage (default: each stage's "
-        "own, as in config.yaml)",
-    )
-    args = parser.parse_args()
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
 
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ingress", choices=("default", "haproxy"), default=None)
+    parser.add_argument("--topology", choices=("fused", "split"), default=None,
+                        help="batching comparison (default: the shipped profile's)")  # fmt: skip
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per cell")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per cell")
+    parser.add_argument("--processes", type=int, default=2, help="client processes")
+    parser.add_argument("--sequential", type=int, default=40, help="requests for hop costs")
+    parser.add_argument("--monolith-workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--skip", default="", help="comma list of: batching,topologies,hops")
+    args = parser.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+
+    # The ingress switches must be in the environment before Serve is imported.
+    from core.ingress_mode import apply_ingress_mode
+
+    mode = apply_ingress_mode(args.ingress)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
@@ -174,74 +248,152 @@ def main() -> None:
     from patterns.pipeline.artifacts import ensure_artifacts
 
     ensure_artifacts()
-    bodies = [scene_png("heldout", i) for i in range(64)]
-    port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    shipped = PipelineArgs()
+    topology = args.topology or shipped.topology
+    pngs = bodies()
+    before = machine()
+    print(f"machine: {before}; ingress: {mode}", flush=True)
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")  # fmt: skip
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}/pipeline"
-    results: dict[str, dict] = {}
-    hop_report: dict[str, Any] = {}
+    base = f"http://127.0.0.1:{port}"
+    report: dict[str, Any] = {"shipped_topology": shipped.topology}
+    monolith: subprocess.Popen | None = None
+
+    def serve_pids() -> list[int]:  # this driver, Ray's processes and the replicas
+        return process_tree(os.getpid(), {monolith.pid} if monolith else None)
+
     try:
-        off = {"max_batch_size": 1, "batch_wait_timeout_s": 0}
-        if args.max_batch_size:
-            on = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": 0.005}
-            batching_on = PipelineArgs(detector=on, scene=on, digits=on)
-        else:
-            batching_on = PipelineArgs()  # each stage's own batching (= config.yaml)
-        batching_off = PipelineArgs(detector=off, scene=off, digits=off)
-        for label, pargs in (("batching on", batching_on), ("batching off", batching_off)):
-            sizes = ", ".join(
-                f"{stage} {getattr(pargs, stage).max_batch_size}"
-                for stage in ("detector", "scene", "digits")
+        on = shipped.model_copy(update={"topology": topology})
+        if "batching" not in skip:
+            print(f"deploying {topology}: batching on and off ...", flush=True)
+            serve.run(build_app(on), name="p-on", route_prefix="/p-on")
+            serve.run(build_app(batching_off(on)), name="p-off", route_prefix="/p-off")
+            for prefix in ("/p-on", "/p-off"):
+                wait_ready(f"{base}{prefix}/read", pngs[0])
+            report["batching"] = alternate(
+                {
+                    "batching on": (base, requests_for("/p-on", pngs), serve_pids),
+                    "batching off": (base, requests_for("/p-off", pngs), serve_pids),
+                },
+                concurrency=args.concurrency, duration=args.duration, rounds=args.rounds,
+                processes=args.processes,
+            )  # fmt: skip
+            serve.delete("p-off")
+            if topology != shipped.topology:
+                serve.delete("p-on")
+        if "topologies" not in skip:
+            print("deploying fused and split (batching on), starting the monolith ...", flush=True)
+            cells: dict[str, Cell] = {}
+            mono_port = free_port()
+            monolith = start_monolith(mono_port, args.monolith_workers)
+            for topo in ("fused", "split"):
+                name = "p-on" if topo == topology and "batching" not in skip else f"p-{topo}"
+                if name != "p-on":
+                    serve.run(build_app(shipped.model_copy(update={"topology": topo})),
+                              name=name, route_prefix=f"/{name}")  # fmt: skip
+                elif "batching" in skip:
+                    serve.run(build_app(on), name=name, route_prefix=f"/{name}")
+                wait_ready(f"{base}/{name}/read", pngs[0])
+                cells[f"{topo} (serve)"] = (base, requests_for(f"/{name}", pngs), serve_pids)
+            mono_url = f"http://127.0.0.1:{mono_port}"
+            wait_ready(f"{mono_url}/pipeline/read", pngs[0], answers=8)
+            mono_pid = monolith.pid
+            cells[f"monolith (uvicorn x{args.monolith_workers})"] = (
+                mono_url,
+                requests_for("/pipeline", pngs),
+                lambda: process_tree(mono_pid),
             )
-            print(f"deploying ({label}: max_batch_size {sizes}) ...", flush=True)
-            serve.run(build_app(pargs), name="pipeline", route_prefix="/pipeline")
-            asyncio.run(_load(url, bodies, args.concurrency, 2.0))  # warm-up, not counted
-            results[label] = asyncio.run(_load(url, bodies, args.concurrency, args.duration))
-            print(f"  {label}: {results[label]}", flush=True)
-            if pargs is batching_off:  # one at a time: no batch wait, hops show their cost
-                hop_report = _sequential(url, bodies, args.sequential)
-        serve.delete("pipeline")
+            report["topologies"] = alternate(
+                cells, concurrency=args.concurrency, duration=args.duration,
+                rounds=args.rounds, processes=args.processes,
+            )  # fmt: skip
+            monolith.terminate()
+            monolith.wait(timeout=60)
+            monolith = None
+            for name in serve.status().applications:
+                serve.delete(name)
+        if "hops" not in skip:
+            print("deploying split with batching off, for the hops ...", flush=True)
+            split_off = batching_off(shipped.model_copy(update={"topology": "split"}))
+            serve.run(build_app(split_off), name="p-hops", route_prefix="/p-hops")
+            wait_ready(f"{base}/p-hops/read", pngs[0])
+            report["hops"] = sequential_hops(f"{base}/p-hops", pngs, args.sequential)
+            serve.delete("p-hops")
     finally:
+        if monolith is not None:
+            monolith.terminate()
+            monolith.wait(timeout=60)
         serve.shutdown()
         ray.shutdown()
-    monolith_ms = _monolith(bodies, args.sequential)
+    if "hops" in report:
+        report["in_process_ms"] = in_process_ms(pngs, args.sequential)
+    print_report(report, args, mode, topology, before)
 
-    on, off = results["batching on"], results["batching off"]
+
+def print_report(report: dict[str, Any], args: Any, mode: str, topology: str, before: str) -> None:
     print()
-    print(
-        f"Throughput and latency, {args.concurrency} concurrent clients, {args.duration:g} s "
-        "each, 1 replica per stage, HTTP through Serve's proxy"
-    )
-    print(
-        f"{'':14}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'mean batch':>12}"
-        f"{'detector ms/img':>17}{'errors':>8}"
-    )
-    for label, r in results.items():
-        print(
-            f"{label:14}{r['throughput']:8.1f}{r['p50']:9.1f}{r['p95']:9.1f}"
-            f"{r['mean_batch']:12.2f}{r['detector_ms_per_image']:17.2f}{r['errors']:8d}"
+    print(f"machine: {before} (before); {machine()} (after)")
+    print(f"ingress: {mode}; clients: {args.processes} processes, {args.concurrency} in flight, "
+          f"{args.rounds} alternating rounds of {args.duration:g} s per cell")  # fmt: skip
+    print("server CPU ms/req: CPU time the serving processes spent per answer in the same windows "
+          "(like for like on a shared box)")  # fmt: skip
+    if "batching" in report:
+        (on, on_cpu), (off, off_cpu) = (
+            report["batching"]["batching on"],
+            report["batching"]["batching off"],
         )
-    print(
-        f"{'on / off':14}{on['throughput'] / off['throughput']:8.2f}"
-        f"{on['p50'] / off['p50']:9.2f}{on['p95'] / off['p95']:9.2f}{'':12}"
-        f"{on['detector_ms_per_image'] / off['detector_ms_per_image']:17.2f}"
-    )
-    print()
-    print(f"Per hop, one request at a time (median of {args.sequential}, batching off):")
-    print(f"{'stage':18}{'round trip':>11}{'compute':>9}{'hop adds':>10}")
-    added = 0.0
-    for stage, (rt, comp) in hop_report["hops"].items():
-        hop = 0.0 if stage == "business_rules" else rt - comp  # in process: no hop
-        added += hop
-        note = "  (in process)" if stage == "business_rules" else ""
-        print(f"{stage:18}{rt:11.2f}{comp:9.2f}{hop:10.2f}{note}")
-    print(f"{'all hops':18}{'':11}{'':9}{added:10.2f}")
-    print(
-        f"pipeline at the ingress {hop_report['ingress_total']:.1f} ms; at the client "
-        f"{hop_report['client']:.1f} ms (adds the HTTP proxy); the same models in one "
-        f"process (monolith) {monolith_ms:.1f} ms per image"
-    )
+        print()
+        print(f"1. Batching on vs off, {topology} topology, same replicas")
+        print(f"{'':16}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'mean batch':>12}"
+              f"{'CPU ms/req':>12}{'failed':>8}")  # fmt: skip
+        for label, (r, cpu) in report["batching"].items():
+            print(f"{label:16}{r.rps:8.1f}{r.pct(50):9.1f}{r.pct(95):9.1f}"
+                  f"{mean_batch(r):12.2f}{cpu:12.2f}{r.failed:8d}")  # fmt: skip
+        ratio, p95 = on.rps / off.rps, on.pct(95) / off.pct(95)
+        print(f"{'on / off':16}{ratio:8.2f}{on.pct(50) / off.pct(50):9.2f}{p95:9.2f}"
+              f"{'':12}{on_cpu / off_cpu:12.2f}")  # fmt: skip
+        goal = GOALS["batching"]
+        print(f"   goal: req/s on/off >= {goal}: {ratio:.2f} {verdict(ratio >= goal)}; "
+              f"p95 on/off <= 1.0: {p95:.2f} {verdict(p95 <= 1.0)}; "
+              f"(CPU per request off/on: {off_cpu / on_cpu:.2f})")  # fmt: skip
+    if "topologies" in report:
+        rows = report["topologies"]
+        mono, mono_cpu = next(v for label, v in rows.items() if label.startswith("monolith"))
+        print()
+        print("2. Topologies, batching on, same concurrency")
+        print(f"{'':28}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'x monolith':>12}"
+              f"{'CPU ms/req':>12}{'failed':>8}")  # fmt: skip
+        for label, (r, cpu) in rows.items():
+            print(f"{label:28}{r.rps:8.1f}{r.pct(50):9.1f}{r.pct(95):9.1f}"
+                  f"{r.rps / mono.rps:12.2f}{cpu:12.2f}{r.failed:8d}")  # fmt: skip
+        local = report["shipped_topology"]
+        if f"{local} (serve)" in rows:
+            shipped, cpu = rows[f"{local} (serve)"]
+            ratio = shipped.rps / mono.rps
+            print(f"   goal: shipped local profile ({local}) >= {GOALS['monolith']}x the "
+                  f"monolith: {ratio:.2f} {verdict(ratio >= GOALS['monolith'])}; "
+                  f"(CPU per request, monolith/{local}: {mono_cpu / cpu:.2f})")  # fmt: skip
+    if "hops" in report:
+        hops = report["hops"]
+        print()
+        print(f"3. Per hop, split topology, one request at a time (median of {args.sequential}, "
+              "batching off)")  # fmt: skip
+        print(f"{'stage':18}{'round trip':>11}{'compute':>9}{'hop adds':>10}")
+        added, worst = 0.0, 0.0
+        for stage, (rt, comp) in hops["hops"].items():
+            hop = 0.0 if stage == "business_rules" else rt - comp  # in process: no hop
+            added += hop
+            worst = max(worst, hop)
+            note = "  (in process)" if stage == "business_rules" else ""
+            print(f"{stage:18}{rt:11.2f}{comp:9.2f}{hop:10.2f}{note}")
+        print(f"{'all hops':18}{'':11}{'':9}{added:10.2f}")
+        print(f"   goal: <= {GOALS['hop_ms']} ms p50 per hop: worst {worst:.2f} ms "
+              f"{verdict(worst <= GOALS['hop_ms'])}")  # fmt: skip
+        print(f"pipeline at the ingress {hops['ingress_total']:.1f} ms; at the client "
+              f"{hops['client']:.1f} ms (adds the HTTP ingress); the same decode and models in "
+              f"one process {report['in_process_ms']:.1f} ms per image")  # fmt: skip
 
 
 if __name__ == "__main__":

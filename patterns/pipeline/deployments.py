@@ -1,11 +1,15 @@
-"""The pipeline's stage deployments: each wraps one plain stage class from ``stages.py``.
+"""The pipeline's stage deployments (``topology: split``): each wraps one plain stage class
+from ``stages.py``.
 
-A deployment adds only what Serve is for: its own replicas and resources, ``@serve.batch``
-across requests (knobs from ``user_config``, live through ``reconfigure``), and the
-device it was given. ``HandleStages`` is what the request flow (``flow.PipelineFlow``) calls.
+A deployment adds only what Serve is for: its own replicas and resources, batching across
+requests (``batcher.AdaptiveBatcher``, knobs from ``user_config``, live through
+``reconfigure``), and the device it was given. ``HandleStages`` is what the request flow
+(``flow.PipelineFlow``) calls. Every entry point is ``async def``: Serve runs a sync method in
+a thread, and that thread hop is most of what a hop costs once the proxy is out of the way
+(README, "cost of each hop").
 
-The options written here are the defaults ``serve run patterns.pipeline.app:app`` uses, and
-config.yaml states the same values (tests/pipeline checks that they agree).
+The options written here are the defaults ``serve run patterns.pipeline.app:app`` uses (with
+``topology: split``); patterns/pipeline/config.gpu.yaml states them per stage for a GPU node.
 """
 
 from __future__ import annotations
@@ -13,13 +17,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from core.batching import BatchedDeployment
 from core.model_store import ModelStore
 from core.resources import torch_device
+from patterns.pipeline.batcher import AdaptiveBatcher
 from patterns.pipeline.preprocess import ImageLimits
 from patterns.pipeline.stages import (
     DetectorStage,
@@ -41,12 +45,15 @@ class Preprocess:
     def __init__(self, limits: dict[str, Any]) -> None:
         self.stage = PreprocessStage(ImageLimits(**limits))
 
-    def run(self, data: bytes) -> dict[str, Any]:
+    async def run(self, data: bytes) -> dict[str, Any]:
+        # Decoding a label photo takes well under a millisecond: done on the replica's loop,
+        # not in a thread (a thread hop costs about as much as the decode).
         return self.stage.run(data)
 
 
 class _ModelDeployment(BatchedDeployment):
-    """Loads its stage on the device it was given; batching knobs come from user_config."""
+    """Loads its stage on the device it was given and batches its calls across requests;
+    batching knobs come from user_config."""
 
     stage_cls: type[ModelStage] = ModelStage
     stage: ModelStage
@@ -65,6 +72,8 @@ class _ModelDeployment(BatchedDeployment):
             storage_options=opts,
             metrics_app="pipeline",
         )
+        # reconfigure (core.batching.BatchedDeployment) sets its knobs from user_config.
+        self._batched = AdaptiveBatcher(self.stage.run, name=self.stage.name)
 
     def model_info(self) -> dict[str, Any]:
         return self.stage.describe()
@@ -75,24 +84,16 @@ class _ModelDeployment(BatchedDeployment):
 class Detector(_ModelDeployment):
     stage_cls = DetectorStage
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _batched(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-        return self.stage.run(images)
-
     async def detect(self, prepared: dict[str, Any]) -> dict[str, Any]:
-        return await self._batched(prepared["image"])
+        return await self._batched.submit(prepared["image"])
 
 
 @serve.deployment(max_ongoing_requests=32)
 class SceneClassifier(_ModelDeployment):
     stage_cls = SceneStage
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _batched(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-        return self.stage.run(images)
-
     async def classify(self, prepared: dict[str, Any]) -> dict[str, Any]:
-        return await self._batched(prepared["image"])
+        return await self._batched.submit(prepared["image"])
 
 
 @serve.deployment(max_ongoing_requests=64)
@@ -100,16 +101,12 @@ class DigitClassifier(_ModelDeployment):
     stage_cls = DigitStage
     stage: DigitStage
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _batched(self, items: list[tuple[np.ndarray, list]]) -> list[dict[str, Any]]:
-        return self.stage.run(items)
-
     async def read(self, prepared: dict[str, Any], detections: dict[str, Any]) -> dict[str, Any]:
         """``prepared`` from Preprocess and ``detections`` from the Detector, each handed
         over by Serve straight from the stage that made it."""
         if not detections["boxes"]:
             return self.stage.nothing_to_read()
-        return await self._batched((prepared["image"], detections["boxes"]))
+        return await self._batched.submit((prepared["image"], detections["boxes"]))
 
 
 class HandleStages:

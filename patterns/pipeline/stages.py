@@ -1,13 +1,16 @@
 """What each stage does, as plain classes: no Serve in here.
 
-A deployment in ``deployments.py`` wraps one of these per replica (and adds ``@serve.batch``);
-``InProcessStages`` runs all four in one process (the tests, and a fused single-replica
-profile later). Either way the stage code is the same, so a scene is read the same way.
+A deployment in ``deployments.py`` wraps one of these per replica (``topology: split``, each
+with its own ``batcher.AdaptiveBatcher``); ``FusedStages`` runs all four in one replica, the
+three models batched together (``topology: fused``); ``InProcessStages`` runs them one
+request at a time (the flow's tests). Either way the stage code is the same, so a scene is
+read the same way.
 
 - ``PreprocessStage``: bytes -> letterboxed uint8 image + meta, or a refusal (a value with
   a status and a sentence). CPU only; never imports torch.
-- ``DetectorStage``, ``SceneStage``, ``DigitStage``: a batch in, one answer per item out,
-  each batch timed (``core.batching.timed_batch``: latency, ok/failed, size in the metrics).
+- ``DetectorStage``, ``SceneStage``, ``DigitStage``: a batch in, one answer per item out
+  (one forward pass per batch), each batch timed (``core.batching.timed_batch``: latency,
+  ok/failed, size in the metrics).
 
 What travels between stages is small on purpose: the 28 KB uint8 image (normalised on the
 model's own device), box lists and a few numbers.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Awaitable
 from typing import Any
 
@@ -124,8 +128,9 @@ class ModelStage:
     """Shared by the model stages: load the weights, move them to ``device``, warm up.
 
     A subclass names its config model (``spec_cls``) and its stage name (``name``, the key
-    in answers and the metrics tag), and defines ``run`` (a batch in, one dict per item out)
-    and, where one forward pass on a blank image does not fit its model, ``_warm_up``.
+    in answers and the metrics tag), and defines ``_forward`` (the batch's model input in,
+    the model's output for the batch out) and ``_answers`` (that output -> one dict per
+    item); where one forward pass on a blank image does not fit its model, ``_warm_up``.
     """
 
     name = "model"
@@ -168,6 +173,32 @@ class ModelStage:
 
         return as_input(images, self.device)
 
+    def run(self, batch: list[Any]) -> list[dict[str, Any]]:
+        """One answer per item of ``batch``, from one forward pass (timed and counted)."""
+        import torch
+
+        with timed_batch(self.metrics, len(batch)) as t, torch.inference_mode():
+            out = self._forward(self._input(self._images(batch)), batch)
+        return self._answers(out, t)
+
+    def answer(self, x: Any, batch: list[Any]) -> list[dict[str, Any]]:
+        """``run`` with the batch's model input ``x`` already made (on this device): the
+        fused stages make it once and hand it to all three models."""
+        import torch
+
+        with timed_batch(self.metrics, len(batch)) as t, torch.inference_mode():
+            out = self._forward(x, batch)
+        return self._answers(out, t)
+
+    def _images(self, batch: list[Any]) -> list[np.ndarray]:
+        return batch
+
+    def _forward(self, x: Any, batch: list[Any]) -> Any:
+        raise NotImplementedError
+
+    def _answers(self, out: Any, timing: Any) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
     def _common(self, timing: Any) -> dict[str, Any]:
         """What every answer of one batch reports about it."""
         return {"compute_ms": round(timing.ms, 2), "batch_size": timing.size, "model": self.info}
@@ -183,6 +214,8 @@ class ModelStage:
 
 
 class DetectorStage(ModelStage):
+    """A batch of images -> boxes, scores and labels per image."""
+
     name = "detector"
     spec_cls = DetectorSpec
 
@@ -191,15 +224,14 @@ class DetectorStage(ModelStage):
 
         run_detector(self.model, self.spec.arch, x, 1.0)
 
-    def run(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-        import torch
-
+    def _forward(self, x: Any, batch: list[Any]) -> Any:
         from patterns.pipeline.models import run_detector
 
         spec: DetectorSpec = self.spec  # type: ignore[assignment]
-        with timed_batch(self.metrics, len(images)) as t, torch.inference_mode():
-            dets = run_detector(self.model, spec.arch, self._input(images), spec.score_threshold)
-        common = self._common(t)
+        return run_detector(self.model, spec.arch, x, spec.score_threshold)
+
+    def _answers(self, dets: Any, timing: Any) -> list[dict[str, Any]]:
+        common = self._common(timing)
         names = self.model.categories
         return [
             {
@@ -213,15 +245,18 @@ class DetectorStage(ModelStage):
 
 
 class SceneStage(ModelStage):
+    """A batch of images -> how many digits each holds, with its confidence."""
+
     name = "scene_classifier"
     spec_cls = SceneSpec
 
-    def run(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+    def _forward(self, x: Any, batch: list[Any]) -> Any:
         import torch
 
-        with timed_batch(self.metrics, len(images)) as t, torch.inference_mode():
-            probs = torch.softmax(self.model.module(self._input(images)), 1).cpu().numpy()
-        common = self._common(t)
+        return torch.softmax(self.model.module(x), 1).cpu().numpy()
+
+    def _answers(self, probs: Any, timing: Any) -> list[dict[str, Any]]:
+        common = self._common(timing)
         return [
             {"count": int(p.argmax()), "confidence": round(float(p.max()), 4), **common}
             for p in probs
@@ -229,37 +264,41 @@ class SceneStage(ModelStage):
 
 
 class DigitStage(ModelStage):
+    """A batch of (image, its boxes) -> 0-9 and a confidence per box. All crops of all
+    requests go through one forward pass; the boxes reach the device as one (K, 5) tensor."""
+
     name = "digit_classifier"
     spec_cls = DigitsSpec
 
     def _warm_up(self, x: Any) -> None:
-        from patterns.pipeline.models import box_tensors, read_digits
+        from patterns.pipeline.models import read_digits, rois
 
-        read_digits(self.model, x, box_tensors([[[10.0, 10.0, 40.0, 40.0]]], x.device))
+        read_digits(self.model, x, rois([[[10.0, 10.0, 40.0, 40.0]]], x.device))
 
-    def run(self, items: list[tuple[np.ndarray, list[list[float]]]]) -> list[dict[str, Any]]:
-        """``items``: (image, its boxes) per request; all crops of all requests go through
-        one forward pass."""
-        import torch
+    def _images(self, batch: list[Any]) -> list[np.ndarray]:
+        return [image for image, _ in batch]
 
-        from patterns.pipeline.models import box_tensors, read_digits
+    def _forward(self, x: Any, batch: list[Any]) -> Any:
+        from patterns.pipeline.models import read_digits, rois
 
-        with timed_batch(self.metrics, len(items)) as t, torch.inference_mode():
-            x = self._input([image for image, _ in items])
-            probs = read_digits(self.model, x, box_tensors([b for _, b in items], self.device))
-        common = self._common(t)
-        out, start = [], 0
-        for _, boxes in items:
-            p = probs[start : start + len(boxes)]
-            start += len(boxes)
-            out.append(
+        boxes = [b for _, b in batch]
+        return boxes, read_digits(self.model, x, rois(boxes, self.device))
+
+    def _answers(self, out: Any, timing: Any) -> list[dict[str, Any]]:
+        boxes, probs = out
+        common = self._common(timing)
+        answers, start = [], 0
+        for b in boxes:
+            p = probs[start : start + len(b)]
+            start += len(b)
+            answers.append(
                 {
                     "labels": p.argmax(1).tolist(),
                     "confidences": [round(float(v), 4) for v in p.max(1)],
                     **common,
                 }
             )
-        return out
+        return answers
 
     def nothing_to_read(self) -> dict[str, Any]:
         """The answer for an image without boxes: no forward pass, no batch."""
@@ -270,9 +309,8 @@ class DigitStage(ModelStage):
 # ------------------------------------------------------------------------------ in process
 class InProcessStages:
     """The stage calls of ``flow.Stages``, all in this process (no Serve, no batching across
-    requests): what the flow's tests run on, and the shape a fused single-replica profile
-    takes. Each call returns a task; a later call may be handed that task, as a
-    DeploymentResponse is handed on in Serve."""
+    requests): what the flow's tests run on. Each call returns a task; a later call may be
+    handed that task, as a DeploymentResponse is handed on in Serve."""
 
     def __init__(
         self,
@@ -296,12 +334,19 @@ class InProcessStages:
         detector: DetectorSpec | None = None,
         scene: SceneSpec | None = None,
         digits: DigitsSpec | None = None,
-    ) -> InProcessStages:
+        storage_options: dict[str, Any] | None = None,
+        metrics_app: str | None = None,
+        **batching: Any,
+    ) -> Any:
+        """Every stage, its model loaded on ``device``; ``batching`` (``max_batch_size``,
+        ``batch_wait_timeout_s``) for ``FusedStages``."""
+        opts = {"storage_options": storage_options, "metrics_app": metrics_app}
         return cls(
             PreprocessStage(limits or ImageLimits()),
-            DetectorStage(detector or DetectorSpec(), store, device),
-            SceneStage(scene or SceneSpec(), store, device),
-            DigitStage(digits or DigitsSpec(), store, device),
+            DetectorStage(detector or DetectorSpec(), store, device, **opts),
+            SceneStage(scene or SceneSpec(), store, device, **opts),
+            DigitStage(digits or DigitsSpec(), store, device, **opts),
+            **batching,
         )
 
     def preprocess(self, data: bytes) -> asyncio.Task:
@@ -336,6 +381,78 @@ class InProcessStages:
         if not boxes:
             return self.digits.nothing_to_read()
         return self.digits.run([(image, boxes)])[0]
+
+
+class FusedStages(InProcessStages):
+    """All four stages in one replica, batched across requests: the ``fused`` topology.
+
+    Decode runs on the caller's event loop as each request arrives; the three models run
+    together on a batch of requests (``AdaptiveBatcher``: one worker thread, batches formed
+    when the models are free): one stacked input on the device, the detector and the scene
+    classifier on it, the digit classifier on every box of the batch, each model once per
+    batch. No hop between stages: what a small box (2 CPU cores, no GPU) wants, where every
+    hop costs more than the models (README). The flow's four calls map onto it: the
+    detector, scene and digit calls of one request share that request's place in a batch.
+    """
+
+    def __init__(
+        self,
+        preprocessor: PreprocessStage,
+        detector: DetectorStage,
+        scene: SceneStage,
+        digits: DigitStage,
+        *,
+        max_batch_size: int = 16,
+        batch_wait_timeout_s: float = 0.0,
+    ) -> None:
+        from patterns.pipeline.batcher import AdaptiveBatcher
+
+        super().__init__(preprocessor, detector, scene, digits)
+        self.batcher: AdaptiveBatcher[np.ndarray, dict[str, Any]] = AdaptiveBatcher(
+            self.run_models,
+            max_batch_size=max_batch_size,
+            batch_wait_timeout_s=batch_wait_timeout_s,
+            name="fused",
+        )
+        # One batch place per request, found again by the call that prepared its image.
+        self._places: weakref.WeakKeyDictionary[Any, asyncio.Task] = weakref.WeakKeyDictionary()
+
+    def run_models(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        """The three models on one batch of prepared images, each model once."""
+        x = self.detector._input(images)  # one stack, one copy to the device
+        dets = self.detector.answer(x, images)
+        scenes = self.scene.answer(x, images)
+        reads = [self.digits.nothing_to_read() for _ in images]
+        if any(d["boxes"] for d in dets):  # every box of the batch, cropped from x
+            read = self.digits.answer(x, [(None, d["boxes"]) for d in dets])
+            reads = [r if d["boxes"] else n for d, r, n in zip(dets, read, reads, strict=True)]
+        return [
+            {"detector": d, "scene_classifier": s, "digit_classifier": r}
+            for d, s, r in zip(dets, scenes, reads, strict=True)
+        ]
+
+    def detect(self, prepared: Awaitable[dict]) -> asyncio.Task:
+        return _task(self._part(prepared, "detector"))
+
+    def count(self, prepared: Awaitable[dict]) -> asyncio.Task:
+        return _task(self._part(prepared, "scene_classifier"))
+
+    def read_digits(self, prepared: Awaitable[dict], detections: Awaitable[dict]) -> asyncio.Task:
+        return _task(self._part(prepared, "digit_classifier"))
+
+    def _place(self, prepared: Awaitable[dict]) -> asyncio.Task:
+        place = self._places.get(prepared)
+        if place is None:
+            place = self._places[prepared] = _task(self._submit(prepared))
+        return place
+
+    async def _submit(self, prepared: Awaitable[dict]) -> dict[str, Any]:
+        return await self.batcher.submit((await prepared)["image"])
+
+    async def _part(self, prepared: Awaitable[dict], stage: str) -> dict[str, Any]:
+        # shield: one of the three calls given up (a late scene classifier) must not
+        # cancel the batch place the other two still wait on.
+        return (await asyncio.shield(self._place(prepared)))[stage]
 
 
 def _task(coro: Any) -> asyncio.Task:

@@ -1,5 +1,7 @@
 """The pipeline under Serve: held-out scenes in, codes out; every bad input gets a 4xx with
-a sentence, and the app keeps serving after it."""
+a sentence, and the app keeps serving after it. The default (fused) topology answers most
+tests; the split topology is deployed beside it and must answer the same for the same image.
+The ``gpu`` tests run both on CUDA (skipped without a GPU)."""
 
 from pathlib import Path
 
@@ -13,6 +15,14 @@ from patterns.pipeline.scenes import make_scene, scene_png
 from tests.pipeline.images import encode, png_bomb
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 PREFIX = "/pipeline-test"
 PNG = {"Content-Type": "image/png"}
 JPG = {"Content-Type": "image/jpeg"}
@@ -23,6 +33,13 @@ JPEG_SCENE = encode(make_scene("heldout", 3).image, "JPEG", quality=95)
 def url(deploy) -> str:
     ensure_artifacts()
     return deploy(build_app(PipelineArgs(max_batch_images=4)), "pipeline-test", PREFIX)
+
+
+@pytest.fixture(scope="module")
+def split_url(deploy) -> str:
+    ensure_artifacts()
+    args = PipelineArgs(topology="split", max_batch_images=4)
+    return deploy(build_app(args), "pipeline-split", "/pipeline-split")
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +254,76 @@ def test_readme_answers_match_a_live_answer(client, url) -> None:
         assert {k: shown_model[k] for k in ("name", "version", "arch")} == {
             k: model[k] for k in ("name", "version", "arch")
         }
+
+
+def _same_reading(a: dict, b: dict) -> None:
+    keys = ("box", "score", "label", "digit_confidence")
+    assert [[d[k] for k in keys] for d in a["detections"]] == [
+        [d[k] for k in keys] for d in b["detections"]
+    ]
+    assert (a["scene"], a["decision"], a["image"]) == (b["scene"], b["decision"], b["image"])
+    assert set(a["timings_ms"]) == set(b["timings_ms"])
+    assert a["model_versions"] == b["model_versions"]
+
+
+def test_split_and_fused_give_the_same_answers(client, url, split_url) -> None:
+    """The same stage classes, as separate deployments or fused in one replica: the same
+    answer for the same image, the same routes, errors and model info."""
+    uploads = [scene_png("heldout", 100 + i) for i in range(6)]
+    uploads += [JPEG_SCENE, encode(make_scene("heldout", 0, n_digits=0).image)]
+    for data in uploads:
+        headers = JPG if data is JPEG_SCENE else PNG
+        fused, split = _read(client, url, data, headers), _read(client, split_url, data, headers)
+        assert fused.status_code == split.status_code == 200, (fused.text, split.text)
+        _same_reading(fused.json(), split.json())
+    files = [("images", (f"s{i}.png", scene_png("heldout", 10 + i), "image/png")) for i in range(3)]
+    fused, split = (client.post(f"{u}/read/batch", files=files).json() for u in (url, split_url))
+    for a, b in zip(fused["results"], split["results"], strict=True):
+        _same_reading(a, b)
+    _error(_read(client, split_url, png_bomb()), 413, "claims 50000x50000 pixels")
+    info = {u: client.get(f"{u}/model").json() for u in (url, split_url)}
+    assert info[url] == info[split_url]
+
+
+def test_fused_replicas_batch_concurrent_requests(client, url) -> None:
+    """32 requests at once: the fused replicas put several into one pass of the models."""
+    import concurrent.futures as cf
+
+    pngs = [scene_png("heldout", 400 + i) for i in range(32)]
+    with cf.ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda p: _read(client, url, p), pngs))
+    assert all(r.status_code == 200 for r in answers)
+    sizes = [r.json()["batch_sizes"]["detector"] for r in answers]
+    assert max(sizes) > 1, sizes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("topology", ["fused", "split"])
+def test_on_cuda_reads_heldout_scenes(client, deploy, topology) -> None:
+    """On a GPU node each model stage (or the fused replica) is given a GPU fraction and
+    runs on CUDA; held-out scenes are read as on the CPU."""
+    gpu = {"num_cpus": 0.5, "num_gpus": 0.2}
+    args = PipelineArgs(
+        topology=topology,
+        fused={"resources": gpu},
+        detector={"resources": gpu},
+        scene={"resources": gpu},
+        digits={"resources": gpu},
+    )
+    base = deploy(build_app(args), f"pipeline-cuda-{topology}", f"/pipeline-cuda-{topology}")
+    exact = 0
+    for i in range(12):
+        r = _read(client, base, scene_png("heldout", 100 + i))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert {v["device"] for v in body["model_versions"].values()} == {"cuda"}
+        exact += body["decision"]["code"] == make_scene("heldout", 100 + i).code
+    assert exact >= 9, exact
+    info = client.get(f"{base}/model").json()
+    assert {info[s]["device"] for s in ("detector", "scene_classifier", "digit_classifier")} == {
+        "cuda"
+    }
 
 
 def test_detector_from_a_checkpoint_uri(client, deploy, tmp_path_factory) -> None:
