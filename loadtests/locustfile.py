@@ -42,6 +42,17 @@ def _load_sampler():
     return getattr(importlib.import_module(module), func)
 
 
+@events.init.add_listener
+def _warm_up(**_: object) -> None:
+    """Load the sampler and make its first requests before the test starts: a pattern's
+    sampler may draw and cache its bodies on first use, seconds of CPU that would otherwise
+    block a worker's event loop (and its heartbeats to the master) at the start."""
+    if os.environ.get("LOADTEST_REQUEST"):
+        sample = _load_sampler()
+        for i in range(int(os.environ.get("LOADTEST_WARM", "64"))):
+            sample(i)
+
+
 class PatternUser(FastHttpUser):
     wait_time = constant(0)  # closed loop: each user sends its next request at once
 
@@ -57,4 +68,5 @@ class PatternUser(FastHttpUser):
         expect = req.pop("expect_status", (200,))
         with self.client.request(method, path, name=path, catch_response=True, **req) as resp:
             if resp.status_code not in expect:
-                resp.failure(f"status {resp.status_code}: {resp.text[:200]}")
+                detail = resp.error or (resp.text or "")[:200]
+                resp.failure(f"status {resp.status_code}: {detail}")

@@ -21,7 +21,21 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def require_up(host: str, timeout_s: float = 5.0) -> None:
+    """Stop with a sentence (SystemExit) when nothing answers at ``host``."""
+    import httpx
+
+    try:
+        httpx.get(host, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise SystemExit(
+            f"No service answers at {host} ({type(exc).__name__}); start it first, e.g. "
+            "`python -m loadtests.targets monolith --port 8000`."
+        ) from None
+
+
 def run_locust(request: str, host: str, users: int, duration_s: int) -> dict[str, float]:
+    require_up(host)
     with tempfile.TemporaryDirectory() as tmp:
         prefix = str(Path(tmp) / "stats")
         cmd = [

@@ -283,7 +283,8 @@ def step_load(
     steps = step_stats(samples, t0, users, step_s, settle)
     lreq, lfail = _locust_totals(prefix)
     if cut is None and not len(samples):
-        cut = "Locust sent no requests (see locust.log)"
+        tail = (out_dir / "locust.log").read_text(errors="replace")[-300:].strip()
+        cut = f"Locust sent no requests (locust.log ends: {tail!r})"
     return LoadRun(
         steps=steps,
         locust_requests=lreq,
