@@ -245,12 +245,19 @@ class ServeCluster:
     (``sd_file``) lists this cluster's metrics endpoint and no other's.
 
     ``config`` is a serve config as a dict; its HTTP port (and gRPC port, when it has
-    ``grpc_options``) are replaced by free ones: ``http_url``, ``grpc_target``.
+    ``grpc_options``) are replaced by free ones: ``http_url``, ``grpc_target``. ``env``: more
+    environment for the cluster (``RAY_PROMETHEUS_HOST``, say); may be set until ``start()``.
     """
 
     ROOT = Path(__file__).resolve().parents[1]
 
-    def __init__(self, config: dict, num_cpus: int = 4, timeout_s: float = 420.0) -> None:
+    def __init__(
+        self,
+        config: dict,
+        num_cpus: int = 4,
+        timeout_s: float = 420.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
         import yaml
 
         # Short on purpose: Ray puts unix sockets under it (paths are limited to 107 bytes).
@@ -266,6 +273,7 @@ class ServeCluster:
         self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
         self.num_cpus = num_cpus
         self.timeout_s = timeout_s
+        self.env = dict(env or {})
         self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
@@ -280,6 +288,7 @@ class ServeCluster:
             **{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "COOKBOOK_TEST"))},
             "RAY_TMPDIR": str(self.dir),
             "RAY_USAGE_STATS_ENABLED": "0",
+            **self.env,
         }
         cmd = [
             sys.executable,

@@ -4,7 +4,8 @@ Serve's gRPC proxy (``grpc_options`` in config.yaml) decodes the request with th
 ``ensemble_pb2`` and calls the ingress method named like the RPC, ``EnsembleIngress.Predict``,
 which hands it to ``predict`` here. Errors the flow raises for HTTP (``core.errors``) become
 gRPC status codes with the same sentence, so a gRPC client sees ``INVALID_ARGUMENT`` where an
-HTTP client sees 422 and ``UNAVAILABLE`` where it sees 503. The context only needs
+HTTP client sees 422 and ``UNAVAILABLE`` where it sees 503 (``predict`` says which of them
+Serve's metrics count as errors). The context only needs
 ``set_code`` and ``set_details``: Serve's ``RayServegRPCContext`` in the app, a plain grpc
 servicer context in the tests.
 """
@@ -95,13 +96,21 @@ def reply_of(answer: dict[str, Any]) -> pb.PredictReply:
 async def predict(
     ensemble: Any, request: pb.PredictRequest, context: StatusContext, prediction_id: str
 ) -> pb.PredictReply:
-    """``ensemble.predict`` (a ``VotingEnsemble``) for a protobuf request. A refusal sets the
-    status code and its sentence on ``context`` and returns an empty reply (Serve sends the
-    code; raising instead would log a traceback for a client's mistake)."""
+    """``ensemble.predict`` (a ``VotingEnsemble``) for a protobuf request. An error sets the
+    status code and its sentence on ``context``; then
+
+    - the caller's mistake (a 4xx: ``INVALID_ARGUMENT``, ...) returns an empty reply: Serve
+      sends the code, nothing is logged (Serve 2.60 counts such a call as OK in
+      ``ray_serve_num_grpc_error_requests_total``);
+    - our failure (a 5xx: ``UNAVAILABLE`` when the quorum is lost) is raised again: Serve still
+      sends the code set here, logs the failure and counts it as a gRPC error, like HTTP's 503.
+    """
     try:
         answer = await ensemble.predict(rows_of(request), prediction_id)
     except HTTPError as exc:
         context.set_code(grpc_code(exc.status_code))
         context.set_details(exc.message)
+        if exc.status_code >= 500:
+            raise
         return pb.PredictReply()
     return reply_of(answer)

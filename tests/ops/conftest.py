@@ -9,6 +9,10 @@ this folder and stopped at its end. Three applications, from the patterns' own c
 - ``ensemble_noquorum``: one member that always fails, quorum 1: every predict is a 503 /
   ``UNAVAILABLE``, and its model calls are counted as errors;
 - ``business_logic``: a second pattern, so metrics of two apps reach Prometheus.
+
+Beside it a real Prometheus (``prometheus`` fixture) runs ops/prometheus/prometheus.yml, scraping
+every second and following this cluster's own service-discovery file, started first so it sees
+every counter from zero; Ray's dashboard is pointed at it with ``RAY_PROMETHEUS_HOST``.
 """
 
 from __future__ import annotations
@@ -69,17 +73,48 @@ def ops_config() -> dict[str, Any]:
     }
 
 
+def prometheus_config(sd_file: Path) -> dict[str, Any]:
+    """ops/prometheus/prometheus.yml, scraping every second from ``sd_file``."""
+    config = dict(yaml.safe_load((ROOT / "ops" / "prometheus" / "prometheus.yml").read_text()))
+    config["global"] = {**config["global"], "scrape_interval": "1s", "evaluation_interval": "1s"}
+    (job,) = config["scrape_configs"]
+    # Re-read the file every second: it appears only once Ray's dashboard is up.
+    job["file_sd_configs"] = [{"files": [str(sd_file)], "refresh_interval": "1s"}]
+    return config
+
+
 @pytest.fixture(scope="package")
-def ops_cluster() -> Iterator[Any]:
+def ops_stack() -> Iterator[tuple[Any, Any]]:
     from patterns.business_logic.artifacts import ensure_artifacts as business_artifacts
     from patterns.ensemble.artifacts import ensure_artifacts as ensemble_artifacts
-    from tests.servers import ServeCluster
+    from tests.servers import PrometheusServer, ServeCluster
 
     ensemble_artifacts()
     business_artifacts()
     cluster = ServeCluster(ops_config(), num_cpus=4)
-    cluster.start()
+    try:  # without the binary the metrics tests skip, the others still run
+        prometheus: Any = PrometheusServer(prometheus_config(cluster.sd_file))
+    except pytest.skip.Exception as skipped:
+        prometheus = str(skipped)
+    else:
+        prometheus.start()
+        cluster.env["RAY_PROMETHEUS_HOST"] = prometheus.url
     try:
-        yield cluster
+        cluster.start()
+        yield cluster, prometheus
     finally:
         cluster.stop()
+        if not isinstance(prometheus, str):
+            prometheus.stop()
+
+
+@pytest.fixture(scope="package")
+def ops_cluster(ops_stack: tuple[Any, Any]) -> Any:
+    return ops_stack[0]
+
+
+@pytest.fixture(scope="package")
+def prometheus(ops_stack: tuple[Any, Any]) -> Any:
+    if isinstance(ops_stack[1], str):
+        pytest.skip(ops_stack[1])
+    return ops_stack[1]
