@@ -121,7 +121,9 @@ def main() -> int:
             print(f"gRPC {err.code().name}: {err.details()}")
             return 1
     print(f"gRPC OK (request id {request_id})")
-    answer: dict[str, Any] = json_format.MessageToDict(reply, preserving_proto_field_name=True)
+    answer: dict[str, Any] = json_format.MessageToDict(
+        reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     print(json.dumps(answer, indent=2))
     print("true labels:", [int(v) for v in split.y_test[: args.rows]], "(1 = benign)")
     return 0
