@@ -1,16 +1,18 @@
 """Many tenants' models behind few replicas: per-store forecasters and per-tenant LLM adapters.
 
-    client --POST /multiplex/models/{id}/predict-------+
-           --POST /multiplex/predict                    |  (id in the serve_multiplexed_model_id
-             serve_multiplexed_model_id: store-0042 ----+   header or in the path)
-                                                        v
+    POST /multiplex/models/{id}/predict | /multiplex/predict (serve_multiplexed_model_id header)
+    POST /multiplex/v1/chat/completions {"model": "<tenant>", "stream": true, ...}
+                                  |
         MultiplexIngress (FastAPI): id checked (422) -> index lookup (404, no storage read)
              |  hot ids -> "<id>#<slot>" so a hot tenant lives on several replicas
              |  handle.options(multiplexed_model_id=...)   (works in HAProxy mode too)
-             v
-        ForecastModels x2 (@serve.multiplexed routing, @serve.batch split by model id)
-             ModelCache: one load per id, parallel loads, LRU by count and bytes, prewarm
-             model store: forecast-store-0001/v1 ... (safetensors + JSON), forecast-index/v1
+             v                                          v
+        ForecastModels x2                         ChatModel x1 (GPU fraction or CPU)
+          @serve.batch split by model id            base LLM once, LoRA adapter per tenant
+          ModelCache: one load per id, parallel     one generation at a time, streamed
+          loads, LRU by count and bytes, prewarm    tokens; disconnect stops generation
+             model store: forecast-store-0001/v1 ... + forecast-index/v1,
+                          chat-adapter-<tenant>/v1 + chat-adapter-index/v1
 
 Run: ``serve run patterns.multiplexing.app:app`` (after ``make setup``). Knobs: config.yaml.
 """
@@ -19,7 +21,6 @@ Run: ``serve run patterns.multiplexing.app:app`` (after ``make setup``). Knobs: 
 # annotations (with string annotations `self` becomes a required query parameter).
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -36,7 +37,12 @@ from core.model_store import ModelStore
 from core.resources import StageResources, resolve_actor_options, wants_gpu
 from core.timing import Timings
 from patterns.multiplexing.catalog import ModelIndex
-from patterns.multiplexing.chat import ChatRequest, chunk, completion_id, sse, usage
+from patterns.multiplexing.chat import (
+    ChatRequest,
+    collect_completion,
+    completion_id,
+    sse_stream,
+)
 from patterns.multiplexing.deployments import ChatArgs, ChatModel, ForecastArgs, ForecastModels
 from patterns.multiplexing.forecast_service import ForecastRequest
 from patterns.multiplexing.ids import check_model_id
@@ -237,71 +243,15 @@ class MultiplexIngress:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                self._sse(gen, first, cid, created, tenant, include_usage),
+                sse_stream(gen, first, cid, created, tenant, include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        text, end = [], {}
         try:
-            async for item in gen:
-                if item["type"] == "delta":
-                    text.append(item["content"])
-                elif item["type"] == "end":
-                    end = item
-                elif item["type"] == "error":
-                    raise_refusal({"error": item})
+            answer = await collect_completion(gen, first, cid, created, tenant)
         finally:
             gen.cancel()  # a client gone mid-answer: stop the generation (no-op when done)
-        return {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": tenant,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(text)},
-                    "finish_reason": end.get("finish_reason", "stop"),
-                }
-            ],
-            "usage": usage(first["prompt_tokens"], end.get("completion_tokens", 0)),
-            "adapter": first["adapter"],
-            "performance": {
-                "time_to_first_token_ms": end.get("time_to_first_token_ms"),
-                "tokens_per_s": end.get("tokens_per_s"),
-            },
-            "timings_ms": end.get("timings_ms", {}),
-        }
-
-    async def _sse(
-        self,
-        gen: Any,
-        first: dict[str, Any],
-        cid: str,
-        created: int,
-        tenant: str,
-        include_usage: bool,
-    ) -> AsyncIterator[bytes]:
-        """Server-sent events in OpenAI's chunk shape, ending with ``data: [DONE]``."""
-        try:
-            yield sse(chunk(cid, created, tenant, {"role": "assistant", "content": ""}, None))
-            async for item in gen:
-                if item["type"] == "delta":
-                    yield sse(chunk(cid, created, tenant, {"content": item["content"]}, None))
-                elif item["type"] == "end":
-                    last = chunk(cid, created, tenant, {}, item["finish_reason"])
-                    last["timings_ms"] = item["timings_ms"]
-                    yield sse(last)
-                    if include_usage:
-                        tail = chunk(cid, created, tenant, {}, None)
-                        tail["choices"] = []
-                        tail["usage"] = usage(first["prompt_tokens"], item["completion_tokens"])
-                        yield sse(tail)
-                elif item["type"] == "error":
-                    yield sse({"error": {"status": item["status"], "message": item["message"]}})
-            yield sse("[DONE]")
-        finally:
-            gen.cancel()  # the client went away: Serve cancels us, we cancel the generation
+        return raise_refusal(answer)
 
     @api.get("/v1/models", summary="The chat tenants, in OpenAI's list shape")
     async def chat_models(self) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from core.model_store import ModelStore
 from patterns.multiplexing.artifacts import ensure_artifacts, store_ids
 from patterns.multiplexing.cache import ModelCache
 from patterns.multiplexing.catalog import ModelIndex
-from patterns.multiplexing.deployments import CacheArgs, ForecastArgs, rss_mb
+from patterns.multiplexing.deployments import CacheArgs, ChatArgs, ForecastArgs, rss_mb
 from patterns.multiplexing.forecast_service import ForecastService
 
 
@@ -162,7 +162,8 @@ def in_process(
           f"p50 {pct(t_base, 50):.3f} ms, "
           f"p95 {pct(t_base, 95):.3f} ms -> p95 {pct(t_base, 95) / pct(t_cached, 95):.1f}x "
           "slower than with the cache")  # fmt: skip
-    print(f"   one load (local store read + sha256 + parse): p50 {pct(loads, 50):.2f} ms, "
+    print(f"   one load ({store.root_uri.split(':')[0]}:// read + sha256 + parse): "
+          f"p50 {pct(loads, 50):.2f} ms, "
           f"p95 {pct(loads, 95):.2f} ms")  # fmt: skip
     print(f"   memory per replica: the cache charges {[h['bytes'] // 1024 for h in held]} KiB "
           f"for {[h['models'] for h in held]} models; this process's RSS went {rss0} -> {rss1} "
@@ -170,34 +171,51 @@ def in_process(
 
 
 # ------------------------------------------------------------------------------ 3. Serve
-def through_serve(store: ModelStore, requests: int, s: float, concurrency: int = 8) -> None:
+def through_serve(
+    store: ModelStore,
+    storage_options: dict[str, Any] | None,
+    requests: int,
+    s: float,
+    concurrency: int = 8,
+    baseline_requests: int = 1000,
+) -> None:
+    import json
+
     import ray
     from ray import serve
 
     from patterns.multiplexing.app import MultiplexArgs, build_app
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    env = {"COOKBOOK_MODEL_STORE_URI": store.root_uri}
+    if storage_options:
+        env["COOKBOOK_MODEL_STORE_OPTIONS"] = json.dumps(storage_options)
+    ray.init(
+        num_cpus=4, include_dashboard=False, log_to_driver=False,
+        runtime_env={"env_vars": env},
+    )  # fmt: skip
     trace = zipf_trace(requests, s=s, seed=3)
+    warm = len(trace) // 4
     print(f"\n3. Through Serve: ingress handle, {concurrency} callers, 2 forecaster replicas, "
-          f"{requests} Zipf(s={s}) requests")  # fmt: skip
+          f"store {store.root_uri.split(':')[0]}://, {requests} Zipf(s={s}) requests (first 25% "
+          "warm-up)")  # fmt: skip
+    runs = (
+        ("cache 512 (config)", {}, trace),
+        ("load per request", {"max_models": 0}, trace[warm : warm + baseline_requests]),
+    )
     try:
-        for label, cache in (("cache 512 (config)", {}), ("load per request", {"max_models": 0})):
+        for label, cache, calls in runs:
             args = MultiplexArgs(
-                model_store_uri=store.root_uri,
-                forecast=ForecastArgs(cache=CacheArgs(**cache)),
-                chat={"enabled": False},
+                forecast=ForecastArgs(cache=CacheArgs(**cache)), chat={"enabled": False}
             )
             handle = serve.run(build_app(args), name="mux-bench", route_prefix="/mux-bench")
-            lat = asyncio.run(_drive(handle, trace, concurrency))
+            skip = warm if calls is trace else 0
+            lat, hit = asyncio.run(_drive(handle, calls, concurrency, skip))
             stats = asyncio.run(_stats(handle))
-            hits = sum(r["cache"]["hits"] for r in stats)
-            served = sum(r["cache"]["hits"] + r["cache"]["misses"] + r["cache"]["joined"]
-                         for r in stats)  # fmt: skip
             loads = [r["cache"]["load_ms_p50"] for r in stats]
-            print(f"   {label:>20}: p50 {pct(lat, 50):.1f} ms, p95 {pct(lat, 95):.1f} ms, "
-                  f"hit rate {hits / max(served, 1):.1%}, load p50 per replica {loads} ms, "
-                  f"RSS per replica {[r['rss_mb'] for r in stats]} MiB, models held "
+            print(f"   {label:>20}: p50 {pct(lat, 50):.1f} ms, p95 {pct(lat, 95):.1f} ms "
+                  f"({len(lat)} requests), hit rate {hit:.1%}, load p50 per replica {loads} "
+                  f"ms, RSS per replica {[r['rss_mb'] for r in stats]} MiB, models held "
                   f"{[r['cache']['models'] for r in stats]}")  # fmt: skip
             serve.delete("mux-bench")
     finally:
@@ -205,19 +223,25 @@ def through_serve(store: ModelStore, requests: int, s: float, concurrency: int =
         ray.shutdown()
 
 
-async def _drive(handle: Any, trace: list[str], concurrency: int) -> list[float]:
-    queue = list(enumerate(trace))
+async def _drive(
+    handle: Any, trace: list[str], concurrency: int, skip: int
+) -> tuple[list[float], float]:
+    queue = list(enumerate(trace))[::-1]
     lat: list[float] = []
+    hits = 0
 
     async def worker() -> None:
+        nonlocal hits
         while queue:
-            _, model_id = queue.pop()
+            i, model_id = queue.pop()
             t0 = time.perf_counter()
-            await handle.forecast_payload.remote(model_id, {"horizon_days": 7})
-            lat.append((time.perf_counter() - t0) * 1000)
+            answer = await handle.forecast_payload.remote(model_id, {"horizon_days": 7})
+            if i >= skip:
+                lat.append((time.perf_counter() - t0) * 1000)
+                hits += answer["served_by"]["cache"] == "hit"
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return lat
+    return lat, hits / max(len(lat), 1)
 
 
 async def _stats(handle: Any) -> list[dict[str, Any]]:
@@ -237,7 +261,15 @@ def chat(device: str, tokens: int, tenant: str = "pirate-co") -> None:
     dev = torch_device(device != "cpu") if device == "auto" else device
     rss0 = rss_mb()
     t0 = time.perf_counter()
-    engine = ChatEngine(store, index, ChatLimits(max_tokens=max(tokens, 256)), device=dev)
+    defaults = ChatArgs()
+    engine = ChatEngine(
+        store,
+        index,
+        ChatLimits(max_tokens=max(tokens, 256)),
+        device=dev,
+        torch_threads=defaults.torch_threads if dev == "cpu" else None,
+        repetition_penalty=defaults.repetition_penalty,
+    )
     load_s = time.perf_counter() - t0
     rss_base = rss_mb()
     print(f"\nchat: SmolLM2-135M-Instruct on {dev}; base model loaded in {load_s:.1f}s; "
@@ -356,23 +388,23 @@ def main() -> None:
     store = ModelStore.open()
     ensure_artifacts(store, only="forecasters")
     hit_rates(max(args.requests, 20_000), args.zipf)
-    if args.store == "s3":
-        s3 = LocalS3()
-        try:
-            t0 = time.perf_counter()
+    s3 = LocalS3() if args.store == "s3" else None
+    try:
+        options = None
+        if s3 is not None:
             from patterns.multiplexing.artifacts import build_forecasters
 
-            remote = s3.store()
-            build_forecasters(remote)
-            print(f"\n(1,000 forecasters written to s3://models/cookbook on a local moto "
-                  f"server in {time.perf_counter() - t0:.0f}s)")  # fmt: skip
-            in_process(remote, max(args.requests, 20_000), args.zipf, baseline_requests=1000)
-        finally:
+            t0 = time.perf_counter()
+            store, options = s3.store(), s3.options
+            build_forecasters(store)
+            print(f"\n(1,000 forecasters written to {store.root_uri} on a local moto server in "
+                  f"{time.perf_counter() - t0:.0f}s)")  # fmt: skip
+        in_process(store, max(args.requests, 20_000), args.zipf, baseline_requests=1000)
+        if args.serve:
+            through_serve(store, options, args.requests, args.zipf)
+    finally:
+        if s3 is not None:
             s3.stop()
-    else:
-        in_process(store, max(args.requests, 20_000), args.zipf)
-    if args.serve:
-        through_serve(store, args.requests, args.zipf)
 
 
 if __name__ == "__main__":

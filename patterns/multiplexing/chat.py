@@ -19,6 +19,7 @@ import json
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -127,6 +128,66 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+async def sse_stream(
+    gen: Any, first: dict[str, Any], cid: str, created: int, tenant: str, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """A replica's items as server-sent events in OpenAI's chunk shape, then ``[DONE]``."""
+    try:
+        yield sse(chunk(cid, created, tenant, {"role": "assistant", "content": ""}, None))
+        async for item in gen:
+            if item["type"] == "delta":
+                yield sse(chunk(cid, created, tenant, {"content": item["content"]}, None))
+            elif item["type"] == "end":
+                last = chunk(cid, created, tenant, {}, item["finish_reason"])
+                last["timings_ms"] = item["timings_ms"]
+                yield sse(last)
+                if include_usage:
+                    tail = chunk(cid, created, tenant, {}, None)
+                    tail["choices"] = []
+                    tail["usage"] = usage(first["prompt_tokens"], item["completion_tokens"])
+                    yield sse(tail)
+            elif item["type"] == "error":
+                yield sse({"error": {"status": item["status"], "message": item["message"]}})
+        yield sse("[DONE]")
+    finally:
+        gen.cancel()  # the client went away: Serve cancels us, we cancel the generation
+
+
+async def collect_completion(
+    gen: Any, first: dict[str, Any], cid: str, created: int, tenant: str
+) -> dict[str, Any]:
+    """A replica's items as one ``chat.completion`` (or the refusal value it ended with)."""
+    text: list[str] = []
+    end: dict[str, Any] = {}
+    async for item in gen:
+        if item["type"] == "delta":
+            text.append(item["content"])
+        elif item["type"] == "end":
+            end = item
+        elif item["type"] == "error":
+            return {"error": {"status": item["status"], "message": item["message"]}}
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": tenant,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(text)},
+                "finish_reason": end.get("finish_reason", "stop"),
+            }
+        ],
+        "usage": usage(first["prompt_tokens"], end.get("completion_tokens", 0)),
+        "adapter": first["adapter"],
+        "performance": {
+            "time_to_first_token_ms": end.get("time_to_first_token_ms"),
+            "tokens_per_s": end.get("tokens_per_s"),
+        },
+        "timings_ms": end.get("timings_ms", {}),
+    }
+
+
 # ------------------------------------------------------------------------------ the engine
 @dataclass
 class LoadedAdapter:
@@ -226,11 +287,14 @@ class ChatEngine:
         # rather than a checkpoint folder; they are loaded (the tests compare the answers).
         hf_logging.set_verbosity_error()
         try:
-            self.model.load_adapter(
-                adapter_name=adapter.tenant,
-                peft_config=config,
-                adapter_state_dict=adapter.state,
-            )
+            with warnings.catch_warnings():
+                # peft warns that a second adapter makes "multiple adapters": the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                self.model.load_adapter(
+                    adapter_name=adapter.tenant,
+                    peft_config=config,
+                    adapter_state_dict=adapter.state,
+                )
         finally:
             hf_logging.set_verbosity(verbosity)
         self._installed.add(adapter.tenant)
