@@ -70,7 +70,7 @@ def test_different_ids_load_in_parallel() -> None:
 
     elapsed = asyncio.run(run())
     assert storage.max_active == 5  # one global lock would make this 1
-    assert elapsed < 0.9, elapsed  # five serial loads would take 1.5 s
+    assert elapsed < 1.2, elapsed  # five serial loads would take 1.5 s
 
 
 def test_lru_eviction_by_count_and_by_bytes() -> None:
