@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import httpx
 import numpy as np
 from ray import serve
 
+from core.local import free_port
 from patterns.business_logic.app import BusinessArgs, BusinessIngress, build_scorer
 from patterns.business_logic.client import sample_request
 from patterns.business_logic.deployments import FraudModel
@@ -61,14 +61,8 @@ class BusinessMonolith:
         return await self.scorer.score(ScoreRequest(**payload), request_id)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _start_risk_service(delay_ms: float) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -212,21 +206,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for local Ray")
     args = parser.parse_args()
-    import ray
+    from core.local import local_serve
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(
-        num_cpus=args.num_cpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
-    try:
+    with local_serve(args.num_cpus):
         run(args.seconds, args.concurrency)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -181,19 +181,14 @@ def through_serve(
 ) -> None:
     import json
 
-    import ray
     from ray import serve
 
+    from core.local import local_serve
     from patterns.multiplexing.app import MultiplexArgs, build_app
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = {"COOKBOOK_MODEL_STORE_URI": store.root_uri}
     if storage_options:
         env["COOKBOOK_MODEL_STORE_OPTIONS"] = json.dumps(storage_options)
-    ray.init(
-        num_cpus=4, include_dashboard=False, log_to_driver=False,
-        runtime_env={"env_vars": env},
-    )  # fmt: skip
     trace = zipf_trace(requests, s=s, seed=3)
     warm = len(trace) // 4
     print(f"\n3. Through Serve: ingress handle, {concurrency} callers, 2 forecaster replicas, "
@@ -203,7 +198,7 @@ def through_serve(
         ("cache 512 (config)", {}, trace),
         ("load per request", {"max_models": 0}, trace[warm : warm + baseline_requests]),
     )
-    try:
+    with local_serve(4, env=env):
         for label, cache, calls in runs:
             args = MultiplexArgs(
                 forecast=ForecastArgs(cache=CacheArgs(**cache)), chat={"enabled": False}
@@ -218,9 +213,6 @@ def through_serve(
                   f"ms, RSS per replica {[r['rss_mb'] for r in stats]} MiB, models held "
                   f"{[r['cache']['models'] for r in stats]}")  # fmt: skip
             serve.delete("mux-bench")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 async def _drive(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import tempfile
 import time
 import uuid
@@ -45,12 +44,6 @@ from patterns.online_learning.stream import DriftingStream
 def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{platform.node()}: {os.cpu_count()} CPUs, {mem:.0f} GiB RAM, no GPU used"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -351,23 +344,11 @@ def main() -> None:
     parser.add_argument("--bandit", type=int, default=1500)
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for local Ray")
     args = parser.parse_args()
-    import ray
-    from ray import serve
+    from core.local import local_serve
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(
-        num_cpus=args.num_cpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-    )
-    args.port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    try:
+    with local_serve(args.num_cpus) as base_url:
+        args.port = int(base_url.rsplit(":", 1)[1])
         run(args)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 if __name__ == "__main__":
