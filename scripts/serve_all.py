@@ -86,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(
         num_cpus=int(args.num_cpus),
         # The dashboard is what `serve status`, `serve deploy` and `serve config` talk to
-        # (http://127.0.0.1:8265). Bound to loopback, like every other Ray port here: an open
-        # dashboard runs any job anyone sends it (the class of hole behind CVE-2023-48022).
+        # (http://127.0.0.1:8265), bound to loopback: an open dashboard runs any job anyone
+        # sends it (the class of hole behind CVE-2023-48022). Ray 2.60 still binds the raylet,
+        # GCS and workers to the node's routable address; its token authentication (on by
+        # default, token in ~/.ray/auth_token) is what guards those. See ops/README.md.
         include_dashboard=not args.no_dashboard,
         dashboard_host="127.0.0.1",
         dashboard_port=args.dashboard_port,
