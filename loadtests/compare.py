@@ -244,6 +244,9 @@ def plots(
                 where="post",
                 label=dep,
             )
+        top = max((max(r["replicas"].values(), default=0) for r in series), default=0)
+        ax.set_ylim(0, top + 1)
+        ax.yaxis.get_major_locator().set_params(integer=True)
         users = results["serve"]["load"]["steps"]
         ax2 = ax.twinx()
         step_s = results["serve"].get("step_s", 1)
