@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: setup deps artifacts serve test lint format bench serve-config clean
+.PHONY: setup deps artifacts serve test lint format bench loadtest serve-config clean
 
 setup: deps artifacts
 
@@ -52,6 +52,10 @@ bench: setup
 	@for b in patterns/*/benchmark.py; do \
 		echo "== $$b"; $(PY) -m $$(echo $${b%.py} | tr / .) || exit 1; \
 	done
+
+# monolith vs microservices vs Serve: Locust step load, cost per 1M, report in loadtests/report/
+loadtest: setup
+	$(PY) -m loadtests.compare $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .ruff_cache .mypy_cache
