@@ -2,25 +2,30 @@
 
 Measured with ``python -m scripts.ingress_bench`` on the 2-core, no-GPU dev machine, shared
 with other jobs (a no-op /healthz route; 2 client processes of ``patterns.pipeline.loadgen``;
-plain uvicorn in one process measured before and after in the same run):
+plain uvicorn in one process measured before and after in the same run; two runs):
 
     in flight  uvicorn req/s   default proxy       haproxy
-    1          3,137           158  (0.05x)        1,364  (0.43x)
-    32         3,828            53  (0.01x)        1,801  (0.47x)
+    1          3,137 / 4,508   158 / 132  (0.05x / 0.03x)   1,364 / 1,655  (0.43x / 0.37x)
+    32         3,828 / 6,591    53 /  34  (0.01x / 0.01x)   1,801 / 2,116  (0.47x / 0.32x)
 
-HAProxy mode meets issue 12's goal (>= 40% of plain uvicorn) and the default proxy does not
-come near it. The default stays ``default`` all the same, for the local profile and the test
-suite, because in Ray 2.60 HAProxy mode:
+The pipeline's local profile behind each (``python -m patterns.pipeline.benchmark``): 0.41x a
+plain uvicorn monolith's req/s behind the default proxy (~10 ms of proxy CPU per request),
+1.32x in HAProxy mode.
 
-- listens beyond loopback: HAProxy binds its stats page (``*:8404``) and Prometheus exporter
-  (``*:9101``) on every interface, with no setting for the address (Ray's HAProxy template);
+HAProxy mode is near issue 12's goal (>= 40% of plain uvicorn: 0.32-0.47x) and the default
+proxy is nowhere near it. The default stays ``default`` all the same, for the local profile
+and the test suite, because in Ray 2.60 HAProxy mode:
+
+- listens beyond loopback: HAProxy binds its stats page and Prometheus exporter on every
+  interface (``*:8404``, ``*:9101``; free ports here, still every interface), with no setting
+  for the address (Ray's HAProxy template);
   the replicas' own HTTP servers do bind ``http_options.host`` (127.0.0.1 here), and Ray's
   internal gRPC ports listen on every interface in both modes (``ingress_bench`` lists them);
 - ignores the ``serve_multiplexed_model_id`` header (ray issue 65976): multiplexed ids must
   come by path or through a handle;
 - runs user code on the replica's own event loop (``RAY_SERVE_THROUGHPUT_OPTIMIZED``): a
   blocking call inside an ``async def`` stalls that replica;
-- has not been run over the whole test suite here.
+- has not been run over the whole test suite here (tests/pipeline passes in it).
 
 Set ``COOKBOOK_INGRESS_MODE=haproxy`` before Ray starts (``make serve``, the test suite and the
 benchmarks read it) to switch; a GPU node serving real traffic should (README of the pipeline).
@@ -58,6 +63,8 @@ def apply_ingress_mode(mode: str | None = None) -> str:
             os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"] = f"{files}/admin.sock"
             os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = files
             os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_FILE"] = f"{files}/server-state"
+        # HAProxy threads beyond the machine's cores only contend (Ray's default is 4).
+        os.environ.setdefault("RAY_SERVE_HAPROXY_NBTHREAD", str(min(4, os.cpu_count() or 1)))
         os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
         os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
     return mode

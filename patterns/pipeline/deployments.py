@@ -14,6 +14,7 @@ The options written here are the defaults ``serve run patterns.pipeline.app:app`
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -111,11 +112,15 @@ class DigitClassifier(_ModelDeployment):
 
 class HandleStages:
     """``flow.Stages`` over DeploymentHandles: each call returns its DeploymentResponse,
-    which the flow awaits or hands on to the next call."""
+    which the flow awaits or hands on to the next call.
+
+    ``preprocess`` is the Preprocess deployment's handle, or a ``PreprocessStage`` to decode in
+    this (the ingress) process: one hop fewer on every request, and the models get the image
+    from where it was decoded."""
 
     def __init__(
         self,
-        preprocess: DeploymentHandle,
+        preprocess: DeploymentHandle | PreprocessStage,
         detector: DeploymentHandle,
         scene: DeploymentHandle,
         digits: DeploymentHandle,
@@ -125,19 +130,19 @@ class HandleStages:
         self._scene = scene
         self._digits = digits
 
-    def preprocess(self, data: bytes) -> DeploymentResponse:
+    def preprocess(self, data: bytes) -> Any:
+        if isinstance(self._preprocess, PreprocessStage):
+            return _done(self._preprocess.run(data))
         return self._preprocess.run.remote(data)
 
-    def detect(self, prepared: DeploymentResponse) -> DeploymentResponse:
-        return self._detector.detect.remote(prepared)
+    def detect(self, prepared: Any) -> DeploymentResponse:
+        return self._detector.detect.remote(_value(prepared))
 
-    def count(self, prepared: DeploymentResponse) -> DeploymentResponse:
-        return self._scene.classify.remote(prepared)
+    def count(self, prepared: Any) -> DeploymentResponse:
+        return self._scene.classify.remote(_value(prepared))
 
-    def read_digits(
-        self, prepared: DeploymentResponse, detections: DeploymentResponse
-    ) -> DeploymentResponse:
-        return self._digits.read.remote(prepared, detections)
+    def read_digits(self, prepared: Any, detections: DeploymentResponse) -> DeploymentResponse:
+        return self._digits.read.remote(_value(prepared), detections)
 
     def model_info(self) -> Mapping[str, DeploymentResponse]:
         return {
@@ -145,3 +150,15 @@ class HandleStages:
             "scene_classifier": self._scene.model_info.remote(),
             "digit_classifier": self._digits.model_info.remote(),
         }
+
+
+def _done(value: Any) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
+
+
+def _value(call: Any) -> Any:
+    """What a handle call takes: a DeploymentResponse as it is (Serve resolves it), the
+    result of a finished local future."""
+    return call.result() if isinstance(call, asyncio.Future) else call

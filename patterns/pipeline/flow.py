@@ -3,12 +3,14 @@
     preprocess --+--> detector --> digit classifier --+--> business rule (in process)
                  '--> scene classifier ---------------'
 
-``PipelineFlow`` gets its four stage calls injected (``Stages``): in the app they are
-DeploymentHandle calls (``deployments.HandleStages``), in the tests the same stage classes in
-this process (``stages.InProcessStages``). Each call returns an awaitable that can also be
-handed to a later call: in Serve a DeploymentResponse passed into the next ``.remote()`` is
-resolved in the callee, so the image goes from Preprocess to the models, and the boxes from
-the Detector to the DigitClassifier, without a round trip through the ingress.
+``PipelineFlow`` gets its four stage calls injected (``Stages``): with ``topology: split``
+they are DeploymentHandle calls (``deployments.HandleStages``), with ``topology: fused`` the
+stage classes in the ingress replica, the models batched together (``stages.FusedStages``),
+in the tests the stage classes one request at a time (``stages.InProcessStages``). Each call
+returns an awaitable that can also be handed to a later call: in Serve a DeploymentResponse
+passed into the next ``.remote()`` is resolved by Serve's router as soon as it is ready, so
+the digit classifier is called the moment the detector answers, without waiting for this
+code to await the detector (the ingress process still holds both answers: they are small).
 
 The business rule is a pure function of a few numbers (``rules.decide``, microseconds): it
 runs here, in process. A deployment of its own would add a hop (7.5 ms measured on a 2-core
@@ -114,8 +116,8 @@ class PipelineFlow:
         compute: dict[str, float] = {}
         batch_sizes: dict[str, int] = {}
 
-        pre_call = self.stages.preprocess(data)
-        with t.stage("preprocess"):
+        with t.stage("preprocess"):  # the call too: it may decode right here (in process)
+            pre_call = self.stages.preprocess(data)
             pre = await self._await("preprocess", pre_call, self.stage_timeout_s)
         compute["preprocess"] = pre["compute_ms"]
         if not pre["ok"]:  # 400, 413, 415 or 422, chosen by Preprocess

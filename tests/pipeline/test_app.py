@@ -299,19 +299,24 @@ def test_fused_replicas_batch_concurrent_requests(client, url) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("topology", ["fused", "split"])
-def test_on_cuda_reads_heldout_scenes(client, deploy, topology) -> None:
+@pytest.mark.parametrize(
+    ("topology", "preprocess_in"),
+    [("fused", "ingress"), ("split", "ingress"), ("split", "deployment")],
+)
+def test_on_cuda_reads_heldout_scenes(client, deploy, topology, preprocess_in) -> None:
     """On a GPU node each model stage (or the fused replica) is given a GPU fraction and
     runs on CUDA; held-out scenes are read as on the CPU."""
     gpu = {"num_cpus": 0.5, "num_gpus": 0.2}
     args = PipelineArgs(
         topology=topology,
+        preprocess_in=preprocess_in,
         fused={"resources": gpu},
         detector={"resources": gpu},
         scene={"resources": gpu},
         digits={"resources": gpu},
     )
-    base = deploy(build_app(args), f"pipeline-cuda-{topology}", f"/pipeline-cuda-{topology}")
+    name = f"pipeline-cuda-{topology}-{preprocess_in}"
+    base = deploy(build_app(args), name, f"/{name}")
     exact = 0
     for i in range(12):
         r = _read(client, base, scene_png("heldout", 100 + i))

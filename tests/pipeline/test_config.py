@@ -101,10 +101,13 @@ def test_split_topology_code_defaults() -> None:
     """The same args with ``topology: split``: the four stage deployments, each model stage
     with its batching knobs as user_config."""
     built = _deployments(build_app({**APP["args"], "topology": "split"}))
-    assert set(built) == {
-        "PipelineIngress", "Preprocess", "Detector", "SceneClassifier", "DigitClassifier"
-    }  # fmt: skip
+    assert set(built) == {"PipelineIngress", "Detector", "SceneClassifier", "DigitClassifier"}
     _model_stage_user_configs(APP["args"], built)
+    # Decoding in a deployment of its own instead of the ingress: one more deployment.
+    apart = _deployments(
+        build_app({**APP["args"], "topology": "split", "preprocess_in": "deployment"})
+    )
+    assert set(apart) == set(built) | {"Preprocess"}
 
 
 # ------------------------------------------------------------------------------ GPU profile
@@ -135,7 +138,6 @@ def test_gpu_profile_is_a_valid_split_app_that_fits_one_node() -> None:
         )
     resources = {
         "PipelineIngress": args.ingress_resources,
-        "Preprocess": args.preprocess_resources,
         "Detector": args.detector.resources,
         "SceneClassifier": args.scene.resources,
         "DigitClassifier": args.digits.resources,

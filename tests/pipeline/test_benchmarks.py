@@ -1,0 +1,76 @@
+"""The tools the README's figures come from: the load generator counts real answers from a
+real server (and that server's CPU), and the GPU benchmark's in-process rows run on a CPU
+box in their quick size."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from patterns.pipeline.loadgen import CpuMeter, Request, process_tree, run_load
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def uvicorn_server() -> tuple[str, int]:
+    """The core test ingress app under plain uvicorn, in its own process."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "tests.core.ingress_app:api", "--host",
+           "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    try:
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode is not None
+
+
+def test_load_generator_counts_answers_statuses_and_server_cpu(
+    uvicorn_server: tuple[str, int],
+) -> None:
+    url, pid = uvicorn_server
+    assert process_tree(pid) == [pid]
+    meter = CpuMeter(lambda: process_tree(pid))
+    ok = Request("GET", "/healthz")
+    missing = Request("GET", "/no-such-route")
+    result = run_load(url, [ok, ok, ok, missing], concurrency=4, duration_s=1.5,
+                      warmup_s=0.5, processes=2, samples=5, on_window=meter)  # fmt: skip
+    assert result.processes == 2 and result.errors == 0
+    assert result.ok > 50 and result.statuses.get(404, 0) > 10, result.statuses
+    assert result.failed == result.statuses[404]
+    assert 0 < result.pct(50) <= result.pct(95) and len(result.latencies_ms) == result.ok
+    assert result.samples and all(b'"status"' in s for s in result.samples)
+    assert meter.seconds > 0 and meter.ms_per(result.ok) < 100  # the server did the work
+
+
+def test_gpu_bench_in_process_rows_run_quick_on_cpu() -> None:
+    """The ceiling (decode on another process feeding the models) and the models-only rows
+    of ``gpu_bench`` in their quick size: a table with a number in each row."""
+    out = subprocess.run(
+        [sys.executable, "-m", "patterns.pipeline.gpu_bench", "--quick",
+         "--sections", "ceiling,models", "--duration", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| raw ceiling") or
+            ln.startswith("| models only")]  # fmt: skip
+    assert len(rows) == 2, out.stdout[-2000:]
+    for row in rows:
+        figures = row.split("|")[2].replace(",", "").split(" / ")
+        assert all(float(f) > 0 for f in figures), row
