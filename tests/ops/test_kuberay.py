@@ -129,11 +129,6 @@ PRODUCTION_KEYS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scripts/build_serve_config.py does not pass ENSEMBLE_ADMIN_KEYS, "
-    "ENSEMBLE_CLIENT_KEYS and ONLINE_ADMIN_KEYS yet (issue 14 report); drop this mark then",
-)
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_production_containers_get_every_key_the_apps_need(path: Path) -> None:
     rayservice = _load(path)
