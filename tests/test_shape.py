@@ -217,7 +217,9 @@ def test_a_copied_pattern_runs_with_serve_run(name: str, tmp_path: Path) -> None
         client = importlib.import_module(f"patterns.{name}.client")
         request = client.sample_request(0)
         url = f"http://127.0.0.1:{port}{request['path']}"
-        kwargs = {k: request[k] for k in ("json", "content", "headers", "files") if k in request}
+        kwargs = {k: request[k] for k in ("json", "headers", "files") if k in request}
+        if "data" in request or "content" in request:  # raw bytes (an image, say)
+            kwargs["content"] = request.get("content", request.get("data"))
         deadline = time.monotonic() + 300
         last = "no answer yet"
         while time.monotonic() < deadline:
