@@ -306,7 +306,11 @@ def test_fused_replicas_batch_concurrent_requests(client, url) -> None:
 def test_on_cuda_reads_heldout_scenes(client, deploy, topology, preprocess_in) -> None:
     """On a GPU node each model stage (or the fused replica) is given a GPU fraction and
     runs on CUDA; held-out scenes are read as on the CPU."""
-    gpu = {"num_cpus": 0.5, "num_gpus": 0.2}
+    from ray import serve
+
+    # Small shares, and each app deleted when its test ends: the module's other apps (CPU)
+    # stay deployed beside it, and three of these at once would not fit one GPU.
+    gpu = {"num_cpus": 0.2, "num_gpus": 0.2}
     args = PipelineArgs(
         topology=topology,
         preprocess_in=preprocess_in,
@@ -317,18 +321,20 @@ def test_on_cuda_reads_heldout_scenes(client, deploy, topology, preprocess_in) -
     )
     name = f"pipeline-cuda-{topology}-{preprocess_in}"
     base = deploy(build_app(args), name, f"/{name}")
-    exact = 0
-    for i in range(12):
-        r = _read(client, base, scene_png("heldout", 100 + i))
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert {v["device"] for v in body["model_versions"].values()} == {"cuda"}
-        exact += body["decision"]["code"] == make_scene("heldout", 100 + i).code
-    assert exact >= 9, exact
-    info = client.get(f"{base}/model").json()
-    assert {info[s]["device"] for s in ("detector", "scene_classifier", "digit_classifier")} == {
-        "cuda"
-    }
+    try:
+        exact = 0
+        for i in range(12):
+            r = _read(client, base, scene_png("heldout", 100 + i))
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert {v["device"] for v in body["model_versions"].values()} == {"cuda"}
+            exact += body["decision"]["code"] == make_scene("heldout", 100 + i).code
+        assert exact >= 9, exact
+        info = client.get(f"{base}/model").json()
+        devices = {info[s]["device"] for s in ("detector", "scene_classifier", "digit_classifier")}
+        assert devices == {"cuda"}
+    finally:
+        serve.delete(name)
 
 
 def test_detector_from_a_checkpoint_uri(client, deploy, tmp_path_factory) -> None:
