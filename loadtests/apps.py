@@ -65,32 +65,11 @@ def _routes(api: FastAPI, state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------- monolith
 def monolith_app() -> FastAPI:
-    state: dict[str, Any] = {}
+    """The pattern's own monolith (``patterns.pipeline.monolith``): the study measures what the
+    pipeline README measures."""
+    from patterns.pipeline.monolith import create_app
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        import torch
-
-        from patterns.pipeline.flow import PipelineFlow
-        from patterns.pipeline.stages import InProcessStages
-
-        torch.set_num_threads(1)  # one worker per core
-        args = _args()
-        stages = InProcessStages.load(
-            _store(args), limits=args.limits, detector=args.detector, scene=args.scene,
-            digits=args.digits, storage_options=args.checkpoint_storage_options,
-        )  # fmt: skip
-        state["args"] = args
-        state["flow"] = PipelineFlow(
-            stages, rules=args.rules, stage_timeout_s=args.stage_timeout_s,
-            max_image_bytes=args.max_image_bytes,
-        )  # fmt: skip
-        yield
-
-    api = FastAPI(title="Vision pipeline (monolith)", lifespan=lifespan)
-    install_ingress(api, app_name="pipeline-monolith", max_body_bytes=64 * 1024 * 1024)
-    _routes(api, state)
-    return api
+    return create_app()
 
 
 # ---------------------------------------------------------------------------- microservices

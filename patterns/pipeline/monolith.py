@@ -42,9 +42,15 @@ def create_app() -> FastAPI:
             detector=args.detector,
             scene=args.scene,
             digits=args.digits,
+            storage_options=args.checkpoint_storage_options,
         )
         state["args"] = args
-        state["flow"] = PipelineFlow(stages, rules=args.rules, max_image_bytes=args.max_image_bytes)
+        state["flow"] = PipelineFlow(
+            stages,
+            rules=args.rules,
+            stage_timeout_s=args.stage_timeout_s,
+            max_image_bytes=args.max_image_bytes,
+        )
         yield
 
     api = FastAPI(title="Vision pipeline (monolith)", lifespan=lifespan)
