@@ -1,0 +1,1 @@
+"""Reliability suite: load while faults happen, counted by outcome (``make chaos``)."""
