@@ -38,6 +38,14 @@ from core.errors import Forbidden, HTTPError, Unauthorized
 logger = logging.getLogger("core.ingress")
 
 REQUEST_ID_HEADER = "x-request-id"
+# A client that sends this header on a POST promises the same key means the same request; the
+# app answers a repeat with the first answer and writes nothing twice, so the edge may retry it.
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+# Mark a route whose repeat is harmless (a pure read or inference):
+#     @api.post("/predict", openapi_extra=IDEMPOTENT)
+# The edge retries such a request when the replica serving it is lost; the flag shows in the
+# OpenAPI document as ``x-idempotent: true``.
+IDEMPOTENT: dict[str, Any] = {"x-idempotent": True}
 _STATUS_SENTENCES = {
     404: "No such route; see the OpenAPI docs at /docs under this app's prefix.",
     405: "This route does not accept that HTTP method.",
