@@ -25,6 +25,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--chaos",
+        action="store_true",
+        help="also run tests marked chaos (long fault runs; `make chaos`)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--chaos") or os.environ.get("COOKBOOK_CHAOS") == "1":
+        return
+    skip = pytest.mark.skip(reason="chaos: long fault run; `make chaos` runs it")
+    for item in items:
+        if "chaos" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def serve_http() -> Iterator[str]:
     import ray
