@@ -25,7 +25,7 @@ from ray.serve.handle import DeploymentHandle
 
 from core.apps import coerce_args, default_app
 from core.errors import ModelNotFound
-from core.ingress import api_key_auth, install_ingress, request_id_of
+from core.ingress import IDEMPOTENT, api_key_auth, install_ingress, request_id_of
 from core.model_store import ModelStore
 from core.resources import StageResources, resolve_actor_options, wants_gpu
 from patterns.ensemble import ensemble_pb2, grpc_service
@@ -217,7 +217,7 @@ class EnsembleIngress:
             parsed, members, challenger, recorder, _stored_report(parsed.model_store_uri)
         )
 
-    @api.post("/predict", summary="Vote on one or more rows")
+    @api.post("/predict", summary="Vote on one or more rows", openapi_extra=IDEMPOTENT)
     async def predict(self, body: PredictRequest, request: Request) -> dict[str, Any]:
         return await self.ensemble.predict(body.instances, request_id_of(request))
 

@@ -32,7 +32,7 @@ from ray.serve.handle import DeploymentHandle
 
 from core.apps import coerce_args, default_app
 from core.errors import BadRequest, HTTPError, NotFound, ServiceUnavailable, Unprocessable
-from core.ingress import install_ingress
+from core.ingress import IDEMPOTENT, install_ingress
 from core.model_store import ModelStore
 from core.resources import StageResources, resolve_actor_options, wants_gpu
 from core.timing import Timings
@@ -128,7 +128,11 @@ class MultiplexIngress:
                 timings.add(stage, ms)
         return {**answer, "timings_ms": timings.as_dict()}
 
-    @api.post("/models/{model_id:path}/predict", summary="Forecast one store (id in the path)")
+    @api.post(
+        "/models/{model_id:path}/predict",
+        summary="Forecast one store (id in the path)",
+        openapi_extra=IDEMPOTENT,
+    )
     async def predict_path(
         self, model_id: str, body: ForecastRequest, request: Request
     ) -> dict[str, Any]:
@@ -140,7 +144,11 @@ class MultiplexIngress:
             )
         return await self.forecast_payload(model_id, body.model_dump(mode="json"))
 
-    @api.post("/predict", summary=f"Forecast one store (id in the {MODEL_ID_HEADER} header)")
+    @api.post(
+        "/predict",
+        summary=f"Forecast one store (id in the {MODEL_ID_HEADER} header)",
+        openapi_extra=IDEMPOTENT,
+    )
     async def predict_header(self, body: ForecastRequest, request: Request) -> dict[str, Any]:
         model_id = request.headers.get(MODEL_ID_HEADER)
         if model_id is None:
@@ -222,6 +230,7 @@ class MultiplexIngress:
         "/v1/chat/completions",
         summary="OpenAI chat completions; the tenant is `model` or the header",
         response_model=None,
+        openapi_extra=IDEMPOTENT,  # generation writes nothing: repeat it if no byte was sent
     )
     async def chat_completions(self, body: ChatRequest, request: Request) -> Any:
         if self.chat is None:

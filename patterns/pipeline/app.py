@@ -30,7 +30,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from core.apps import coerce_args, default_app
-from core.ingress import install_ingress, request_id_of
+from core.ingress import IDEMPOTENT, install_ingress, request_id_of
 from core.model_store import ModelStore
 from core.resources import StageResources, resolve_actor_options, torch_device, wants_gpu
 from patterns.pipeline.deployments import (
@@ -167,7 +167,7 @@ class PipelineIngress:
     @api.post(
         "/read",
         summary="Read the digit code in one image",
-        openapi_extra=IMAGE_BODY,
+        openapi_extra={**IMAGE_BODY, **IDEMPOTENT},
         responses=_ERRORS,
     )
     async def read(self, request: Request) -> dict[str, Any]:
@@ -183,7 +183,7 @@ class PipelineIngress:
     @api.post(
         "/read/batch",
         summary="Read several images in one request",
-        openapi_extra=BATCH_BODY,
+        openapi_extra={**BATCH_BODY, **IDEMPOTENT},
         responses=_ERRORS,
     )
     async def read_batch(self, request: Request) -> dict[str, Any]:

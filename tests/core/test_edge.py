@@ -1,0 +1,239 @@
+"""Replica loss at the edge: the proxy middleware (core.edge) and the ingress middleware
+(core.ingress) retry what is harmless to repeat and answer the rest with 503 + Retry-After.
+
+Replica loss is real Ray's exception type raised by the app under test; the Serve-level check
+(a SIGKILLed replica under load) is tests/reliability/test_kill.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from ray.exceptions import ActorDiedError, RayTaskError
+
+from core.edge import ReplicaLossRetry, idempotent_routes, proxy_environment, proxy_middlewares
+from core.ingress import IDEMPOTENT, install_ingress, replica_lost
+
+
+class FlakyProxy:
+    """An ASGI app standing in for Serve's proxy: the first ``lose`` calls end without an
+    answer (what the proxy does when the replica dies), then it echoes the request."""
+
+    def __init__(self, lose: int) -> None:
+        self.lose = lose
+        self.calls: list[tuple[str, bytes, list[str]]] = []
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        ids = [v.decode() for k, v in scope["headers"] if k == b"x-request-id"]
+        self.calls.append((scope["path"], body, ids))
+        if len(self.calls) <= self.lose:
+            return  # replica lost: no answer at all
+        payload = json.dumps({"body": body.decode(), "attempt": len(self.calls)}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge")
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def _edge(lose: int, **kw: Any) -> tuple[FlakyProxy, ReplicaLossRetry]:
+    inner = FlakyProxy(lose)
+    return inner, ReplicaLossRetry(inner, backoff_s=(0.0,), **kw)
+
+
+def test_get_is_retried_until_a_replica_answers() -> None:
+    inner, edge = _edge(lose=2)
+
+    async def go() -> httpx.Response:
+        async with _client(edge) as c:
+            return await c.get("/ensemble/model")
+
+    r = _run(go())
+    assert r.status_code == 200 and r.json()["attempt"] == 3
+    # every attempt carried the same request id
+    assert len({tuple(ids) for _, _, ids in inner.calls}) == 1
+
+
+def test_idempotent_post_route_is_retried_with_the_same_body() -> None:
+    inner, edge = _edge(lose=1, routes=["/multiplex/forecast/{store_id}", "/ensemble/predict"])
+
+    async def go() -> httpx.Response:
+        async with _client(edge) as c:
+            return await c.post("/multiplex/forecast/s-0042", json={"horizon": 7})
+
+    r = _run(go())
+    assert r.status_code == 200
+    assert json.loads(r.json()["body"]) == {"horizon": 7}
+    assert [body for _, body, _ in inner.calls] == [b'{"horizon":7}'] * 2
+
+
+def test_post_with_idempotency_key_is_retried() -> None:
+    inner, edge = _edge(lose=1)
+
+    async def go() -> httpx.Response:
+        async with _client(edge) as c:
+            return await c.post(
+                "/online/feedback", json={"y": 1}, headers={"Idempotency-Key": "k1"}
+            )
+
+    assert _run(go()).status_code == 200 and len(inner.calls) == 2
+
+
+def test_post_that_writes_is_not_retried_and_gets_503_with_retry_after() -> None:
+    inner, edge = _edge(lose=1, routes=["/ensemble/predict"])
+
+    async def go() -> httpx.Response:
+        async with _client(edge) as c:
+            return await c.post("/online/feedback", json={"y": 1}, headers={"X-Request-ID": "r-7"})
+
+    r = _run(go())
+    assert len(inner.calls) == 1
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.headers["x-request-id"] == "r-7"
+    error = r.json()["error"]
+    assert error["status"] == 503 and error["request_id"] == "r-7"
+    assert "Retry shortly" in error["message"]
+
+
+def test_attempts_spent_is_503_not_500() -> None:
+    inner, edge = _edge(lose=10, attempts=3)
+
+    async def go() -> httpx.Response:
+        async with _client(edge) as c:
+            return await c.get("/pipeline/model")
+
+    r = _run(go())
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and len(inner.calls) == 3
+
+
+def test_an_answer_of_any_status_passes_through_untouched() -> None:
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 500, "headers": [(b"x-a", b"1")]})
+        await send({"type": "http.response.body", "body": b"app said 500"})
+
+    async def go() -> httpx.Response:
+        async with _client(ReplicaLossRetry(app, backoff_s=(0.0,))) as c:
+            return await c.get("/x")
+
+    r = _run(go())
+    assert (r.status_code, r.text, r.headers["x-a"]) == (500, "app said 500", "1")
+
+
+def test_route_templates_match_one_segment() -> None:
+    edge = ReplicaLossRetry(lambda *a: None, routes=["/m/forecast/{id}"])
+    post = {"type": "http", "method": "POST", "headers": []}
+    assert edge.retryable({**post, "path": "/m/forecast/s-1"})
+    assert edge.retryable({**post, "path": "/m/forecast/s-1/"})
+    assert not edge.retryable({**post, "path": "/m/forecast/s-1/extra"})
+    assert not edge.retryable({**post, "path": "/m/forecast"})
+
+
+def test_proxy_callback_reads_the_routes_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("COOKBOOK_IDEMPOTENT_ROUTES", "/a/read,/b/predict")
+    (middleware,) = proxy_middlewares()
+    assert middleware.cls is ReplicaLossRetry
+    assert middleware.kwargs["routes"] == ["/a/read", "/b/predict"]
+
+
+def test_idempotent_routes_are_read_from_the_apps_openapi() -> None:
+    apps = [{"import_path": "tests.core.test_edge:app", "route_prefix": "/demo"}]
+    assert idempotent_routes(apps) == ["/demo/items/{item_id}", "/demo/predict"]
+    env = proxy_environment(apps)
+    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "core.edge:proxy_middlewares"
+    assert env["COOKBOOK_IDEMPOTENT_ROUTES"] == "/demo/items/{item_id},/demo/predict"
+
+
+# ------------------------------------------------------------------ inside the ingress replica
+def _lost() -> ActorDiedError:
+    return ActorDiedError()
+
+
+calls: dict[str, int] = {}
+app = FastAPI()
+install_ingress(app, app_name="edge-test")
+
+
+@app.post("/predict", openapi_extra=IDEMPOTENT)
+async def predict(request: Request) -> dict[str, Any]:
+    calls["predict"] = calls.get("predict", 0) + 1
+    body = await request.json()
+    if calls["predict"] == 1:
+        raise _lost()
+    return {"echo": body, "calls": calls["predict"]}
+
+
+@app.post("/write")
+async def write(request: Request) -> dict[str, Any]:
+    calls["write"] = calls.get("write", 0) + 1
+    await request.json()
+    raise RayTaskError("f", "traceback", _lost())
+
+
+@app.get("/items/{item_id}", openapi_extra=IDEMPOTENT)
+async def item(item_id: str) -> dict[str, Any]:
+    calls["item"] = calls.get("item", 0) + 1
+    raise _lost()
+
+
+@app.get("/boom")
+async def boom() -> dict[str, Any]:
+    raise ValueError("a bug")
+
+
+@pytest.fixture
+def client():
+    calls.clear()
+    from fastapi.testclient import TestClient
+
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def test_ingress_retries_an_idempotent_route_with_the_body_it_read(client) -> None:
+    r = client.post("/predict", json={"x": [1, 2]})
+    assert r.status_code == 200 and r.json() == {"echo": {"x": [1, 2]}, "calls": 2}
+
+
+def test_ingress_answers_503_with_retry_after_for_a_write(client) -> None:
+    r = client.post("/write", json={"x": 1})
+    assert calls["write"] == 1
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "Idempotency-Key" in r.json()["error"]["message"]
+
+
+def test_ingress_retries_a_write_that_carries_an_idempotency_key(client) -> None:
+    r = client.post("/write", json={"x": 1}, headers={"Idempotency-Key": "k"})
+    assert calls["write"] == 3 and r.status_code == 503  # 1 + 2 retries, then 503
+
+
+def test_ingress_gives_up_after_its_retries_with_503(client) -> None:
+    r = client.get("/items/7")
+    assert calls["item"] == 3 and r.status_code == 503
+
+
+def test_a_bug_is_still_a_500_without_internals(client) -> None:
+    r = client.get("/boom")
+    assert r.status_code == 500 and "a bug" not in r.text
+
+
+def test_replica_lost_classifies_ray_errors() -> None:
+    assert replica_lost(ActorDiedError())
+    assert replica_lost(RayTaskError("f", "tb", ActorDiedError()))
+    assert not replica_lost(RayTaskError("f", "tb", ValueError("x")))
+    assert not replica_lost(ValueError("x"))
