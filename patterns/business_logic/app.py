@@ -17,9 +17,9 @@ This module declares the args, wires the two deployments and maps routes to the 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI views need real
 # annotations (with string annotations `self` becomes a required query parameter).
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
@@ -27,7 +27,13 @@ from ray.serve.handle import DeploymentHandle
 
 from core.apps import coerce_args, default_app
 from core.errors import ServiceUnavailable
-from core.ingress import api_key_auth, install_ingress, request_id_of
+from core.ingress import (
+    IDEMPOTENCY_KEY_HEADER,
+    IDEMPOTENT,
+    api_key_auth,
+    install_ingress,
+    request_id_of,
+)
 from core.resilience import describe_error
 from core.resources import StageResources, resolve_actor_options
 from patterns.business_logic.deployments import FraudModel
@@ -38,6 +44,18 @@ from patterns.business_logic.risk_client import RiskServiceClient
 from patterns.business_logic.rules import DecisionRules
 from patterns.business_logic.scoring import Scorer, ScoreRequest
 from patterns.business_logic.settings import BusinessSettings, load_api_keys
+
+# A client's promise that the same key means the same payment (scoring.Scorer.score).
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias=IDEMPOTENCY_KEY_HEADER,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Any printable ASCII id (UUID recommended); a repeat gets the first answer.",
+    ),
+]
 
 
 class RiskCallArgs(BaseModel):
@@ -160,11 +178,20 @@ class BusinessIngress:
 
     @api.post("/score", summary="Check one card payment: approve, review or decline")
     async def score(
-        self, body: ScoreRequest, request: Request, key_id: str = Depends(require_key)
+        self,
+        body: ScoreRequest,
+        request: Request,
+        key_id: str = Depends(require_key),
+        idempotency_key: IdempotencyKey = None,
     ) -> dict[str, Any]:
-        return await self.scorer.score(body, request_id_of(request))
+        # Writes the decision: a repeat with the same Idempotency-Key gets the first answer.
+        return await self.scorer.score(body, request_id_of(request), idempotency_key)
 
-    @api.get("/model", summary="Model version, device and held-out quality; dependency state")
+    @api.get(
+        "/model",
+        summary="Model version, device and held-out quality; dependency state",
+        openapi_extra=IDEMPOTENT,
+    )
     async def model_info(self, key_id: str = Depends(require_key)) -> dict[str, Any]:
         timeout_s = self.args.model_timeout_s
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -29,10 +30,12 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     func,
     insert,
     select,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from patterns.business_logic.database import BlockingCalls, is_sqlite, make_engine, sqlite_path
@@ -90,6 +93,19 @@ decisions = Table(
     Column("decision", String(8), nullable=False),
     Column("score", Float, nullable=False),
     Column("memo", String(200)),
+    Column("created_at", Float, nullable=False),
+)
+
+# Idempotency-Key -> the first answer. The primary key is the guarantee: two replicas (or a
+# replica and its restarted self) racing on one key cannot both insert, and the decision row
+# is written in the same transaction as this row, so a key never has two decisions.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("idempotency_key", String(128), primary_key=True),
+    Column("request_digest", String(64), nullable=False),  # the body the key was first used with
+    Column("request_id", String(64), nullable=False),  # the first answer's request id
+    Column("answer", Text, nullable=False),  # the first answer, JSON
     Column("created_at", Float, nullable=False),
 )
 
@@ -216,6 +232,23 @@ class DatabaseUnavailable(Exception):
 
 
 @dataclass(frozen=True)
+class StoredAnswer:
+    """The first answer given for an Idempotency-Key, and the body it answered."""
+
+    request_digest: str
+    answer: dict[str, Any]
+
+
+class KeyAlreadyUsed(Exception):
+    """Another request stored an answer for this Idempotency-Key first (a race): nothing of
+    this request was written; ``stored`` is the winner's answer."""
+
+    def __init__(self, stored: StoredAnswer) -> None:
+        super().__init__("idempotency key already used")
+        self.stored = stored
+
+
+@dataclass(frozen=True)
 class Records:
     customer: dict[str, Any] | None
     merchant: dict[str, Any] | None
@@ -245,6 +278,7 @@ class RecordStore:
             unavailable=DatabaseUnavailable,
         )
         self.last_error: str | None = None
+        self._idempotency_ready = False
 
     @property
     def backend(self) -> str:
@@ -287,12 +321,68 @@ class RecordStore:
         row = await self._run(self._history_sync, customer)
         return features_from_history_row(row)
 
-    def _log_sync(self, row: dict[str, Any]) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(insert(decisions), row)
+    def _ensure_idempotency_table(self) -> None:
+        # Databases seeded before idempotency keys existed lack the table: create it once
+        # (CREATE TABLE IF NOT EXISTS; never alters or drops anything).
+        if not self._idempotency_ready:
+            idempotency_keys.create(self.engine, checkfirst=True)
+            self._idempotency_ready = True
 
-    async def log_decision(self, **row: Any) -> None:
-        await self._run(self._log_sync, {**row, "created_at": time.time()})
+    def _stored_sync(self, key: str) -> StoredAnswer | None:
+        self._ensure_idempotency_table()
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(idempotency_keys.c.request_digest, idempotency_keys.c.answer).where(
+                    idempotency_keys.c.idempotency_key == key
+                )
+            ).first()
+        return StoredAnswer(row[0], json.loads(row[1])) if row is not None else None
+
+    async def stored_answer(self, key: str) -> StoredAnswer | None:
+        """The first answer given for ``key``, or None if the key is new."""
+        return await self._run(self._stored_sync, key)
+
+    def _log_sync(self, row: dict[str, Any] | None, keyed: dict[str, Any] | None) -> None:
+        if keyed is not None:
+            self._ensure_idempotency_table()
+        try:
+            with self.engine.begin() as conn:  # both rows or neither
+                if keyed is not None:
+                    conn.execute(insert(idempotency_keys), keyed)
+                if row is not None:
+                    conn.execute(insert(decisions), row)
+        except sa_exc.IntegrityError:
+            if keyed is None:
+                raise
+            stored = self._stored_sync(keyed["idempotency_key"])
+            if stored is None:  # not the key's primary key after all: a bug, not a race
+                raise
+            raise KeyAlreadyUsed(stored) from None
+
+    async def log_decision(
+        self,
+        row: dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        request_digest: str = "",
+        answer: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> None:
+        """Write the decision row (``row``, or the keyword ``fields``; neither: decision
+        logging is off) and, with a key, the key's first answer, in one transaction. Raises
+        KeyAlreadyUsed when another request holds the key (then nothing was written)."""
+        row = row or fields or None
+        now = time.time()
+        keyed = None
+        if idempotency_key is not None:
+            keyed = {
+                "idempotency_key": idempotency_key,
+                "request_digest": request_digest,
+                "request_id": str((answer or {}).get("request_id", "-"))[:64],
+                "answer": json.dumps(answer),
+                "created_at": now,
+            }
+        await self._run(self._log_sync, {**row, "created_at": now} if row else None, keyed)
 
     def all_history(self) -> list[Any]:
         with self.engine.connect() as conn:

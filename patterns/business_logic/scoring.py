@@ -11,11 +11,17 @@ Failure policy, in one place:
 - risk service slow, failing, down or answering nonsense: a default signal, answer marked
   degraded, and rules route large amounts to review;
 - model deployment not answering within ``model_timeout_s``, or failing: 503;
-- audit log write failing: the decision is still answered, marked degraded.
+- audit log write failing: the decision is still answered, marked degraded; with an
+  Idempotency-Key it is a 503 instead (the key's row is the promise, and nothing was written).
+
+Idempotency-Key: the key, the payment's digest and the first answer are one row whose primary
+key is the key, written in the decision's transaction. A repeat gets that answer; the key with
+another payment gets a 409.
 """
 
 import asyncio
 import datetime as dt
+import hashlib
 import logging
 import re
 import time
@@ -25,7 +31,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.errors import NotFound, ServiceUnavailable, Unprocessable
+from core.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
 from core.resilience import CircuitBreaker, CircuitOpenError, describe_error
 from core.timing import Timings
 from patterns.business_logic.features import (
@@ -36,7 +42,13 @@ from patterns.business_logic.features import (
     InvalidFeatureVector,
 )
 from patterns.business_logic.model import MODEL_NAME, as_row, model_input
-from patterns.business_logic.records import DatabaseUnavailable, Records, RecordStore
+from patterns.business_logic.records import (
+    DatabaseUnavailable,
+    KeyAlreadyUsed,
+    Records,
+    RecordStore,
+    StoredAnswer,
+)
 from patterns.business_logic.risk_client import RiskServiceClient, RiskSignal
 from patterns.business_logic.rules import DecisionRules, decide
 
@@ -91,6 +103,11 @@ class ScoreRequest(BaseModel):
                 "such as NUL, tab, newline or escape codes"
             )
         return memo
+
+
+def request_digest(req: ScoreRequest) -> str:
+    """What an Idempotency-Key is bound to: the payment, field by field."""
+    return hashlib.sha256(req.model_dump_json().encode()).hexdigest()
 
 
 def _iso(ts: float) -> str:
@@ -238,7 +255,22 @@ class Scorer:
             )
         return records, amount_eur
 
-    async def score(self, req: ScoreRequest, request_id: str) -> dict[str, Any]:
+    async def score(
+        self, req: ScoreRequest, request_id: str, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """One check. With an ``idempotency_key``, a repeat of the same payment gets the first
+        answer (nothing scored or written again), another payment under the key a 409; the
+        key's row and the decision row are written together or not at all."""
+        if idempotency_key is not None:
+            try:
+                stored = await self.records.stored_answer(idempotency_key)
+            except DatabaseUnavailable as exc:
+                raise ServiceUnavailable(
+                    f"The records database did not answer ({exc}); no decision was made. "
+                    "Retry shortly with the same Idempotency-Key."
+                ) from exc
+            if stored is not None:
+                return self._replay(stored, req, idempotency_key)
         timings = Timings()
 
         async def timed(name: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
@@ -307,21 +339,7 @@ class Scorer:
             degraded_reasons.append(features.degraded)
         if missing_signal:
             degraded_reasons.append(f"risk service {risk.failure}; default signal used")
-        if self.log_decisions:
-            try:
-                with timings.stage("audit_log"):
-                    await self.records.log_decision(
-                        request_id=request_id[:64],
-                        customer_id=req.customer_id,
-                        merchant_id=req.merchant_id,
-                        amount_eur=amount_eur,
-                        decision=decision,
-                        score=score,
-                        memo=req.memo,
-                    )
-            except DatabaseUnavailable as exc:
-                degraded_reasons.append(f"decision not written to the audit log ({exc})")
-        return {
+        answer = {
             "request_id": request_id,
             "decision": decision,
             "reasons": reasons,
@@ -340,8 +358,49 @@ class Scorer:
             "risk_signal": risk.public(),
             "degraded": bool(degraded_reasons),
             "degraded_reasons": degraded_reasons,
-            "timings_ms": timings.as_dict(),
         }
+        row = None
+        if self.log_decisions:
+            row = {
+                "request_id": request_id[:64],
+                "customer_id": req.customer_id,
+                "merchant_id": req.merchant_id,
+                "amount_eur": amount_eur,
+                "decision": decision,
+                "score": score,
+                "memo": req.memo,
+            }
+        if row is not None or idempotency_key is not None:
+            try:
+                with timings.stage("audit_log"):
+                    await self.records.log_decision(
+                        row,
+                        idempotency_key=idempotency_key,
+                        request_digest=request_digest(req),
+                        answer={**answer, "timings_ms": timings.as_dict()},
+                    )
+            except KeyAlreadyUsed as exc:  # a concurrent request with this key won the race
+                return self._replay(exc.stored, req, idempotency_key or "")
+            except DatabaseUnavailable as exc:
+                if idempotency_key is not None:
+                    # The key promises "answered once, written once": without its row there
+                    # is no promise to keep, so nothing is answered (nothing was written).
+                    raise ServiceUnavailable(
+                        f"The decision could not be recorded ({exc}); nothing was written. "
+                        "Retry shortly with the same Idempotency-Key."
+                    ) from exc
+                degraded_reasons.append(f"decision not written to the audit log ({exc})")
+                answer["degraded"] = True
+        return {**answer, "timings_ms": timings.as_dict()}
+
+    def _replay(self, stored: StoredAnswer, req: ScoreRequest, key: str) -> dict[str, Any]:
+        """The first answer given for ``key``, if this request is the one it answered."""
+        if stored.request_digest != request_digest(req):
+            raise Conflict(
+                f"Idempotency-Key {key!r} was already used for a different payment "
+                f"(request {stored.answer.get('request_id')}); use a new key for a new payment."
+            )
+        return stored.answer
 
     def health(self) -> dict[str, Any]:
         """Passive dependency state (no probes): an outage shows here, it never fails /healthz."""

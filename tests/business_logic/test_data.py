@@ -330,7 +330,7 @@ def test_stalled_database_is_a_503_from_the_scorer(sqlite_urls, stalled_port) ->
 def test_stalled_audit_write_still_answers_degraded(sqlite_urls) -> None:
     async def run() -> None:
         records = RecordStore(sqlite_urls["database"], timeout_s=0.1)
-        records._log_sync = lambda row: time.sleep(1.0)  # the INSERT hangs past the deadline
+        records._log_sync = lambda row, keyed: time.sleep(1.0)  # the INSERT hangs past the deadline
         scorer = _scorer(sqlite_urls, records=records, log_decisions=True)
         out = await scorer.score(_req("C00042"), "t")
         assert out["degraded"]
@@ -390,5 +390,47 @@ def test_model_failure_is_a_503(sqlite_urls, model_call, part) -> None:
             await scorer.score(_req("C00042"), "t")
         assert part in err.value.message and "traceback" not in err.value.message
         assert time.perf_counter() - t0 < 5.0
+
+    asyncio.run(run())
+
+
+def test_an_idempotency_key_answers_a_repeat_once_and_refuses_another_payment(
+    sqlite_urls,
+) -> None:
+    """Same key, same payment: the first answer and one decision row, even when two requests
+    race (the key is the table's primary key, not a dict in one replica). Same key, another
+    payment: 409. A decision whose key row cannot be written is a 503 with nothing written."""
+    from core.errors import Conflict
+
+    db = sqlite_urls["database"].removeprefix("sqlite:///")
+
+    def rows(request_id: str) -> int:
+        with sqlite3.connect(db) as conn:
+            return conn.execute(
+                "SELECT COUNT(*) FROM decisions WHERE request_id = ?", (request_id,)
+            ).fetchone()[0]
+
+    async def run() -> None:
+        scorer = _scorer(sqlite_urls, log_decisions=True)
+        req = _req("C00042")
+        first, racer = await asyncio.gather(
+            scorer.score(req, "idem-1", "key-1"), scorer.score(req, "idem-2", "key-1")
+        )
+        again = await scorer.score(req, "idem-3", "key-1")
+        assert first["request_id"] == racer["request_id"] == again["request_id"]
+        assert first["decision"] == again["decision"] and first["score"] == again["score"]
+        assert rows(first["request_id"]) == 1
+        assert rows("idem-1") + rows("idem-2") + rows("idem-3") == 1
+        with pytest.raises(Conflict, match="already used for a different payment"):
+            await scorer.score(_req("C00043"), "idem-4", "key-1")
+        assert rows("idem-4") == 0
+        # The database refuses the write: with a key, no answer and nothing written.
+        records = RecordStore(sqlite_urls["database"], timeout_s=0.1)
+        records._log_sync = lambda row, keyed: time.sleep(1.0)
+        broken = _scorer(sqlite_urls, records=records, log_decisions=True)
+        with pytest.raises(ServiceUnavailable, match="nothing was written"):
+            await broken.score(req, "idem-5", "key-2")
+        assert await scorer.records.stored_answer("key-2") is None
+        assert rows("idem-5") == 0
 
     asyncio.run(run())
