@@ -32,7 +32,7 @@ from ray.serve.handle import DeploymentHandle
 
 from core.apps import coerce_args, default_app
 from core.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
-from core.ingress import api_key_auth, install_ingress
+from core.ingress import IDEMPOTENT, api_key_auth, install_ingress
 from core.metrics import ModelMetrics
 from core.model_store import ModelStore
 from core.resilience import describe_error
@@ -47,6 +47,7 @@ from patterns.online_learning.schemas import (
     ChooseRequest,
     FeedbackBatch,
     FeedbackEvent,
+    IdempotencyKey,
     PredictRequest,
     RewardRequest,
     RollbackRequest,
@@ -197,7 +198,8 @@ class OnlineIngress:
             raise ServiceUnavailable(f"The {what} is unavailable ({why}); retry shortly.") from exc
 
     # -- routes ------------------------------------------------------------------------------
-    @api.post("/predict", summary="Classify rows with the live champion")
+    # Repeats are harmless (a second prediction record that expires unused): the edge may retry.
+    @api.post("/predict", summary="Classify rows with the live champion", openapi_extra=IDEMPOTENT)
     async def predict(self, body: PredictRequest) -> dict[str, Any]:
         if len(body.instances) > self.args.max_rows:
             raise Unprocessable(
@@ -211,8 +213,10 @@ class OnlineIngress:
         body: FeedbackEvent,
         response: Response,
         x_client_id: Annotated[str | None, Header(pattern=ID_PATTERN)] = None,
+        idempotency_key: IdempotencyKey = None,
     ) -> dict[str, Any]:
-        status, acks = await self.service.feedback([body], _client(body.client_id, x_client_id))
+        client = _client(body.client_id, x_client_id)
+        status, acks = await self.service.feedback([body], client, idempotency_key)
         response.status_code = status
         return acks[0]
 
@@ -222,13 +226,16 @@ class OnlineIngress:
         body: FeedbackBatch,
         response: Response,
         x_client_id: Annotated[str | None, Header(pattern=ID_PATTERN)] = None,
+        idempotency_key: IdempotencyKey = None,
     ) -> dict[str, Any]:
         client = _client(body.client_id, x_client_id)
-        status, acks = await self.service.feedback(body.events, client)
+        status, acks = await self.service.feedback(body.events, client, idempotency_key)
         response.status_code = status
         return {"acks": acks}
 
-    @api.get("/model", summary="Champion, metrics history and consumed offsets")
+    @api.get(
+        "/model", summary="Champion, metrics history and consumed offsets", openapi_extra=IDEMPOTENT
+    )
     async def model(self) -> dict[str, Any]:
         version = self.live.version
         manifest, _ = await asyncio.to_thread(self.store.read_manifest, MODEL_NAME, str(version))
@@ -263,7 +270,8 @@ class OnlineIngress:
         await asyncio.to_thread(self.live.switch, out["champion"])
         return {**out, "by": key_id}
 
-    @api.post("/bandit/choose", summary="Pick an action for this context")
+    # A repeat is harmless (another choice record, expiring unused): the edge may retry it.
+    @api.post("/bandit/choose", summary="Pick an action for this context", openapi_extra=IDEMPOTENT)
     async def bandit_choose(self, body: ChooseRequest) -> dict[str, Any]:
         dim = self.args.bandit.params.context_dim
         row = _context(body.context, dim)
@@ -275,14 +283,18 @@ class OnlineIngress:
         body: RewardRequest,
         response: Response,
         x_client_id: Annotated[str | None, Header(pattern=ID_PATTERN)] = None,
+        idempotency_key: IdempotencyKey = None,
     ) -> dict[str, Any]:
+        client = _client(body.client_id, x_client_id)
         status, ack = await self.service.reward(
-            body.event_id, body.choice_id, body.reward, _client(body.client_id, x_client_id)
+            body.event_id, body.choice_id, body.reward, client, idempotency_key
         )
         response.status_code = status
         return ack
 
-    @api.get("/bandit", summary="The bandit's plays, rewards and saved version")
+    @api.get(
+        "/bandit", summary="The bandit's plays, rewards and saved version", openapi_extra=IDEMPOTENT
+    )
     async def bandit_state(self) -> dict[str, Any]:
         return await self._call(self.bandit, "state", "bandit policy")
 

@@ -40,7 +40,7 @@ from core.errors import (
 )
 from core.model_store import ModelStore
 from core.timing import Timings
-from patterns.online_learning.feedback_log import FeedbackLog
+from patterns.online_learning.feedback_log import Appended, FeedbackLog, payload_digest
 from patterns.online_learning.learning import LABELS_STREAM
 from patterns.online_learning.model import (
     BASELINE_VERSION,
@@ -53,6 +53,9 @@ from patterns.online_learning.stream import CLASSES
 
 logger = logging.getLogger("patterns.online_learning")
 REWARDS_STREAM = "rewards"
+# Idempotency-Key -> the digest of the body it was first used with: one entry per key in the
+# log itself (the log's unique event id is the guarantee, shared by every replica and restart).
+KEYS_STREAM = "idempotency_keys"
 
 
 class Gone(HTTPError):
@@ -314,8 +317,30 @@ class OnlineService:
         return record
 
     # -------------------------------------------------------------------- feedback
-    async def feedback(self, events: list[Any], client: str) -> tuple[int, list[dict[str, Any]]]:
-        """Log labels for earlier predictions. Returns (HTTP status, one ack per event)."""
+    async def _claim_key(self, route: str, key: str | None, body: dict[str, Any]) -> float | None:
+        """Bind an Idempotency-Key to this body, once. Returns when the key was first used
+        (None without a key); the key with another body is a 409. Claiming writes no event:
+        a request that fails after the claim is retried with the same key and logs then."""
+        if key is None:
+            return None
+        (claim,) = await self._io(
+            "record the idempotency key",
+            self.log.append,
+            KEYS_STREAM,
+            [(f"{route}:{key}", {"route": route, "body": payload_digest(body)})],
+        )
+        if claim.duplicate and not claim.same_payload:
+            raise Conflict(
+                f"Idempotency-Key {key!r} was already used for a different {route} request "
+                f"(at {claim.acked_at:.3f}); use a new key for a new request."
+            )
+        return float(claim.acked_at)
+
+    async def feedback(
+        self, events: list[Any], client: str, idempotency_key: str | None = None
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Log labels for earlier predictions. Returns (HTTP status, one ack per event).
+        With an ``idempotency_key`` a repeat of the request gets the first answer."""
         for i, ev in enumerate(events):
             if ev.label not in CLASSES:
                 raise Unprocessable(
@@ -324,6 +349,13 @@ class OnlineService:
                 )
         self._admit(client, len(events))
         await self._check_backlog(LABELS_STREAM)
+        body = {
+            "events": [
+                {"event_id": ev.event_id, "prediction_id": ev.prediction_id, "label": ev.label}
+                for ev in events
+            ]
+        }
+        since = await self._claim_key("feedback", idempotency_key, body)
         items = []
         for i, ev in enumerate(events):
             rec = await self._joined(
@@ -343,9 +375,21 @@ class OnlineService:
                     },
                 )
             )
-        return self._acks(await self._append(LABELS_STREAM, items), len(events) == 1)
+        return self._acks(await self._append(LABELS_STREAM, items), len(events) == 1, since)
 
-    def _acks(self, appended: list[Any], single: bool) -> tuple[int, list[dict[str, Any]]]:
+    def _acks(
+        self, appended: list[Appended], single: bool, since: float | None = None
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """One ack per event. ``since``: when this request's Idempotency-Key was first used;
+        an event logged since then was logged by this request (its first try, or a retry of
+        it after a 503), so it is acknowledged as the first answer did: "logged"."""
+        if since is not None:
+            appended = [
+                Appended(a.event_id, a.offset, a.acked_at, False)
+                if a.duplicate and a.same_payload and a.acked_at >= since
+                else a
+                for a in appended
+            ]
         acks = []
         for a in appended:
             if a.duplicate and not a.same_payload:
@@ -372,12 +416,19 @@ class OnlineService:
 
     # -------------------------------------------------------------------- bandit rewards
     async def reward(
-        self, event_id: str, choice_id: str, reward: float, client: str
+        self,
+        event_id: str,
+        choice_id: str,
+        reward: float,
+        client: str,
+        idempotency_key: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
         if not (0.0 <= reward <= 1.0) or not np.isfinite(reward):
             raise Unprocessable(f"reward {reward!r} is out of range; rewards are in [0, 1].")
         self._admit(client, 1)
         await self._check_backlog(REWARDS_STREAM)
+        body = {"event_id": event_id, "choice_id": choice_id, "reward": float(reward)}
+        since = await self._claim_key("reward", idempotency_key, body)
         rec = await self._joined(choice_id, "choice id", None)
         payload = {
             "event_id": event_id,
@@ -387,7 +438,8 @@ class OnlineService:
             "reward": float(reward),
             "client": client,
         }
-        status, acks = self._acks(await self._append(REWARDS_STREAM, [(event_id, payload)]), True)
+        appended = await self._append(REWARDS_STREAM, [(event_id, payload)])
+        status, acks = self._acks(appended, True, since)
         ack = acks[0]
         ack.pop("use", None)
         return status, ack

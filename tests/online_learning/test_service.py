@@ -223,3 +223,38 @@ def test_the_log_failing_is_a_503_that_says_retries_are_safe(make_service, monke
     monkeypatch.setattr(make_service.log, "put_records", locked)
     with pytest.raises(ServiceUnavailable, match="could not record the prediction"):
         run(svc.predict([ROW]))
+
+
+def test_an_idempotency_key_answers_a_repeat_with_the_first_answer(make_service) -> None:
+    """The key is an entry in the log (unique there, like event ids): a repeat gets the first
+    answer (202, "logged", same offset) and logs nothing; the key on another body is a 409;
+    a request that failed after its key was claimed logs on its retry with the key."""
+    svc = make_service()
+    pids = [p["prediction_id"] for p in run(svc.predict([ROW, ROW, ROW]))["predictions"]]
+    first = run(svc.feedback([fb("k-1", pids[0])], "c", "key-1"))
+    again = run(svc.feedback([fb("k-1", pids[0])], "c", "key-1"))
+    assert first == again and first[0] == 202 and first[1][0]["status"] == "logged"
+    assert make_service.log.backlog(LABELS_STREAM) == 1
+    with pytest.raises(Conflict, match="Idempotency-Key 'key-1' was already used"):
+        run(svc.feedback([fb("k-1", pids[0], label=0)], "c", "key-1"))
+    with pytest.raises(Conflict, match="Idempotency-Key 'key-1' was already used"):
+        run(svc.feedback([fb("k-2", pids[1])], "c", "key-1"))
+    # Without the key the same repeat is still logged once, and says it is a duplicate.
+    assert run(svc.feedback([fb("k-1", pids[0])], "c"))[1][0]["status"] == "duplicate"
+    # The log fails after the key is claimed: 503, nothing logged; the retry logs it once.
+    real_append, calls = make_service.log.append, []
+
+    def failing_append(stream, items):
+        calls.append(stream)
+        if stream == LABELS_STREAM and len(calls) == 2:
+            raise OSError("disk I/O error")
+        return real_append(stream, items)
+
+    svc.log.append = failing_append
+    with pytest.raises(ServiceUnavailable):
+        run(svc.feedback([fb("k-3", pids[2])], "c", "key-3"))
+    assert make_service.log.backlog(LABELS_STREAM) == 1
+    retry = run(svc.feedback([fb("k-3", pids[2])], "c", "key-3"))
+    assert retry[0] == 202 and retry[1][0]["status"] == "logged"
+    assert run(svc.feedback([fb("k-3", pids[2])], "c", "key-3")) == retry
+    assert make_service.log.backlog(LABELS_STREAM) == 2
