@@ -1,0 +1,91 @@
+"""OpenAPI documentation of errors, the same way in every pattern.
+
+Every error the ingress answers has one body (``core.ingress.error_body``):
+``{"error": {"status": 422, "message": "<a sentence>", "request_id": "..."}}``.
+A route lists the errors it can give, so generated clients and schema fuzzers
+(``reliability/fuzz.py``) know them:
+
+    @api.post("/score", responses=error_responses(*JSON_BODY, *KEYED, 404, 503))
+
+``error_responses`` adds nothing by itself: name every code the route can give
+(``JSON_BODY`` and ``KEYED`` hold the ones that come with a JSON body and with a key).
+FastAPI's own 422 entry (validation) is replaced by ours, since the ingress answers validation
+errors with the same error body, not FastAPI's ``detail`` list.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    status: int = Field(description="The HTTP status, repeated in the body")
+    message: str = Field(description="What went wrong, as a sentence a person can act on")
+    request_id: str = Field(description="Quote it when reporting a problem")
+
+
+class ErrorBody(BaseModel):
+    """The body of every 4xx and 5xx answer (core.ingress)."""
+
+    error: ErrorDetail
+
+
+# One line per code: what it means for a caller of this cookbook's apps.
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "Bad request: the body or a header cannot be used as sent.",
+    401: "No API key: send it in the key header.",
+    403: "The API key is not valid for this route.",
+    404: "No such resource (unknown id, model or route).",
+    405: "This route does not accept that HTTP method.",
+    409: "The request clashes with the current state (say, nothing to roll back to).",
+    413: "The request body is larger than this route accepts.",
+    415: "Unsupported Content-Type for this route.",
+    422: "The request is well-formed but its values are refused; the message says which.",
+    429: "Too many requests from this client; retry after Retry-After seconds.",
+    503: "A dependency or model is unavailable; retry after Retry-After seconds.",
+}
+
+# The errors every route of a kind can give, whatever its handler does:
+# a JSON body: 400 (not UTF-8 / not parseable), 413 (over the ingress body limit), 422 (invalid);
+JSON_BODY = (400, 413, 422)
+# a route behind ``core.ingress.api_key_auth``: 401 (no key), 403 (a wrong key).
+KEYED = (401, 403)
+
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
+_WWW_AUTHENTICATE = {
+    "WWW-Authenticate": {"description": "The key scheme", "schema": {"type": "string"}}
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a FastAPI route that can answer ``codes``: each with the error
+    body model, a one-line description and its headers (Retry-After on 429/503)."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in sorted(set(codes)):
+        if not 400 <= code <= 599:
+            raise ValueError(f"{code} is not an error status (4xx or 5xx)")
+        entry: dict[str, Any] = {
+            "model": ErrorBody,
+            "description": ERROR_DESCRIPTIONS.get(code, f"Error {code}."),
+        }
+        if code in (429, 503):
+            entry["headers"] = dict(_RETRY_AFTER)
+        elif code == 401:
+            entry["headers"] = dict(_WWW_AUTHENTICATE)
+        out[code] = entry
+    return out
+
+
+def merge_extra(*parts: dict[str, Any]) -> dict[str, Any]:
+    """Several ``openapi_extra`` dicts as one (say, ``IDEMPOTENT`` and a request body)."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        out.update(part)
+    return out

@@ -1,0 +1,73 @@
+"""core.openapi: every route documents its errors with the one error body of core.ingress."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+
+from core.errors import NotFound
+from core.ingress import install_ingress
+from core.openapi import ERROR_DESCRIPTIONS, ErrorBody, error_responses, merge_extra
+
+
+def test_each_code_gets_the_error_body_a_description_and_its_headers():
+    out = error_responses(503, 401, 422, 422)
+    assert list(out) == [401, 422, 503]  # sorted, once each
+    for code, entry in out.items():
+        assert entry["model"] is ErrorBody
+        assert entry["description"] == ERROR_DESCRIPTIONS[code]
+    assert "Retry-After" in out[503]["headers"]
+    assert "WWW-Authenticate" in out[401]["headers"]
+    assert "headers" not in out[422]
+
+
+def test_refuses_a_status_that_is_not_an_error():
+    with pytest.raises(ValueError, match="not an error status"):
+        error_responses(200)
+
+
+def test_merge_extra_joins_openapi_extras():
+    assert merge_extra({"x-idempotent": True}, {"requestBody": {}}) == {
+        "x-idempotent": True,
+        "requestBody": {},
+    }
+
+
+class _Item(BaseModel):
+    n: int
+
+
+def _app() -> FastAPI:
+    api = FastAPI()
+    install_ingress(api, app_name="t")
+
+    @api.post("/items", responses=error_responses(404, 422))
+    async def items(body: _Item) -> dict[str, int]:
+        if body.n < 0:
+            raise NotFound(f"No item {body.n}.")
+        return {"n": body.n}
+
+    return api
+
+
+def test_openapi_documents_the_ingress_error_body_instead_of_fastapis_422():
+    api = _app()
+    doc = api.openapi()
+    responses = doc["paths"]["/items"]["post"]["responses"]
+    assert set(responses) == {"200", "404", "422"}
+    for code in ("404", "422"):
+        ref = responses[code]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.endswith("/ErrorBody")
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+
+
+def test_the_documented_schema_matches_what_the_ingress_answers():
+    client = TestClient(_app())
+    for payload, status in (({"n": -1}, 404), ({"n": "x"}, 422)):
+        r = client.post("/items", json=payload)
+        assert r.status_code == status
+        body = ErrorBody.model_validate(r.json())  # the documented model parses the answer
+        assert body.error.status == status
+        assert body.error.message.endswith(".")
