@@ -27,6 +27,7 @@ from core.apps import coerce_args, default_app
 from core.errors import ModelNotFound
 from core.ingress import IDEMPOTENT, api_key_auth, install_ingress, request_id_of
 from core.model_store import ModelStore
+from core.openapi import JSON_BODY, KEYED, error_responses
 from core.resources import StageResources, resolve_actor_options, wants_gpu
 from patterns.ensemble import ensemble_pb2, grpc_service
 from patterns.ensemble.data import CLASS_NAMES, N_FEATURES, feature_names
@@ -217,7 +218,12 @@ class EnsembleIngress:
             parsed, members, challenger, recorder, _stored_report(parsed.model_store_uri)
         )
 
-    @api.post("/predict", summary="Vote on one or more rows", openapi_extra=IDEMPOTENT)
+    @api.post(
+        "/predict",
+        summary="Vote on one or more rows",
+        openapi_extra=IDEMPOTENT,
+        responses=error_responses(*JSON_BODY, 503),
+    )
     async def predict(self, body: PredictRequest, request: Request) -> dict[str, Any]:
         return await self.ensemble.predict(body.instances, request_id_of(request))
 
@@ -232,7 +238,11 @@ class EnsembleIngress:
             self.ensemble, request, grpc_context, grpc_service.serve_request_id()
         )
 
-    @api.get("/schema", summary="The feature order a row must follow")
+    @api.get(
+        "/schema",
+        summary="The feature order a row must follow",
+        responses=error_responses(503),
+    )
     async def schema(self) -> dict[str, Any]:
         return {
             "n_features": N_FEATURES,
@@ -241,11 +251,22 @@ class EnsembleIngress:
             "max_abs_feature": self.ensemble.max_abs_feature,
         }
 
-    @api.get("/model", summary="Roster, versions, devices, held-out accuracy, challenger")
+    @api.get(
+        "/model",
+        summary="Roster, versions, devices, held-out accuracy, challenger",
+        responses=error_responses(503),
+    )
     async def model(self) -> dict[str, Any]:
         return await self.ensemble.model()
 
-    @api.post("/feedback", summary="Ground-truth labels for an earlier prediction")
+    @api.post(
+        "/feedback",
+        summary="Ground-truth labels for an earlier prediction",
+        responses={
+            202: {"description": "Labels held until their prediction is recorded"},
+            **error_responses(*JSON_BODY, *KEYED, 404, 409, 503),
+        },
+    )
     async def feedback(
         self, body: FeedbackRequest, response: Response, key: str = Depends(require_client)
     ) -> dict[str, Any]:
@@ -259,18 +280,26 @@ class EnsembleIngress:
             response.status_code = 202
         return out
 
-    @api.get("/challenger", summary="Shadow evidence and the promotion gate")
+    @api.get(
+        "/challenger",
+        summary="Shadow evidence and the promotion gate",
+        responses=error_responses(503),
+    )
     async def challenger_stats(self) -> dict[str, Any]:
         return await self.ensemble.challenger_stats()
 
     @api.post(
-        "/challenger/promote", summary="Make the challenger a voter if the gate passes (admin key)"
+        "/challenger/promote",
+        summary="Make the challenger a voter if the gate passes (admin key)",
+        responses=error_responses(*KEYED, 404, 409, 503),
     )
     async def promote(self, key: str = Depends(require_admin)) -> dict[str, Any]:
         return await self.ensemble.promote()
 
     @api.post(
-        "/challenger/rollback", summary="Take the challenger back out of the vote (admin key)"
+        "/challenger/rollback",
+        summary="Take the challenger back out of the vote (admin key)",
+        responses=error_responses(*KEYED, 404, 409, 503),
     )
     async def rollback(self, key: str = Depends(require_admin)) -> dict[str, Any]:
         return await self.ensemble.rollback()

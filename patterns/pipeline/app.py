@@ -32,6 +32,7 @@ from ray.serve.handle import DeploymentHandle
 from core.apps import coerce_args, default_app
 from core.ingress import IDEMPOTENT, install_ingress, request_id_of
 from core.model_store import ModelStore
+from core.openapi import error_responses
 from core.resources import StageResources, resolve_actor_options, torch_device, wants_gpu
 from patterns.pipeline.deployments import (
     Detector,
@@ -102,7 +103,7 @@ api = FastAPI(
     "Ray Serve deployment with its own resources and batching.",
 )
 install_ingress(api, app_name="pipeline", max_body_bytes=64 * 1024 * 1024)
-_ERRORS: dict[int | str, dict[str, Any]] = {400: {}, 413: {}, 415: {}, 422: {}, 503: {}}
+_ERRORS = error_responses(400, 413, 415, 422, 503)
 
 
 # split: I/O-bound, awaits the stages, many requests in flight per replica are cheap.
@@ -199,7 +200,7 @@ class PipelineIngress:
     @api.get(
         "/model",
         summary="Model versions, devices and held-out quality of each stage",
-        responses={503: {}},
+        responses=error_responses(503),
     )
     async def model(self) -> dict[str, Any]:
         return await self.flow.model_info()
