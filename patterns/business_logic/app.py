@@ -34,6 +34,7 @@ from core.ingress import (
     install_ingress,
     request_id_of,
 )
+from core.openapi import JSON_BODY, KEYED, error_responses
 from core.resilience import describe_error
 from core.resources import StageResources, resolve_actor_options
 from patterns.business_logic.deployments import FraudModel
@@ -176,7 +177,11 @@ class BusinessIngress:
         out = await self._await(self.model.score.remote(row))
         return out["score"], out["version"]
 
-    @api.post("/score", summary="Check one card payment: approve, review or decline")
+    @api.post(
+        "/score",
+        summary="Check one card payment: approve, review or decline",
+        responses=error_responses(*JSON_BODY, *KEYED, 404, 409, 503),
+    )
     async def score(
         self,
         body: ScoreRequest,
@@ -191,6 +196,7 @@ class BusinessIngress:
         "/model",
         summary="Model version, device and held-out quality; dependency state",
         openapi_extra=IDEMPOTENT,
+        responses=error_responses(*KEYED, 503),
     )
     async def model_info(self, key_id: str = Depends(require_key)) -> dict[str, Any]:
         timeout_s = self.args.model_timeout_s

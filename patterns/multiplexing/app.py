@@ -34,6 +34,7 @@ from core.apps import coerce_args, default_app
 from core.errors import BadRequest, HTTPError, NotFound, ServiceUnavailable, Unprocessable
 from core.ingress import IDEMPOTENT, install_ingress
 from core.model_store import ModelStore
+from core.openapi import JSON_BODY, error_responses
 from core.resources import StageResources, resolve_actor_options, wants_gpu
 from core.timing import Timings
 from patterns.multiplexing.catalog import ModelIndex
@@ -132,6 +133,7 @@ class MultiplexIngress:
         "/models/{model_id:path}/predict",
         summary="Forecast one store (id in the path)",
         openapi_extra=IDEMPOTENT,
+        responses=error_responses(*JSON_BODY, 404, 503),
     )
     async def predict_path(
         self, model_id: str, body: ForecastRequest, request: Request
@@ -148,6 +150,7 @@ class MultiplexIngress:
         "/predict",
         summary=f"Forecast one store (id in the {MODEL_ID_HEADER} header)",
         openapi_extra=IDEMPOTENT,
+        responses=error_responses(*JSON_BODY, 404, 503),
     )
     async def predict_header(self, body: ForecastRequest, request: Request) -> dict[str, Any]:
         model_id = request.headers.get(MODEL_ID_HEADER)
@@ -158,7 +161,11 @@ class MultiplexIngress:
             )
         return await self.forecast_payload(model_id, body.model_dump(mode="json"))
 
-    @api.get("/models", summary="Which model ids exist (from the index)")
+    @api.get(
+        "/models",
+        summary="Which model ids exist (from the index)",
+        responses=error_responses(422, 503),
+    )
     async def list_models(
         self, offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)
     ) -> dict[str, Any]:
@@ -170,13 +177,21 @@ class MultiplexIngress:
             "hot_slots": self.spreader.slots,
         }
 
-    @api.get("/models/{model_id:path}", summary="One model's index entry (no model file read)")
+    @api.get(
+        "/models/{model_id:path}",
+        summary="One model's index entry (no model file read)",
+        responses=error_responses(404, 422, 503),
+    )
     async def model_entry(self, model_id: str) -> dict[str, Any]:
         check_model_id(model_id)
         entry = self.index.lookup(model_id)
         return {"model_id": model_id, **entry.model_dump(exclude={"manifest_sha256"})}
 
-    @api.get("/model", summary="The index, the cache settings and every replica's cache")
+    @api.get(
+        "/model",
+        summary="The index, the cache settings and every replica's cache",
+        responses=error_responses(503),
+    )
     async def model_info(self) -> dict[str, Any]:
         replicas = await self._call(
             self.forecasters.broadcast("stats").results_async(),
@@ -231,6 +246,14 @@ class MultiplexIngress:
         summary="OpenAI chat completions; the tenant is `model` or the header",
         response_model=None,
         openapi_extra=IDEMPOTENT,  # generation writes nothing: repeat it if no byte was sent
+        responses={
+            200: {
+                "description": "The completion (JSON), or its chunks as server-sent events "
+                "when `stream` is true",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            **error_responses(*JSON_BODY, 404, 503),
+        },
     )
     async def chat_completions(self, body: ChatRequest, request: Request) -> Any:
         if self.chat is None:
@@ -262,7 +285,11 @@ class MultiplexIngress:
             gen.cancel()  # a client gone mid-answer: stop the generation (no-op when done)
         return raise_refusal(answer)
 
-    @api.get("/v1/models", summary="The chat tenants, in OpenAI's list shape")
+    @api.get(
+        "/v1/models",
+        summary="The chat tenants, in OpenAI's list shape",
+        responses=error_responses(503),
+    )
     async def chat_models(self) -> dict[str, Any]:
         tenants = [BASE_TENANT, *(self.tenants.ids() if self.tenants else [])]
         return {

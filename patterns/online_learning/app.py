@@ -35,6 +35,7 @@ from core.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
 from core.ingress import IDEMPOTENT, api_key_auth, install_ingress
 from core.metrics import ModelMetrics
 from core.model_store import ModelStore
+from core.openapi import JSON_BODY, KEYED, error_responses
 from core.resilience import describe_error
 from core.resources import StageResources, resolve_actor_options
 from patterns.online_learning.bandit import BanditParams
@@ -109,6 +110,9 @@ api = FastAPI(
 )
 install_ingress(api, app_name="online_learning", max_body_bytes=512_000, health=_health)
 require_admin = api_key_auth(_admin_keys)
+# A feedback or reward write: unknown (404) or expired (410) id, a reused key or event id with
+# another body (409), a client over its rate (429), the log or trainer behind (503).
+FEEDBACK_ERRORS = error_responses(*JSON_BODY, 404, 409, 410, 429, 503)
 
 
 def _client(body_client: str | None, header_client: str | None) -> str:
@@ -199,7 +203,12 @@ class OnlineIngress:
 
     # -- routes ------------------------------------------------------------------------------
     # Repeats are harmless (a second prediction record that expires unused): the edge may retry.
-    @api.post("/predict", summary="Classify rows with the live champion", openapi_extra=IDEMPOTENT)
+    @api.post(
+        "/predict",
+        summary="Classify rows with the live champion",
+        openapi_extra=IDEMPOTENT,
+        responses=error_responses(*JSON_BODY, 404, 503),
+    )
     async def predict(self, body: PredictRequest) -> dict[str, Any]:
         if len(body.instances) > self.args.max_rows:
             raise Unprocessable(
@@ -207,7 +216,15 @@ class OnlineIngress:
             )
         return await self.service.predict(body.instances, body.version)
 
-    @api.post("/feedback", status_code=202, summary="The true label for one prediction")
+    @api.post(
+        "/feedback",
+        status_code=202,
+        summary="The true label for one prediction",
+        responses={
+            200: {"description": "A repeat of an event already logged: the first answer"},
+            **FEEDBACK_ERRORS,
+        },
+    )
     async def feedback(
         self,
         body: FeedbackEvent,
@@ -220,7 +237,15 @@ class OnlineIngress:
         response.status_code = status
         return acks[0]
 
-    @api.post("/feedback/batch", status_code=202, summary="True labels for many predictions")
+    @api.post(
+        "/feedback/batch",
+        status_code=202,
+        summary="True labels for many predictions",
+        responses={
+            200: {"description": "A repeat of an event already logged: the first answer"},
+            **FEEDBACK_ERRORS,
+        },
+    )
     async def feedback_batch(
         self,
         body: FeedbackBatch,
@@ -234,7 +259,10 @@ class OnlineIngress:
         return {"acks": acks}
 
     @api.get(
-        "/model", summary="Champion, metrics history and consumed offsets", openapi_extra=IDEMPOTENT
+        "/model",
+        summary="Champion, metrics history and consumed offsets",
+        openapi_extra=IDEMPOTENT,
+        responses=error_responses(503),
     )
     async def model(self) -> dict[str, Any]:
         version = self.live.version
@@ -260,7 +288,11 @@ class OnlineIngress:
             "trainer": {k: v for k, v in trainer.items() if k != "history"},
         }
 
-    @api.post("/rollback", summary="Put an earlier champion back live (admin key)")
+    @api.post(
+        "/rollback",
+        summary="Put an earlier champion back live (admin key)",
+        responses=error_responses(*JSON_BODY, *KEYED, 404, 409, 503),
+    )
     async def rollback(
         self, body: RollbackRequest, key_id: str = Depends(require_admin)
     ) -> dict[str, Any]:
@@ -271,13 +303,26 @@ class OnlineIngress:
         return {**out, "by": key_id}
 
     # A repeat is harmless (another choice record, expiring unused): the edge may retry it.
-    @api.post("/bandit/choose", summary="Pick an action for this context", openapi_extra=IDEMPOTENT)
+    @api.post(
+        "/bandit/choose",
+        summary="Pick an action for this context",
+        openapi_extra=IDEMPOTENT,
+        responses=error_responses(*JSON_BODY, 503),
+    )
     async def bandit_choose(self, body: ChooseRequest) -> dict[str, Any]:
         dim = self.args.bandit.params.context_dim
         row = _context(body.context, dim)
         return await self._call(self.bandit, "choose", "bandit policy", row)
 
-    @api.post("/bandit/reward", status_code=202, summary="The reward a choice earned")
+    @api.post(
+        "/bandit/reward",
+        status_code=202,
+        summary="The reward a choice earned",
+        responses={
+            200: {"description": "A repeat of an event already logged: the first answer"},
+            **FEEDBACK_ERRORS,
+        },
+    )
     async def bandit_reward(
         self,
         body: RewardRequest,
@@ -293,7 +338,10 @@ class OnlineIngress:
         return ack
 
     @api.get(
-        "/bandit", summary="The bandit's plays, rewards and saved version", openapi_extra=IDEMPOTENT
+        "/bandit",
+        summary="The bandit's plays, rewards and saved version",
+        openapi_extra=IDEMPOTENT,
+        responses=error_responses(503),
     )
     async def bandit_state(self) -> dict[str, Any]:
         return await self._call(self.bandit, "state", "bandit policy")
