@@ -161,7 +161,11 @@ class BanditPolicy:
                 self._stop.wait(1.0)
 
     def _step(self) -> None:
-        entries = self.log.read(REWARDS_STREAM, self.consumed, 256, self.poll_s)
+        try:
+            entries = self.log.read(REWARDS_STREAM, self.consumed, 256, self.poll_s)
+        except Exception:
+            self.log.rewind(REWARDS_STREAM)  # delivered but never received: read it again
+            raise
         with self.lock:
             for e in entries:
                 p = e.payload

@@ -5,6 +5,7 @@ small interface with two backends.
       append(stream, [(event_id, payload)])  idempotent by event id; durable before it returns
       read(stream, after, limit, block_s)    entries with offset > after, oldest first
       commit(stream, upto)                   the consumer saved a model that learned <= upto
+      rewind(stream)                         a read's entries were not kept: deliver them again
       tail(stream, upto, n)                  the last n entries <= upto (to rebuild a window)
       backlog(stream)                        appended but not yet committed
       put_records / get_record               prediction id -> features, version, time (TTL)
@@ -86,6 +87,8 @@ class FeedbackLog(Protocol):
     def read(self, stream: str, after: str, limit: int, block_s: float = 0.0) -> list[Entry]: ...
 
     def commit(self, stream: str, upto: str) -> None: ...
+
+    def rewind(self, stream: str) -> None: ...
 
     def tail(self, stream: str, upto: str, n: int) -> list[Entry]: ...
 
@@ -234,6 +237,10 @@ class SqliteLog:
                     f"DELETE FROM {table} WHERE offset <= ?",  # noqa: S608
                     (offset_key(upto)[0] - self.retain_events,),
                 )
+
+    def rewind(self, stream: str) -> None:
+        """Nothing to do: reads go by offset, so the next read after the saved offset sees
+        every entry a failed round had read."""
 
     def tail(self, stream: str, upto: str, n: int) -> list[Entry]:
         with self._lock:
@@ -434,6 +441,14 @@ class RedisLog:
             self.r.xack(key, self.GROUP, *done)
         self._delivered[stream] = [o for o in delivered if offset_key(o) > limit]
         self.r.set(f"{self.prefix}:committed:{stream}", upto)
+
+    def rewind(self, stream: str) -> None:
+        """A read's entries were lost with a failed round (Redis went away mid-round, the
+        answer to XREADGROUP never arrived): they are in the group's pending list, which
+        ``>`` never delivers again, so read that list first on the next read, as a restarted
+        consumer does. Entries at or below the saved offset are skipped there."""
+        self._pending_cursor[stream] = "0"
+        self._delivered[stream] = []
 
     def tail(self, stream: str, upto: str, n: int) -> list[Entry]:
         key = self._group(stream)

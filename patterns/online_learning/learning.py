@@ -201,7 +201,11 @@ class Trainer:
     def step(self, block_s: float | None = None) -> dict[str, Any] | None:
         """Read, learn, save, gate. None when no event came within ``block_s``."""
         block = self.args.poll_s if block_s is None else block_s
-        entries = self.log.read(self.stream, self.consumed, self.args.batch_size, block)
+        try:
+            entries = self.log.read(self.stream, self.consumed, self.args.batch_size, block)
+        except Exception:
+            self.log.rewind(self.stream)  # the log may have delivered what we never got
+            raise
         if not entries:
             return None
         with self.lock:
@@ -210,8 +214,10 @@ class Trainer:
             except Exception:
                 # A failed round (the store or the log refused a write) may have trained the
                 # head in memory: forget it all and rebuild from what is durable, exactly as a
-                # restart would, so the retry does not learn the batch twice.
+                # restart would, so the retry does not learn the batch twice, and have the
+                # log deliver this batch again (on Redis it is pending, not new).
                 self.in_batch = None
+                self.log.rewind(self.stream)
                 self._restore()
                 raise
 
