@@ -1,0 +1,312 @@
+"""Requests generated from each app's own OpenAPI document (schemathesis), against a running
+cluster: every route of every app, with and without the development keys.
+
+    python -m reliability.fuzz --url http://127.0.0.1:8000 [--apps pipeline ensemble ...]
+                               [--max-examples 50]
+
+Per operation (a method and a route) it sends ``max_examples`` requests generated from the
+schema (valid ones), up to as many invalid ones (wrong types, missing fields, out-of-range
+values: the app must refuse them with a 4xx), and, on a route that takes a key, a few with no
+key and with a wrong key. Every answer is checked by schemathesis:
+
+- ``not_a_server_error``: no 5xx. (Nothing is down during a fuzz run, so not even the
+  documented 503.)
+- ``status_code_conformance``: the status is one the OpenAPI document lists for the route,
+  so every 4xx a route can give is documented (``core.openapi.error_responses``).
+- ``content_type_conformance``, ``response_headers_conformance``,
+  ``response_schema_conformance``: the answer has the documented media type, headers and body
+  (the error body ``{"error": {"status", "message", "request_id"}}`` on every 4xx).
+- ``negative_data_rejection``: an invalid request is refused with a 4xx.
+
+Left off: ``positive_data_acceptance`` (a valid-looking request may rightly get a 404 for an
+unknown id or a 409), ``max_response_time`` (a timing assertion; a hang is caught instead by a
+per-request timeout, counted as a failure), ``ignored_auth`` (the ensemble keeps its routes
+open in the development profile by design), and the stateful checks (``use_after_free``,
+``ensure_resource_availability``: no route here creates a resource it then serves).
+
+Generation is deterministic (``derandomize``): the same code gets the same requests.
+``run(base_url, apps, max_examples)`` returns the figures per app; the command prints them and
+exits 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+PREFIXES: dict[str, str] = {
+    "pipeline": "/pipeline",
+    "ensemble": "/ensemble",
+    "business_logic": "/business",
+    "online_learning": "/online",
+    "multiplexing": "/multiplex",
+}
+KEY_HEADER = "X-API-Key"
+# The development keys (each pattern's settings.py); the fuzzer sends them so it reaches the
+# handlers. (path suffix, key): the first match wins.
+DEV_KEYS: dict[str, list[tuple[str, str]]] = {
+    "business_logic": [("", "dev-business-key")],
+    "online_learning": [("", "dev-online-admin-key")],
+    "ensemble": [
+        ("/challenger/promote", "dev-ensemble-admin-key"),
+        ("/challenger/rollback", "dev-ensemble-admin-key"),
+        ("", "dev-ensemble-client-key"),
+    ],
+}
+# Apps that refuse a request without a key in the development profile too. The ensemble keeps
+# its routes open there unless ENSEMBLE_REQUIRE_KEYS=true (its README, "Keys"): probe it
+# without keys only when the cluster runs it so (``keys_required=[..., "ensemble"]``).
+KEYS_ENFORCED = ("business_logic", "online_learning")
+WRONG_KEY = "not-a-valid-key"
+REQUEST_TIMEOUT_S = 60.0  # an answer slower than this is a hang (a failure)
+MAX_REPORTED = 20  # failures kept per app (the counts cover all)
+
+
+@dataclass
+class OperationResult:
+    label: str  # "POST /score"
+    requests: int = 0
+    server_errors: int = 0
+    conformance_failures: int = 0
+    hangs: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return self.server_errors + self.conformance_failures + self.hangs
+
+
+@dataclass
+class AppResult:
+    app: str
+    operations: list[OperationResult] = field(default_factory=list)
+    error: str | None = None  # the schema could not be read at all
+
+    def as_dict(self) -> dict[str, Any]:
+        statuses: Counter[int] = Counter()
+        for op in self.operations:
+            statuses.update(op.statuses)
+        failures = [f for op in self.operations for f in op.failures][:MAX_REPORTED]
+        if self.error:
+            failures.insert(0, self.error)
+        return {
+            "operations": len(self.operations),
+            "requests": sum(op.requests for op in self.operations),
+            "server_errors": sum(op.server_errors for op in self.operations),
+            "conformance_failures": sum(op.conformance_failures for op in self.operations),
+            "hangs": sum(op.hangs for op in self.operations),
+            "failed": sum(op.failed for op in self.operations) + (1 if self.error else 0),
+            "statuses": dict(sorted(statuses.items())),
+            "failures": failures,
+            "per_operation": {
+                op.label: {
+                    "requests": op.requests,
+                    "failed": op.failed,
+                    "statuses": dict(sorted(op.statuses.items())),
+                }
+                for op in self.operations
+            },
+        }
+
+
+def _checks() -> list[Any]:
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        negative_data_rejection,
+        response_headers_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    return [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_headers_conformance,
+        response_schema_conformance,
+        negative_data_rejection,
+    ]
+
+
+def _key_for(app: str, path: str) -> str | None:
+    for suffix, key in DEV_KEYS.get(app, []):
+        if path.endswith(suffix):
+            return key
+    return None
+
+
+def _needs_key(operation: Any) -> bool:
+    definition = operation.definition.raw
+    return bool(definition.get("security"))
+
+
+def fuzz_operation(
+    operation: Any,
+    base_url: str,
+    app: str,
+    max_examples: int,
+    session: Any,
+    probe_keys: bool = True,
+) -> OperationResult:
+    """Generated requests for one operation; failures are counted, not raised."""
+    import requests
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.core.failures import FailureGroup
+
+    label = f"{operation.method.upper()} {operation.path}"
+    out = OperationResult(label)
+    checks = _checks()
+    key = _key_for(app, operation.path)
+    passes: list[tuple[GenerationMode, str | None, int]] = [
+        (GenerationMode.POSITIVE, key, max_examples),
+        (GenerationMode.NEGATIVE, key, max_examples),
+    ]
+    if probe_keys and _needs_key(operation):
+        probes = max(2, max_examples // 5)
+        passes += [(GenerationMode.POSITIVE, None, probes), (GenerationMode.POSITIVE, "", probes)]
+
+    def record(case: Any, failure: str) -> None:
+        if len(out.failures) < MAX_REPORTED:
+            out.failures.append(f"{app}: {label}: {failure}\n    {case.as_curl_command()}")
+
+    def sender(sent_key: str | None) -> Any:
+        def one(case: Any) -> None:
+            headers = dict(case.headers or {})
+            for name in [h for h in headers if h.lower() == KEY_HEADER.lower()]:
+                del headers[name]
+            if sent_key:
+                headers[KEY_HEADER] = sent_key
+            elif sent_key == "":
+                headers[KEY_HEADER] = WRONG_KEY
+            case.headers = headers
+            out.requests += 1
+            try:
+                response = case.call(base_url=base_url, session=session, timeout=REQUEST_TIMEOUT_S)
+            except requests.Timeout:
+                out.hangs += 1
+                record(case, f"no answer within {REQUEST_TIMEOUT_S:g}s")
+                return
+            out.statuses[response.status_code] += 1
+            if response.status_code >= 500:
+                out.server_errors += 1
+            try:
+                case.validate_response(response, checks=checks)
+            except FailureGroup as group:
+                if response.status_code < 500:
+                    out.conformance_failures += 1
+                titles = "; ".join(sorted({f.title for f in group.exceptions}))
+                body = response.text[:300].replace("\n", " ")
+                record(case, f"{response.status_code} {titles}: {body}")
+
+        return one
+
+    for mode, sent_key, n in passes:
+        test = settings(
+            max_examples=n,
+            derandomize=True,  # the same requests every run: CI stays stable
+            database=None,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        )(given(case=operation.as_strategy(generation_mode=mode))(sender(sent_key)))
+        try:
+            test()
+        except Exception as exc:  # no invalid request can be made for this route, say
+            if mode is GenerationMode.NEGATIVE and "Unsatisfiable" in type(exc).__name__:
+                continue
+            if type(exc).__name__ in ("Unsatisfiable", "FailedHealthCheck"):
+                continue
+            record_msg = f"generation stopped ({mode.value}): {type(exc).__name__}: {exc}"
+            if len(out.failures) < MAX_REPORTED:
+                out.failures.append(f"{app}: {label}: {record_msg[:500]}")
+            out.conformance_failures += 1
+    return out
+
+
+def fuzz_app(base_url: str, app: str, max_examples: int, probe_keys: bool = True) -> AppResult:
+    import requests
+    import schemathesis
+
+    prefix = PREFIXES[app]
+    result = AppResult(app)
+    url = f"{base_url.rstrip('/')}{prefix}"
+    try:
+        schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    except Exception as exc:
+        result.error = f"{app}: no OpenAPI document at {url}/openapi.json: {exc}"
+        return result
+    with requests.Session() as session:
+        for item in schema.get_all_operations():
+            try:
+                operation = item.ok()
+            except Exception:
+                result.error = f"{app}: an operation in the OpenAPI document is invalid: {item}"
+                continue
+            result.operations.append(
+                fuzz_operation(operation, url, app, max_examples, session, probe_keys)
+            )
+    return result
+
+
+def run(
+    base_url: str,
+    apps: Iterable[str] | None = None,
+    max_examples: int = 20,
+    keys_required: Iterable[str] = KEYS_ENFORCED,
+) -> dict[str, dict[str, Any]]:
+    """Fuzz ``apps`` (default: all) on the cluster at ``base_url``; figures per app.
+    ``keys_required``: the apps that refuse requests without a key on this cluster (they are
+    also sent requests with no key and a wrong key)."""
+    out: dict[str, dict[str, Any]] = {}
+    enforced = set(keys_required)
+    for app in apps or PREFIXES:
+        started = time.monotonic()
+        figures = fuzz_app(base_url, app, max_examples, app in enforced).as_dict()
+        figures["seconds"] = round(time.monotonic() - started, 1)
+        out[app] = figures
+    return out
+
+
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    print(
+        f"{'app':<16} {'operations':>10} {'requests':>9} {'5xx':>5} {'conformance':>11} "
+        f"{'hangs':>6} {'seconds':>8}  statuses"
+    )
+    for app, r in results.items():
+        print(
+            f"{app:<16} {r['operations']:>10} {r['requests']:>9} {r['server_errors']:>5} "
+            f"{r['conformance_failures']:>11} {r['hangs']:>6} {r['seconds']:>8}  {r['statuses']}"
+        )
+    for r in results.values():
+        for failure in r["failures"]:
+            print(f"FAIL {failure}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the cluster's HTTP base")
+    parser.add_argument("--apps", nargs="+", choices=sorted(PREFIXES), help="default: all")
+    parser.add_argument(
+        "--max-examples", type=int, default=50, help="generated requests per operation and kind"
+    )
+    parser.add_argument(
+        "--ensemble-keys-required",
+        action="store_true",
+        help="the cluster runs the ensemble with ENSEMBLE_REQUIRE_KEYS=true: probe it without keys",
+    )
+    args = parser.parse_args(argv)
+    keys_required = [*KEYS_ENFORCED, *(["ensemble"] if args.ensemble_keys_required else [])]
+    results = run(args.url, args.apps, args.max_examples, keys_required)
+    print_table(results)
+    return 1 if any(r["failed"] for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
