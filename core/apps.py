@@ -18,6 +18,13 @@ from pydantic import BaseModel
 
 A = TypeVar("A", bound=BaseModel)
 
+# ``@serve.deployment(max_surge_percent=SURGE, ...)``: a redeploy starts each replacement
+# replica, and waits for it to pass its health check (core/readiness.py), before it stops an
+# old one, so a one-replica deployment never has zero replicas. Ray 2.60's default is 0: stop
+# first, then start, which answers 503 in between. Not for a single-writer deployment (the
+# online trainer), where two at once would be wrong.
+SURGE = 100
+
 
 def coerce_args(args: A | Mapping[str, Any] | None, cls: type[A]) -> A:
     """``args`` as a ``cls`` instance (validated when it came as a dict)."""

@@ -13,15 +13,21 @@ For each HTTP request it keeps the body, passes the request on, and watches what
 - an answer (any status, including the app's own errors and Serve's 503 backpressure): passed
   through untouched, streamed as it comes;
 - no answer at all (the ingress replica was lost, or the proxy failed before answering):
-  - if repeating the request is harmless, it is sent again, up to ``attempts`` times with a
-    short backoff; Serve's router sends it to a live replica, or holds it until the controller
-    has started the replacement. Harmless means: a ``GET``/``HEAD``/``OPTIONS``; a request with
-    an ``Idempotency-Key`` header (the app answers a repeat with the first answer); or a route
-    the app marks ``openapi_extra=core.ingress.IDEMPOTENT`` (pure inference), listed for the
+  - if repeating the request is harmless, it is sent again (up to ``attempts`` times, with
+    a short backoff, within ``retry_window_s``); Serve's router sends it to a live replica,
+    or holds it until the controller has started the replacement. Harmless means: a
+    ``GET``/``HEAD``/``OPTIONS``; a request with an ``Idempotency-Key`` header (the app
+    answers a repeat with the first answer); or a route the app marks
+    ``openapi_extra=core.ingress.IDEMPOTENT`` (pure inference), listed for the
     proxy in ``COOKBOOK_IDEMPOTENT_ROUTES`` (``idempotent_routes`` computes it from the apps);
   - otherwise, or when the attempts are spent: a JSON 503 with ``Retry-After``, so the client
     knows it may come back and nothing was half-answered;
 - a client that went away: nothing is retried and nothing is sent.
+
+One answer of the proxy's own counts as "no answer": its plain-text 404 "Path ... not found"
+for a path under a prefix that this cluster serves (``COOKBOOK_APP_PREFIXES``). The proxy
+drops an app's route for a moment while the app's only ingress replica is being replaced, so
+that 404 means "not here yet", not "no such thing".
 
 What it cannot save: a response that had started streaming when its replica died (a chat
 stream cut mid-way), and anything in HAProxy ingress mode, where HAProxy talks to the
@@ -36,6 +42,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -47,6 +54,7 @@ logger = logging.getLogger("core.edge")
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "core.edge:proxy_middlewares"
 ROUTES_ENV = "COOKBOOK_IDEMPOTENT_ROUTES"
+PREFIXES_ENV = "COOKBOOK_APP_PREFIXES"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOST_MESSAGE = (
     "The replica serving this request was lost before it answered; it is being replaced. "
@@ -69,15 +77,19 @@ class ReplicaLossRetry:
         app: ASGIApp,
         *,
         routes: Iterable[str] = (),
+        prefixes: Iterable[str] = (),
         attempts: int = 3,
         backoff_s: tuple[float, ...] = (0.2, 0.5, 1.0),
+        retry_window_s: float = 10.0,
         max_replay_bytes: int = 64 * 1024 * 1024,
         retry_after_s: int = 1,
     ) -> None:
         self.app = app
         self.patterns = [_route_pattern(r) for r in routes if r.strip()]
+        self.prefixes = [p.rstrip("/") for p in prefixes if p.strip() and p.strip() != "/"]
         self.attempts = max(1, attempts)
         self.backoff_s = backoff_s or (0.0,)
+        self.retry_window_s = retry_window_s
         self.max_replay_bytes = max_replay_bytes
         self.retry_after_s = retry_after_s
 
@@ -109,27 +121,43 @@ class ReplicaLossRetry:
         if disconnected:
             return
         retryable = complete and self.retryable(scope)
-        attempts = self.attempts if retryable else 1
-        for attempt in range(1, attempts + 1):
-            state = _Attempt(chunks, complete, receive, send)
+        path = scope.get("path", "")
+        served = any(path == p or path.startswith(p + "/") for p in self.prefixes)
+        deadline = time.monotonic() + self.retry_window_s
+        tries = lost = 0
+        while True:
+            tries += 1
+            state = _Attempt(chunks, complete, receive, send, hold_route_miss=served and complete)
             try:
                 await self.app(scope, state.receive, state.send)
             except Exception:
                 logger.exception("proxy failed on request %s", request_id)
-            if state.started or state.client_gone:
+            if state.client_gone:
                 return
-            if attempt < attempts:
-                delay = self.backoff_s[min(attempt - 1, len(self.backoff_s) - 1)]
-                logger.warning(
-                    "request %s (%s %s): replica lost before answering; retry %d/%d in %.1fs",
-                    request_id,
-                    scope.get("method"),
-                    scope.get("path"),
-                    attempt,
-                    attempts - 1,
-                    delay,
-                )
-                await asyncio.sleep(delay)
+            delay = self.backoff_s[min(tries - 1, len(self.backoff_s) - 1)]
+            in_time = time.monotonic() + delay < deadline
+            if state.route_missing:
+                # It never reached a replica: any request may go again, writes included.
+                await state.release_if_last(not in_time)
+                if not in_time:
+                    return
+            elif state.started:
+                return
+            else:
+                lost += 1
+                if not retryable or lost >= self.attempts or not in_time:
+                    break
+            logger.warning(
+                "request %s (%s %s): %s; retry in %.1fs",
+                request_id,
+                scope.get("method"),
+                path,
+                "its app's route is not in the proxy yet"
+                if state.route_missing
+                else "replica lost",
+                delay,
+            )
+            await asyncio.sleep(delay)
         await self._unavailable(send, request_id)
 
     @staticmethod
@@ -166,12 +194,23 @@ class _Attempt:
     """One pass of a request through the proxy: the kept body first, then the live receive
     (which reports the client going away); every message sent is passed on at once."""
 
-    def __init__(self, chunks: list[bytes], complete: bool, receive: Receive, send: Send) -> None:
+    def __init__(
+        self,
+        chunks: list[bytes],
+        complete: bool,
+        receive: Receive,
+        send: Send,
+        *,
+        hold_route_miss: bool = False,
+    ) -> None:
         self._pending = list(chunks)
         self._complete = complete
         self._receive = receive
         self._send = send
+        self._hold_route_miss = hold_route_miss
+        self._held: list[Message] = []
         self.started = False
+        self.route_missing = False
         self.client_gone = False
 
     async def receive(self) -> Message:
@@ -187,7 +226,33 @@ class _Attempt:
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
+            if self._hold_route_miss and message.get("status") == 404 and _plain_text(message):
+                self._held.append(message)  # the proxy's own 404? decided on the body
+                return
+        elif self._held:
+            self._held.append(message)
+            if not self.route_missing and message.get("body", b"").startswith(b"Path '"):
+                self.route_missing = True  # "Path '/x' not found. Ping .../-/routes ..."
+            if not self.route_missing:
+                held, self._held = self._held, []
+                for m in held:
+                    await self._send(m)
+            return
         await self._send(message)
+
+    async def release_if_last(self, last: bool) -> None:
+        """The held 404 goes out only when no attempt is left (the app is really gone)."""
+        if last:
+            for m in self._held:
+                await self._send(m)
+        self._held = []
+
+
+def _plain_text(start: Message) -> bool:
+    for key, value in start.get("headers", []):
+        if key.lower() == b"content-type":
+            return value.startswith(b"text/plain")
+    return True
 
 
 def proxy_middlewares() -> list[Any]:
@@ -195,7 +260,8 @@ def proxy_middlewares() -> list[Any]:
     from starlette.middleware import Middleware
 
     routes = [r for r in os.environ.get(ROUTES_ENV, "").split(",") if r.strip()]
-    return [Middleware(ReplicaLossRetry, routes=routes)]
+    prefixes = [p for p in os.environ.get(PREFIXES_ENV, "").split(",") if p.strip()]
+    return [Middleware(ReplicaLossRetry, routes=routes, prefixes=prefixes)]
 
 
 def idempotent_routes(applications: Iterable[dict[str, Any]]) -> list[str]:
@@ -222,7 +288,9 @@ def idempotent_routes(applications: Iterable[dict[str, Any]]) -> list[str]:
 def proxy_environment(applications: Iterable[dict[str, Any]]) -> dict[str, str]:
     """The environment a cluster needs for the edge: set it before ``ray.init``/``ray start``
     (Ray's processes, the proxy included, inherit it)."""
+    applications = list(applications)
     return {
         PROXY_CALLBACK_ENV: PROXY_CALLBACK,
         ROUTES_ENV: ",".join(idempotent_routes(applications)),
+        PREFIXES_ENV: ",".join(sorted({a.get("route_prefix") or "/" for a in applications})),
     }

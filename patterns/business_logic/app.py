@@ -25,7 +25,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from core.apps import coerce_args, default_app
+from core.apps import SURGE, coerce_args, default_app
 from core.errors import ServiceUnavailable
 from core.ingress import (
     IDEMPOTENCY_KEY_HEADER,
@@ -35,6 +35,7 @@ from core.ingress import (
     request_id_of,
 )
 from core.openapi import JSON_BODY, KEYED, error_responses
+from core.readiness import Readiness
 from core.resilience import describe_error
 from core.resources import StageResources, resolve_actor_options
 from patterns.business_logic.deployments import FraudModel
@@ -145,6 +146,7 @@ require_key = api_key_auth(_api_keys)
 # I/O-bound: a replica mostly waits on the database, the store and the risk API, so it holds
 # many requests at once and scales on a high in-flight target.
 @serve.deployment(
+    max_surge_percent=SURGE,
     max_ongoing_requests=128,
     autoscaling_config={
         "min_replicas": 1,
@@ -164,6 +166,12 @@ class BusinessIngress:
         self.model = model
         self.scorer = build_scorer(self.args, self._call_model)
         self.api_keys = load_api_keys()  # refuses placeholder keys in production
+        self.readiness = Readiness("business_logic", lambda: self.model_info("warm-up"))
+
+    async def check_health(self) -> None:
+        """Healthy once the fraud model (GET /model) answered for real
+        (core/readiness.py)."""
+        await self.readiness.wait()
 
     @staticmethod
     async def _await(response: Any) -> Any:

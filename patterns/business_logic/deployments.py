@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from core.apps import SURGE
 from core.batching import BatchedDeployment, timed_batch
 from core.metrics import ModelMetrics
 from core.model_store import ModelStore
@@ -20,6 +21,7 @@ from patterns.business_logic.model import MODEL_NAME, MODEL_VERSION
 # Compute-bound: a replica is busy with one batch at a time, so few requests in flight (enough
 # to fill a batch) and it scales early, on a low in-flight target.
 @serve.deployment(
+    max_surge_percent=SURGE,
     max_ongoing_requests=32,
     autoscaling_config={
         "min_replicas": 1,

@@ -23,11 +23,12 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from core.apps import coerce_args, default_app
+from core.apps import SURGE, coerce_args, default_app
 from core.errors import ModelNotFound
 from core.ingress import IDEMPOTENT, api_key_auth, install_ingress, request_id_of
 from core.model_store import ModelStore
 from core.openapi import JSON_BODY, KEYED, error_responses
+from core.readiness import Readiness
 from core.resources import StageResources, resolve_actor_options, wants_gpu
 from patterns.ensemble import ensemble_pb2, grpc_service
 from patterns.ensemble.data import CLASS_NAMES, N_FEATURES, feature_names
@@ -199,6 +200,7 @@ async def require_client(presented: str | None = Security(_key_header)) -> str:
 
 # I/O-bound (fan out and wait): many requests in flight per replica are cheap.
 @serve.deployment(
+    max_surge_percent=SURGE,
     max_ongoing_requests=200,
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 50},
 )
@@ -217,6 +219,12 @@ class EnsembleIngress:
         self.ensemble = voting_ensemble(
             parsed, members, challenger, recorder, _stored_report(parsed.model_store_uri)
         )
+        self.readiness = Readiness("ensemble", self.model)
+
+    async def check_health(self) -> None:
+        """Healthy once every member (GET /model) answered for real
+        (core/readiness.py)."""
+        await self.readiness.wait()
 
     @api.post(
         "/predict",

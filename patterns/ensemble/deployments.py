@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from core.apps import SURGE
 from core.batching import BatchedDeployment, timed_batch
 from core.metrics import ModelMetrics
 from core.model_store import ModelStore
@@ -20,6 +21,7 @@ from patterns.ensemble.members import Member, MemberSpec
 # how many requests may share one model call, and how long may a batch wait to fill?
 # (config.yaml's user_config sets both per member, live: BatchedDeployment.reconfigure)
 @serve.deployment(
+    max_surge_percent=SURGE,
     max_ongoing_requests=32,
     user_config={"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
 )

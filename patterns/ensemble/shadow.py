@@ -18,6 +18,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 from ray import serve
 
+from core.apps import SURGE
+
 
 class PromotionGate(BaseModel):
     """When may the challenger vote? All conditions must hold."""
@@ -30,7 +32,12 @@ class PromotionGate(BaseModel):
     max_p95_latency_ms: float = Field(default=200.0, gt=0)
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.02}, max_ongoing_requests=256)
+@serve.deployment(
+    max_surge_percent=SURGE,
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0.02},
+    max_ongoing_requests=256,
+)
 class ShadowRecorder:
     def __init__(
         self,

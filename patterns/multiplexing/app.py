@@ -30,11 +30,12 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from core.apps import coerce_args, default_app
+from core.apps import SURGE, coerce_args, default_app
 from core.errors import BadRequest, HTTPError, NotFound, ServiceUnavailable, Unprocessable
 from core.ingress import IDEMPOTENT, install_ingress
 from core.model_store import ModelStore
 from core.openapi import JSON_BODY, error_responses
+from core.readiness import Readiness
 from core.resources import StageResources, resolve_actor_options, wants_gpu
 from core.timing import Timings
 from patterns.multiplexing.catalog import ModelIndex
@@ -81,7 +82,7 @@ api = FastAPI(
 install_ingress(api, app_name="multiplexing", max_body_bytes=65_536)
 
 
-@serve.deployment(max_ongoing_requests=256)
+@serve.deployment(max_surge_percent=SURGE, max_ongoing_requests=256)
 @serve.ingress(api)
 class MultiplexIngress:
     """I/O-bound: checks ids against the index and forwards to the model replicas."""
@@ -100,6 +101,12 @@ class MultiplexIngress:
         self.forecasters = forecasters
         self.chat = chat
         self.tenants = ModelIndex.load(store, c.index_name, c.index_version) if chat else None
+        self.readiness = Readiness("multiplexing", self.model_info)
+
+    async def check_health(self) -> None:
+        """Healthy once every forecaster and chat replica (GET /model) answered for real
+        (core/readiness.py)."""
+        await self.readiness.wait()
 
     async def _call(self, response: Any, timeout_s: float, what: str) -> Any:
         try:

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator
 from ray import serve
 
+from core.apps import SURGE
 from core.batching import BatchedDeployment, BatchKnobs, timed_batch
 from core.errors import HTTPError
 from core.metrics import ModelMetrics
@@ -90,6 +91,7 @@ def routing_claim(max_ids: int) -> Any:
 
 
 @serve.deployment(
+    max_surge_percent=SURGE,
     num_replicas=2,
     max_ongoing_requests=64,
     user_config=BatchKnobs(max_batch_size=16, batch_wait_timeout_s=0.005).model_dump(),
@@ -166,7 +168,7 @@ class ChatArgs(BaseModel):
     )
 
 
-@serve.deployment(num_replicas=1, max_ongoing_requests=8)
+@serve.deployment(max_surge_percent=SURGE, num_replicas=1, max_ongoing_requests=8)
 class ChatModel:
     """The base LLM once per replica, tenants' LoRA adapters multiplexed on it."""
 

@@ -30,12 +30,13 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from core.apps import coerce_args, default_app
+from core.apps import SURGE, coerce_args, default_app
 from core.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
 from core.ingress import IDEMPOTENT, api_key_auth, install_ingress
 from core.metrics import ModelMetrics
 from core.model_store import ModelStore
 from core.openapi import JSON_BODY, KEYED, error_responses
+from core.readiness import Readiness
 from core.resilience import describe_error
 from core.resources import StageResources, resolve_actor_options
 from patterns.online_learning.bandit import BanditParams
@@ -126,6 +127,7 @@ def _context(values: list[Any], dim: int) -> list[float]:
 
 
 @serve.deployment(
+    max_surge_percent=SURGE,
     max_ongoing_requests=64,
     max_queued_requests=256,  # beyond this the caller gets a 503 at once, not a growing queue
     # Cheap per request (a linear model, a log append): scale on many requests in flight.
@@ -161,6 +163,12 @@ class OnlineIngress:
         self.admin_keys = load_admin_keys()  # placeholders refused in production
         self._stop = threading.Event()
         threading.Thread(target=self._poll, name="pointer-poll", daemon=True).start()
+        self.readiness = Readiness("online_learning", self.model)
+
+    async def check_health(self) -> None:
+        """Healthy once the trainer and the served model (GET /model) answered for real
+        (core/readiness.py)."""
+        await self.readiness.wait()
 
     def _poll(self) -> None:
         while not self._stop.wait(self.args.pointer_poll_s):

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from core.apps import SURGE
 from core.model_store import ModelStore
 from core.settings import get_settings
 from patterns.online_learning.bandit import BANDIT_NAME, BanditParams, LinearThompsonSampler
@@ -109,7 +110,7 @@ class OnlineTrainer:
         self._stop.set()
 
 
-@serve.deployment(num_replicas=1, max_ongoing_requests=64)
+@serve.deployment(max_surge_percent=SURGE, num_replicas=1, max_ongoing_requests=64)
 class BanditPolicy:
     """Chooses an action per context; learns from the rewards stream; saved as safetensors."""
 

@@ -29,10 +29,11 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from core.apps import coerce_args, default_app
+from core.apps import SURGE, coerce_args, default_app
 from core.ingress import IDEMPOTENT, install_ingress, request_id_of
 from core.model_store import ModelStore
 from core.openapi import error_responses
+from core.readiness import Readiness
 from core.resources import StageResources, resolve_actor_options, torch_device, wants_gpu
 from patterns.pipeline.deployments import (
     Detector,
@@ -109,6 +110,7 @@ _ERRORS = error_responses(400, 413, 415, 422, 503)
 # split: I/O-bound, awaits the stages, many requests in flight per replica are cheap.
 # fused: the options below are replaced by FUSED_OPTIONS in build_app.
 @serve.deployment(
+    max_surge_percent=SURGE,
     max_ongoing_requests=100,
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 50},
 )
@@ -136,6 +138,12 @@ class PipelineIngress:
             stage_timeout_s=self.args.stage_timeout_s,
             max_image_bytes=self.args.max_image_bytes,
         )
+        self.readiness = Readiness("pipeline", self._warm_up)
+
+    async def check_health(self) -> None:
+        """Healthy once every stage (one held-out scene read end to end) answered for real
+        (core/readiness.py)."""
+        await self.readiness.wait()
 
     def _load_fused(self) -> FusedStages:
         """fused: every stage in this replica, on the device it was given."""
@@ -157,6 +165,12 @@ class PipelineIngress:
             max_batch_size=args.fused.max_batch_size,
             batch_wait_timeout_s=args.fused.batch_wait_timeout_s,
         )
+
+    async def _warm_up(self) -> None:
+        from patterns.pipeline.scenes import scene_png
+
+        await self.flow.model_info()
+        await self.flow.read(scene_png("heldout", 0), "warm-up")
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """fused: the batching knobs (user_config), applied live to the replica's batcher."""

@@ -21,6 +21,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
+from core.apps import SURGE
 from core.batching import BatchedDeployment
 from core.model_store import ModelStore
 from core.resources import torch_device
@@ -37,6 +38,7 @@ from patterns.pipeline.stages import (
 
 # CPU-bound decode: scale it on its own, without copying the models.
 @serve.deployment(
+    max_surge_percent=SURGE,
     max_ongoing_requests=16,
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
 )
@@ -81,7 +83,7 @@ class _ModelDeployment(BatchedDeployment):
 
 
 # Allow at least max_batch_size requests in flight, or batches can never fill.
-@serve.deployment(max_ongoing_requests=32)
+@serve.deployment(max_surge_percent=SURGE, max_ongoing_requests=32)
 class Detector(_ModelDeployment):
     stage_cls = DetectorStage
 
@@ -89,7 +91,7 @@ class Detector(_ModelDeployment):
         return await self._batched.submit(prepared["image"])
 
 
-@serve.deployment(max_ongoing_requests=32)
+@serve.deployment(max_surge_percent=SURGE, max_ongoing_requests=32)
 class SceneClassifier(_ModelDeployment):
     stage_cls = SceneStage
 
@@ -97,7 +99,7 @@ class SceneClassifier(_ModelDeployment):
         return await self._batched.submit(prepared["image"])
 
 
-@serve.deployment(max_ongoing_requests=64)
+@serve.deployment(max_surge_percent=SURGE, max_ongoing_requests=64)
 class DigitClassifier(_ModelDeployment):
     stage_cls = DigitStage
     stage: DigitStage

@@ -237,3 +237,53 @@ def test_replica_lost_classifies_ray_errors() -> None:
     assert replica_lost(RayTaskError("f", "tb", ActorDiedError()))
     assert not replica_lost(RayTaskError("f", "tb", ValueError("x")))
     assert not replica_lost(ValueError("x"))
+
+
+class RouteMissingProxy:
+    """The proxy while an app's only ingress replica is replaced: its own plain-text 404 for
+    the first ``misses`` calls, then the app's answer."""
+
+    def __init__(self, misses: int) -> None:
+        self.misses = misses
+        self.calls = 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        await receive()
+        self.calls += 1
+        if self.calls <= self.misses:
+            text = f"Path '{scope['path']}' not found. Ping http://.../-/routes for routes."
+            start = {"type": "http.response.start", "status": 404}
+            await send({**start, "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+            await send({"type": "http.response.body", "body": text.encode()})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"ok": true}'})
+
+
+def _post(app: Any, path: str) -> httpx.Response:
+    async def go() -> httpx.Response:
+        async with _client(app) as c:
+            return await c.post(path, json={"y": 1})
+
+    return _run(go())
+
+
+def test_the_proxy_404_for_a_served_prefix_is_retried_even_for_a_write() -> None:
+    inner = RouteMissingProxy(misses=2)
+    edge = ReplicaLossRetry(inner, prefixes=["/online"], backoff_s=(0.0,))
+    r = _post(edge, "/online/feedback")
+    assert (r.status_code, r.json(), inner.calls) == (200, {"ok": True}, 3)
+
+
+def test_a_404_outside_the_served_prefixes_passes_through_at_once() -> None:
+    inner = RouteMissingProxy(misses=5)
+    edge = ReplicaLossRetry(inner, prefixes=["/online"], backoff_s=(0.0,))
+    r = _post(edge, "/onlinex/feedback")
+    assert r.status_code == 404 and r.text.startswith("Path '") and inner.calls == 1
+
+
+def test_a_route_that_stays_missing_is_a_404_when_the_window_ends() -> None:
+    inner = RouteMissingProxy(misses=1000)
+    edge = ReplicaLossRetry(inner, prefixes=["/online"], backoff_s=(0.01,), retry_window_s=0.2)
+    r = _post(edge, "/online/feedback")
+    assert r.status_code == 404 and r.text.startswith("Path '") and inner.calls > 2
