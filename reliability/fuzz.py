@@ -6,8 +6,10 @@ cluster: every route of every app, with and without the development keys.
 
 Per operation (a method and a route) it sends ``max_examples`` requests generated from the
 schema (valid ones), up to as many invalid ones (wrong types, missing fields, out-of-range
-values: the app must refuse them with a 4xx), and, on a route that takes a key, a few with no
-key and with a wrong key. Every answer is checked by schemathesis:
+values: the app must refuse them with a 4xx), on a route that takes a key a few with no key
+and with a wrong key, and on a raw-bytes route (an image upload) the app's own sample requests
+mutated (cut, overwritten, the image size in the header rewritten). Every answer is checked by
+schemathesis:
 
 - ``not_a_server_error``: no 5xx. (Nothing is down during a fuzz run, so not even the
   documented 503.)
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -65,6 +68,7 @@ KEYS_ENFORCED = ("business_logic", "online_learning")
 WRONG_KEY = "not-a-valid-key"
 REQUEST_TIMEOUT_S = 60.0  # an answer slower than this is a hang (a failure)
 MAX_REPORTED = 20  # failures kept per app (the counts cover all)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass
@@ -208,26 +212,116 @@ def fuzz_operation(
 
         return one
 
-    for mode, sent_key, n in passes:
+    strategies: list[tuple[str, Any, str | None, int]] = [
+        (mode.value, operation.as_strategy(generation_mode=mode), sent_key, n)
+        for mode, sent_key, n in passes
+    ]
+    mutated = _mutated_samples(app, operation)
+    if mutated is not None:
+        strategies.append(("mutated samples", mutated, key, max_examples))
+    for kind, strategy, sent_key, n in strategies:
         test = settings(
             max_examples=n,
             derandomize=True,  # the same requests every run: CI stays stable
             database=None,
             deadline=None,
             suppress_health_check=list(HealthCheck),
-        )(given(case=operation.as_strategy(generation_mode=mode))(sender(sent_key)))
+        )(given(case=strategy)(sender(sent_key)))
         try:
             test()
-        except Exception as exc:  # no invalid request can be made for this route, say
-            if mode is GenerationMode.NEGATIVE and "Unsatisfiable" in type(exc).__name__:
-                continue
+        except Exception as exc:
             if type(exc).__name__ in ("Unsatisfiable", "FailedHealthCheck"):
-                continue
-            record_msg = f"generation stopped ({mode.value}): {type(exc).__name__}: {exc}"
+                continue  # no invalid request can be made for this route, say
+            record_msg = f"generation stopped ({kind}): {type(exc).__name__}: {exc}"
             if len(out.failures) < MAX_REPORTED:
                 out.failures.append(f"{app}: {label}: {record_msg[:500]}")
             out.conformance_failures += 1
     return out
+
+
+def _upload_targets(operation: Any) -> tuple[list[str], list[tuple[str, bool]]]:
+    """Where ``operation`` takes file bytes: raw body media types (``image/png``...), and
+    multipart fields (name, whether it is a list of files)."""
+    body = operation.definition.raw.get("requestBody") or {}
+    raw: list[str] = []
+    fields: list[tuple[str, bool]] = []
+    for media, spec in (body.get("content") or {}).items():
+        schema = spec.get("schema") or {}
+        if schema.get("format") == "binary":
+            raw.append(media)
+        elif media == "multipart/form-data":
+            for name, prop in (schema.get("properties") or {}).items():
+                if prop.get("format") == "binary":
+                    fields.append((name, False))
+                elif (prop.get("items") or {}).get("format") == "binary":
+                    fields.append((name, True))
+    return raw, fields
+
+
+def _mutated_samples(app: str, operation: Any) -> Any:
+    """For a route that takes files: the app's own sample files (``client.sample_request``),
+    mutated (cut short, bytes overwritten, the image header's size rewritten, junk appended),
+    as a raw body or in multipart fields, so decoding and the models behind it are fuzzed with
+    real inputs too. Schemathesis alone sends a 1x1 file of each image type at most."""
+    import importlib
+
+    from hypothesis import strategies as st
+
+    raw, fields = _upload_targets(operation)
+    if not (raw or fields) or operation.method.upper() != "POST":
+        return None
+    try:
+        client = importlib.import_module(f"patterns.{app}.client")
+    except ImportError:
+        return None
+    samples: list[tuple[bytes, str]] = []
+    for i in range(8):
+        req = client.sample_request(i)
+        ctype = (req.get("headers") or {}).get("Content-Type", "")
+        if isinstance(req.get("data"), bytes | bytearray) and ctype.startswith("image/"):
+            samples.append((bytes(req["data"]), ctype))
+    if not samples:
+        return None
+
+    @st.composite
+    def one_file(draw: Any) -> tuple[bytes, str]:
+        data, ctype = draw(st.sampled_from(samples))
+        buf = bytearray(data)
+        how = draw(st.sampled_from(["as is", "cut", "overwrite", "header", "append"]))
+        if how == "cut":
+            buf = buf[: draw(st.integers(0, len(buf) - 1))]
+        elif how == "overwrite":
+            for _ in range(draw(st.integers(1, 16))):
+                buf[draw(st.integers(0, len(buf) - 1))] = draw(st.integers(0, 255))
+        elif how == "header" and buf.startswith(PNG_SIGNATURE) and len(buf) > 33:
+            # The IHDR width or height (bytes 16-24) rewritten, its CRC made right again, so
+            # the decoder believes it: huge (a decompression bomb), zero or odd sizes.
+            at = draw(st.sampled_from([16, 20]))
+            size = draw(st.one_of(st.integers(0, 2**31 - 1), st.sampled_from([0, 1, 15, 65_535])))
+            buf[at : at + 4] = size.to_bytes(4, "big")
+            buf[29:33] = zlib.crc32(bytes(buf[12:29])).to_bytes(4, "big")
+        elif how == "append":
+            buf += draw(st.binary(min_size=1, max_size=4096))
+        return bytes(buf), ctype
+
+    targets: list[tuple[str, Any]] = [("raw", m) for m in raw if any(c == m for _, c in samples)]
+    targets += [("form", f) for f in fields]
+    if not targets:
+        return None
+
+    @st.composite
+    def mutated(draw: Any) -> Any:
+        kind, target = draw(st.sampled_from(targets))
+        if kind == "raw":
+            data, ctype = draw(one_file().filter(lambda f: f[1] == target))
+            return operation.Case(body=data, media_type=ctype)
+        name, many = target
+        files = [d for d, _ in draw(st.lists(one_file(), min_size=1, max_size=4 if many else 1))]
+        return operation.Case(
+            body={name: files if many else files[0]}, media_type="multipart/form-data"
+        )
+
+    return mutated()
 
 
 def fuzz_app(base_url: str, app: str, max_examples: int, probe_keys: bool = True) -> AppResult:
@@ -303,7 +397,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     keys_required = [*KEYS_ENFORCED, *(["ensemble"] if args.ensemble_keys_required else [])]
-    results = run(args.url, args.apps, args.max_examples, keys_required)
+    results: dict[str, dict[str, Any]] = {}
+    for app in args.apps or PREFIXES:
+        results.update(run(args.url, [app], args.max_examples, keys_required))
+        r = results[app]
+        print(
+            f"[fuzz] {app}: {r['requests']} requests, {r['failed']} failed ({r['seconds']:g}s)",
+            flush=True,
+        )
     print_table(results)
     return 1 if any(r["failed"] for r in results.values()) else 0
 
