@@ -107,6 +107,8 @@ def render_rayservice() -> str:
     containers start Ray in HAProxy mode; on Kubernetes the GPU fractions in each app's args
     are honoured. HTTP binds 0.0.0.0 in-cluster.
     """
+    from core.edge import proxy_environment
+
     serve_config = build("gpu")
     serve_config["http_options"] = {"host": "0.0.0.0", "port": 8000}
     serve_config["proxy_location"] = "EveryNode"
@@ -135,6 +137,12 @@ def render_rayservice() -> str:
         # One feedback log for every pod: the embedded SQLite file is one per pod, so feedback
         # reaching another pod than its prediction would be a 404.
         {"name": "ONLINE_LOG_URL", "value": "redis://YOUR-REDIS:6379/1"},
+        # The edge in Serve's proxy (core/edge.py): a lost replica becomes a retry or a 503
+        # with Retry-After instead of a bare 500.
+        *(
+            {"name": k, "value": v}
+            for k, v in proxy_environment(serve_config["applications"]).items()
+        ),
     ]
     manifest = {
         "apiVersion": "ray.io/v1",

@@ -4,7 +4,7 @@ Foreground: prints each app's URL once it is RUNNING, then serves until Ctrl-C, 
 cluster down on the way out. This is ``make serve``; it is ``serve run serve_config.yaml`` plus a
 loopback-only cluster, a readiness wait and the URL list.
 
-    python -m scripts.serve_all [--config serve_config.yaml] [--num-cpus 2] [--exit-when-ready]
+    python -m scripts.serve_all [--config serve_config.yaml] [--num-cpus N] [--exit-when-ready]
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ def side_services(config: dict[str, Any]) -> list[list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "serve_config.yaml"))
-    parser.add_argument("--num-cpus", type=float, default=float(os.cpu_count() or 2))
+    # Logical CPUs for Ray: twice the cores. The apps reserve under one per core at their
+    # minimum replicas; the rest is headroom for a rolling update, which starts an app's new
+    # replicas beside the old ones (max_surge_percent) and would wait forever without room.
+    parser.add_argument("--num-cpus", type=float, default=2.0 * (os.cpu_count() or 2))
     parser.add_argument("--timeout-s", type=float, default=600.0)
     parser.add_argument("--port", type=int, help="HTTP port (default: the config's, 8000)")
     parser.add_argument("--dashboard-port", type=int, default=8265)

@@ -149,7 +149,7 @@ require_key = api_key_auth(_api_keys)
     max_surge_percent=SURGE,
     max_ongoing_requests=128,
     autoscaling_config={
-        "min_replicas": 1,
+        "min_replicas": 2,  # one lost ingress never takes the route away (reliability/)
         "max_replicas": 4,
         "target_ongoing_requests": 32,
         "upscale_delay_s": 5,

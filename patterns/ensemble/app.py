@@ -202,7 +202,8 @@ async def require_client(presented: str | None = Security(_key_header)) -> str:
 @serve.deployment(
     max_surge_percent=SURGE,
     max_ongoing_requests=200,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 50},
+    # Two at least: one lost ingress never takes the app's route away (reliability/).
+    autoscaling_config={"min_replicas": 2, "max_replicas": 3, "target_ongoing_requests": 50},
 )
 @serve.ingress(api)
 class EnsembleIngress:

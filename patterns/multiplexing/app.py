@@ -317,7 +317,9 @@ def build_app(args: MultiplexArgs | dict[str, Any] | None = None) -> Application
             args.chat.model_dump(), args.model_store_uri, wants_gpu(options)
         )
     ingress = MultiplexIngress.options(
-        ray_actor_options=resolve_actor_options(args.ingress_resources, "multiplexing/ingress")
+        # Two: one lost ingress never takes the app's route away (reliability/).
+        num_replicas=2,
+        ray_actor_options=resolve_actor_options(args.ingress_resources, "multiplexing/ingress"),
     )
     return ingress.bind(forecasters, chat, args.model_dump())
 

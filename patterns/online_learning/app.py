@@ -132,7 +132,7 @@ def _context(values: list[Any], dim: int) -> list[float]:
     max_queued_requests=256,  # beyond this the caller gets a 503 at once, not a growing queue
     # Cheap per request (a linear model, a log append): scale on many requests in flight.
     autoscaling_config={
-        "min_replicas": 1,
+        "min_replicas": 2,  # one lost ingress never takes the route away (reliability/)
         "max_replicas": 4,
         "target_ongoing_requests": 16,
         "upscale_delay_s": 5,

@@ -112,7 +112,8 @@ _ERRORS = error_responses(400, 413, 415, 422, 503)
 @serve.deployment(
     max_surge_percent=SURGE,
     max_ongoing_requests=100,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 50},
+    # Two at least: one lost ingress never takes the app's route away (reliability/).
+    autoscaling_config={"min_replicas": 2, "max_replicas": 3, "target_ongoing_requests": 50},
 )
 @serve.ingress(api)
 class PipelineIngress:
