@@ -118,6 +118,15 @@ def merged(counts: dict[str, Counts], apps: list[str]) -> Counts:
     return out
 
 
+def first_ok_after(load: Load, app: str, t: float) -> float | None:
+    """Seconds from ``t`` (load clock) until the first ok answer to a request of ``app`` sent
+    at or after ``t``: the app serves again (the lenient reading of "recovered", robust to a
+    stray unrelated failure later on a loaded box)."""
+    with load._lock:  # a read of the shared outcome list, under its lock
+        done = [o.t + o.latency_s for o in load.outcomes if o.app == app and o.t >= t and o.ok]
+    return min(done) - t if done else None
+
+
 def log(msg: str) -> None:
     print(f"[chaos {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -194,6 +203,7 @@ def kill(
     counts = load.since(mark)
     c = counts[app]
     recovery = load.recovered_after(app, t_kill)
+    first_ok = first_ok_after(load, app, t_kill)
     others = [a for a in load.apps if a != app]
     oc = merged(counts, others)
     met = (
@@ -203,9 +213,15 @@ def kill(
         and recovery <= RECOVERY_S
     )
     notes = (
-        f"{len(replicas)} replica(s); replaced in "
+        f"{len(replicas)} replica(s); first ok "
+        + ("never" if first_ok is None else f"{first_ok:.1f} s")
+        + " after the kill; replaced in "
         + ("never (180 s)" if back is None else f"{back:.0f} s")
         + f"; other apps: {oc.failed} failed of {oc.total}"
+    )
+    log(
+        f"{fault}: {c.failed} of {c.total} failed ({c.retry_later} 503+RA, {c.other} other), "
+        f"ok again after {recovery} s; {notes}"
     )
     return Row.from_counts(
         fault,
@@ -217,6 +233,7 @@ def kill(
         notes=notes,
         detail={
             "pid": victim.pid,
+            "first_ok_s": first_ok,
             "replaced_s": back,
             "window_s": window_s,
             "others": {a: counts[a].as_dict() for a in others},
@@ -450,9 +467,7 @@ def run(
                     rows.extend(new)
                     log(table(new).splitlines()[-len(new) :][0])
         if "kill" in only:
-            for row in kill_all(cluster, load, apps, window_s=kill_window_s, seed=seed):
-                rows.append(row)
-                log(table([row]).splitlines()[-1])
+            rows.extend(kill_all(cluster, load, apps, window_s=kill_window_s, seed=seed))
         if "soak" in only and minutes > 0:
             cluster.wait_all_healthy(apps, timeout_s=300)
             result = soak_mod.soak(cluster, load, apps, minutes=minutes, seed=seed)
