@@ -33,6 +33,7 @@ Kafka would plug in the same way: ``append`` = a producer with ``enable.idempote
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -40,13 +41,15 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
 START = "0"  # the offset before the first entry, in both backends
+# How long an SQLite call waits for another process's write lock before it fails (a 503).
+BUSY_TIMEOUT_S = 10.0
 _STREAM_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
@@ -133,11 +136,11 @@ class SqliteLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.retain_events = retain_events
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one sqlite3 connection per process, shared by threads
         self._events = self._connect("FULL")  # an ack means the event is on disk
         self._records = self._connect("NORMAL")
         self._streams: set[str] = set()
-        with self._lock, self._events:
+        with self._locked(), self._events:
             self._events.executescript(
                 """
                 CREATE TABLE IF NOT EXISTS consumers (
@@ -164,11 +167,25 @@ class SqliteLog:
         """Which log this is: model versions record it, so a fresh database is noticed."""
         return str(self._log_id)
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This process's turn on the connections, waited for no longer than SQLite's own busy
+        timeout: while another process holds the file's write lock, each waiting call gives up
+        after at most two busy timeouts (the queue, then its own), not one per call ahead."""
+        if not self._lock.acquire(timeout=BUSY_TIMEOUT_S):
+            raise sqlite3.OperationalError(
+                f"database is locked (this process waited {BUSY_TIMEOUT_S:g}s for its turn)"
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     def _connect(self, synchronous: str) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False)
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={synchronous}")
-        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
         return conn
 
     def _table(self, stream: str) -> str:
@@ -186,7 +203,7 @@ class SqliteLog:
 
     def append(self, stream: str, items: Sequence[tuple[str, dict[str, Any]]]) -> list[Appended]:
         out: list[Appended] = []
-        with self._lock:
+        with self._locked():
             table = self._table(stream)
             now = time.time()
             with self._events:  # one transaction (and one fsync) for the whole batch
@@ -212,7 +229,7 @@ class SqliteLog:
     def read(self, stream: str, after: str, limit: int, block_s: float = 0.0) -> list[Entry]:
         deadline = time.monotonic() + block_s
         while True:
-            with self._lock:
+            with self._locked():
                 table = self._table(stream)
                 rows = self._events.execute(
                     f"SELECT offset, event_id, payload FROM {table} WHERE offset > ? "  # noqa: S608
@@ -224,7 +241,7 @@ class SqliteLog:
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
     def commit(self, stream: str, upto: str) -> None:
-        with self._lock:
+        with self._locked():
             table = self._table(stream)
             with self._events:
                 self._events.execute(
@@ -243,7 +260,7 @@ class SqliteLog:
         every entry a failed round had read."""
 
     def tail(self, stream: str, upto: str, n: int) -> list[Entry]:
-        with self._lock:
+        with self._locked():
             table = self._table(stream)
             rows = self._events.execute(
                 f"SELECT offset, event_id, payload FROM {table} WHERE offset <= ? "  # noqa: S608
@@ -253,7 +270,7 @@ class SqliteLog:
         return [Entry(str(o), e, json.loads(p)) for o, e, p in reversed(rows)]
 
     def backlog(self, stream: str) -> int:
-        with self._lock:
+        with self._locked():
             table = self._table(stream)
             row = self._events.execute(
                 "SELECT committed FROM consumers WHERE stream = ?", (stream,)
@@ -267,7 +284,7 @@ class SqliteLog:
 
     def put_records(self, items: Sequence[tuple[str, dict[str, Any]]], keep_s: float) -> None:
         now = time.time()
-        with self._lock, self._records:
+        with self._locked(), self._records:
             self._records.executemany(
                 "INSERT OR REPLACE INTO records (id, payload, created_at) VALUES (?, ?, ?)",
                 [(rid, json.dumps(p), now) for rid, p in items],
@@ -277,7 +294,7 @@ class SqliteLog:
                 self._records.execute("DELETE FROM records WHERE created_at < ?", (now - keep_s,))
 
     def get_record(self, record_id: str) -> tuple[dict[str, Any], float] | None:
-        with self._lock:
+        with self._locked():
             row = self._records.execute(
                 "SELECT payload, created_at FROM records WHERE id = ?", (record_id,)
             ).fetchone()
@@ -288,7 +305,7 @@ class SqliteLog:
         return history[0] if history else None
 
     def set_champion(self, version: str, reason: str) -> dict[str, Any]:
-        with self._lock, self._events:
+        with self._locked(), self._events:
             cur = self._events.execute(
                 "INSERT INTO champion (version, reason, at) VALUES (?, ?, ?)",
                 (version, reason, time.time()),
@@ -298,14 +315,14 @@ class SqliteLog:
         return {"seq": seq, "version": version, "reason": reason}
 
     def champion_history(self, n: int = 20) -> list[dict[str, Any]]:
-        with self._lock:
+        with self._locked():
             rows = self._events.execute(
                 "SELECT seq, version, reason, at FROM champion ORDER BY seq DESC LIMIT ?", (n,)
             ).fetchall()
         return [{"seq": s, "version": v, "reason": r, "at": a} for s, v, r, a in rows]
 
     def close(self) -> None:
-        with self._lock:
+        with self._locked():
             self._events.close()
             self._records.close()
 
