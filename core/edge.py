@@ -129,7 +129,9 @@ class ReplicaLossRetry:
             tries += 1
             state = _Attempt(chunks, complete, receive, send, hold_route_miss=served and complete)
             try:
-                await self.app(scope, state.receive, state.send)
+                # A fresh scope each time: the proxy rewrites the one it is given (path,
+                # root_path), and a retry on a rewritten scope matches no route.
+                await self.app(_fresh(scope), state.receive, state.send)
             except Exception:
                 logger.exception("proxy failed on request %s", request_id)
             if state.client_gone:
@@ -246,6 +248,15 @@ class _Attempt:
             for m in self._held:
                 await self._send(m)
         self._held = []
+
+
+def _fresh(scope: Scope) -> Scope:
+    """A copy of ``scope`` for one attempt; what an app may change in place is copied too."""
+    fresh = dict(scope)
+    fresh["headers"] = list(scope.get("headers", []))
+    if "state" in scope:
+        fresh["state"] = dict(scope["state"])
+    return fresh
 
 
 def _plain_text(start: Message) -> bool:

@@ -152,8 +152,10 @@ class _EdgeMiddleware:
         receive_now: Receive = receive_limited
         while True:
             attempt += 1
+            # A fresh scope each time: routing writes into it (route, path params).
+            this_scope = {**scope, "headers": list(scope["headers"])}
             try:
-                await self.app(scope, receive_now, send_app)
+                await self.app(this_scope, receive_now, send_app)
             except _BodyTooLarge:
                 pass
             except Exception as exc:
@@ -169,7 +171,7 @@ class _EdgeMiddleware:
                 if (
                     attempt <= self.retries
                     and (body_complete or not kept)
-                    and _retryable(scope, headers)
+                    and _retryable(this_scope, headers)
                 ):
                     logger.warning(
                         "request %s: a replica it called was lost (%s); retry %d/%d",
