@@ -24,9 +24,13 @@ schemathesis:
 
 Left off: ``positive_data_acceptance`` (a valid-looking request may rightly get a 404 for an
 unknown id or a 409), ``max_response_time`` (a timing assertion; a hang is caught instead by a
-per-request timeout, counted as a failure), ``ignored_auth`` (the ensemble keeps its routes
-open in the development profile by design), and the stateful checks (``use_after_free``,
-``ensure_resource_availability``: no route here creates a resource it then serves).
+per-request timeout, counted as a failure), ``ignored_auth`` (the no-key and wrong-key probes
+do its work: a request without the key the schema requires is invalid, so
+``negative_data_rejection`` fails a keyed route that accepts it, and ``status_code_conformance``
+fails an undocumented 401/403; probes go only to apps that require keys on that cluster, as the
+ensemble keeps its routes open in the development profile by design), and the stateful checks
+(``use_after_free``, ``ensure_resource_availability``: no route here creates a resource it then
+serves; feedback needs a prediction id, so generated feedback mostly reaches the 404 path).
 
 Generation is deterministic (``derandomize``): the same code gets the same requests.
 ``run(base_url, apps, max_examples)`` returns the figures per app; the command prints them and
