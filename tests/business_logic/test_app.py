@@ -206,6 +206,28 @@ def test_sql_injection_in_free_text_is_stored_as_data(url, sqlite_urls) -> None:
         assert conn.execute("SELECT count(*) FROM customers").fetchone()[0] == 200
 
 
+def test_idempotency_key_repeat_gets_the_first_answer_and_one_row(url, sqlite_urls) -> None:
+    """Same key, same payment: the first answer, one decision row. Same key, another payment:
+    409. A key that is not printable ASCII: 422."""
+    key = {**KEY, "Idempotency-Key": f"test-{time.time_ns()}"}
+    first = _score(url, headers=key)
+    again = _score(url, headers=key)
+    assert first.status_code == again.status_code == 200, again.text
+    assert again.json()["request_id"] == first.json()["request_id"]
+    assert again.json()["decision"] == first.json()["decision"]
+    path = sqlite_urls["database"].removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        (rows,) = conn.execute(
+            "SELECT count(*) FROM decisions WHERE request_id = ?", (first.json()["request_id"],)
+        ).fetchone()
+    assert rows == 1
+    other = _score(url, {**GOOD, "amount": 130.0}, headers=key)
+    assert other.status_code == 409
+    assert "already used for a different payment" in other.json()["error"]["message"]
+    bad = _score(url, headers={**KEY, "Idempotency-Key": "has space"})
+    assert bad.status_code == 422
+
+
 def test_oversized_body_is_413(url) -> None:
     r = _score(url, {**GOOD, "memo": "x" * 20_000})
     assert r.status_code == 413 and "at most" in r.json()["error"]["message"]
