@@ -13,7 +13,7 @@ Scenarios, each under ``reliability.load.Load`` on ALL apps (2 in flight per app
 - ``kill``: one replica of each deployment of each app SIGKILLed (ingress and downstream).
   Goal: <= 1% of the app's requests in the window after the kill fail, every failure a 503
   with Retry-After (never a 500 or a dropped connection), and the app answers only ok again
-  within 10 s of the kill (``Load.recovered_after``).
+  within 10 s of the kill (``recovered_after``: to its last non-ok answer).
 - ``soak``: N minutes of load with a random replica of every app SIGKILLed every 60 s
   (staggered). Goals: >= 99.9% ok; RSS drift <= 50 MB for each replica that lived through;
   no growth of open fds or connections (see ``reliability.soak``).
@@ -127,6 +127,21 @@ def first_ok_after(load: Load, app: str, t: float) -> float | None:
     return min(done) - t if done else None
 
 
+def recovered_after(load: Load, app: str, t: float, streak: int = 5) -> float | None:
+    """Seconds from ``t`` (load clock) to the end of ``app``'s last non-ok answer that ended
+    after ``t`` (0 when none), provided ``streak`` ok answers followed it; None if it never
+    settled. Unlike ``Load.recovered_after`` it counts the requests already in flight at ``t``
+    (the ones a kill hits first)."""
+    with load._lock:  # a read of the shared outcome list, under its lock
+        mine = [o for o in load.outcomes if o.app == app and o.t + o.latency_s >= t]
+    bad_ends = [o.t + o.latency_s for o in mine if not o.ok]
+    last_bad = max(bad_ends) if bad_ends else None
+    good_after = [o for o in mine if o.ok and (last_bad is None or o.t >= last_bad)]
+    if len(good_after) < streak:
+        return None
+    return 0.0 if last_bad is None else max(0.0, last_bad - t)
+
+
 def log(msg: str) -> None:
     print(f"[chaos {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -202,7 +217,7 @@ def kill(
     load.wait_ok(app, n=5, timeout_s=60)
     counts = load.since(mark)
     c = counts[app]
-    recovery = load.recovered_after(app, t_kill)
+    recovery = recovered_after(load, app, t_kill)
     first_ok = first_ok_after(load, app, t_kill)
     others = [a for a in load.apps if a != app]
     oc = merged(counts, others)
@@ -221,7 +236,7 @@ def kill(
     )
     log(
         f"{fault}: {c.failed} of {c.total} failed ({c.retry_later} 503+RA, {c.other} other), "
-        f"ok again after {recovery} s; {notes}"
+        f"ok again after {recovery if recovery is None else round(recovery, 1)} s; {notes}"
     )
     return Row.from_counts(
         fault,

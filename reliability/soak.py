@@ -145,7 +145,7 @@ def soak(
     seed: int = 0,
 ) -> SoakResult:
     """The soak; rows per app (success), one for RSS drift and one for fds/connections."""
-    from reliability.chaos import SOAK_SUCCESS, Row, log, merged
+    from reliability.chaos import SOAK_SUCCESS, Row, log, merged, recovered_after
 
     rng = random.Random(seed)
     time.sleep(warmup_s)
@@ -191,7 +191,7 @@ def soak(
     counts = load.since(mark)
     for k in kills:
         if k.get("victim"):
-            rec = load.recovered_after(k["app"], k.pop("t_load"))
+            rec = recovered_after(load, k["app"], k.pop("t_load"))
             k["recovered_s"] = None if rec is None else round(rec, 1)
     cmp = compare(start, end)
     rows = []
