@@ -102,6 +102,21 @@ def test_feedback_is_idempotent_by_event_id(url) -> None:
     assert bad.status_code == 422 and "out of range" in bad.json()["error"]["message"]
 
 
+def test_an_idempotency_key_repeat_gets_the_first_answer(url) -> None:
+    pid = httpx.post(f"{url}/predict", json={"instances": [ROW]}, timeout=30).json()
+    pid = pid["predictions"][0]["prediction_id"]
+    tag = uuid.uuid4().hex[:8]
+    event = {"event_id": f"key-{tag}", "prediction_id": pid, "label": 1}
+    headers = {"Idempotency-Key": f"k-{tag}"}
+    first = httpx.post(f"{url}/feedback", json=event, headers=headers, timeout=30)
+    again = httpx.post(f"{url}/feedback", json=event, headers=headers, timeout=30)
+    assert first.status_code == again.status_code == 202, again.text
+    assert again.json() == first.json() and first.json()["status"] == "logged"
+    other = {**event, "event_id": f"key2-{tag}"}
+    clash = httpx.post(f"{url}/feedback", json=other, headers=headers, timeout=30)
+    assert clash.status_code == 409 and "Idempotency-Key" in clash.json()["error"]["message"]
+
+
 def test_it_learns_across_a_drift_and_every_replica_converges(url) -> None:
     d = STREAM.drift_every
     before = play(url, STREAM, d, 200)  # concept 1: the baseline (concept 0) fails here
