@@ -196,7 +196,11 @@ def fuzz_operation(
 
     def record(case: Any, failure: str) -> None:
         if len(out.failures) < MAX_REPORTED:
-            out.failures.append(f"{app}: {label}: {failure}\n    {case.as_curl_command()}")
+            try:
+                curl = case.as_curl_command()
+            except Exception:  # a body curl cannot show
+                curl = f"{case.method} {case.formatted_path} ({case.media_type})"
+            out.failures.append(f"{app}: {label}: {failure}\n    {curl}")
 
     def sender(sent_key: str | None) -> Any:
         def one(case: Any) -> None:
@@ -215,6 +219,11 @@ def fuzz_operation(
                 out.hangs += 1
                 record(case, f"no answer within {REQUEST_TIMEOUT_S:g}s")
                 return
+            except requests.RequestException as exc:  # reset, refused: the server failed
+                out.server_errors += 1
+                out.statuses[0] += 1
+                record(case, f"no HTTP answer: {type(exc).__name__}: {exc}"[:400])
+                return
             out.statuses[response.status_code] += 1
             used = checks
             if _retry_later(operation, response):
@@ -230,6 +239,9 @@ def fuzz_operation(
                 titles = "; ".join(sorted({f.title for f in group.exceptions}))
                 body = response.text[:300].replace("\n", " ")
                 record(case, f"{response.status_code} {titles}: {body}")
+            except Exception as exc:  # a check that could not run counts as a failure
+                out.conformance_failures += 1
+                record(case, f"{response.status_code} check error: {type(exc).__name__}: {exc}")
 
         return one
 

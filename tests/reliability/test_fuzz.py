@@ -51,7 +51,8 @@ def cluster(tmp_path_factory) -> Iterator[str]:
         "ONLINE_LOG_URL": f"sqlite:///{artifacts}/online_learning/feedback.db",
         "ENSEMBLE_REQUIRE_KEYS": "true",  # development keys, but required: 401/403 probed
     }
-    server = ServeCluster(_config(), env=env)
+    # a generous readiness wait: five apps (one with an LLM) on a shared 2-core box
+    server = ServeCluster(_config(), env=env, timeout_s=900)
     server.start()
     try:
         yield server.http_url
