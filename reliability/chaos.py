@@ -127,13 +127,20 @@ def first_ok_after(load: Load, app: str, t: float) -> float | None:
     return min(done) - t if done else None
 
 
-def recovered_after(load: Load, app: str, t: float, streak: int = 5) -> float | None:
+def recovered_after(
+    load: Load, app: str, t: float, streak: int = 5, until: float | None = None
+) -> float | None:
     """Seconds from ``t`` (load clock) to the end of ``app``'s last non-ok answer that ended
     after ``t`` (0 when none), provided ``streak`` ok answers followed it; None if it never
     settled. Unlike ``Load.recovered_after`` it counts the requests already in flight at ``t``
-    (the ones a kill hits first)."""
+    (the ones a kill hits first). ``until``: look only at requests sent before it (the next
+    fault)."""
     with load._lock:  # a read of the shared outcome list, under its lock
-        mine = [o for o in load.outcomes if o.app == app and o.t + o.latency_s >= t]
+        mine = [
+            o
+            for o in load.outcomes
+            if o.app == app and o.t + o.latency_s >= t and (until is None or o.t < until)
+        ]
     bad_ends = [o.t + o.latency_s for o in mine if not o.ok]
     last_bad = max(bad_ends) if bad_ends else None
     good_after = [o for o in mine if o.ok and (last_bad is None or o.t >= last_bad)]
