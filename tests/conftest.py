@@ -58,13 +58,20 @@ def serve_http() -> Iterator[str]:
     port = free_port()
     metrics_port = free_port()
     os.environ["COOKBOOK_TEST_METRICS_PORT"] = str(metrics_port)
-    ray.init(
-        _metrics_export_port=metrics_port,  # Prometheus text, scraped by the metrics test
-        num_cpus=int(os.environ.get("COOKBOOK_TEST_RAY_CPUS", "4")),
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=os.environ.get("COOKBOOK_TEST_RAY_LOGS", "0") == "1",
-    )
+    for attempt in (1, 2):
+        try:
+            ray.init(
+                _metrics_export_port=metrics_port,  # Prometheus text, scraped by a metrics test
+                num_cpus=int(os.environ.get("COOKBOOK_TEST_RAY_CPUS", "4")),
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                log_to_driver=os.environ.get("COOKBOOK_TEST_RAY_LOGS", "0") == "1",
+            )
+            break
+        except Exception as exc:  # "The current node timed out during startup" on a busy box
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         yield f"http://127.0.0.1:{port}"
