@@ -6,10 +6,10 @@ cluster: every route of every app, with and without the development keys.
 
 Per operation (a method and a route) it sends ``max_examples`` requests generated from the
 schema (valid ones), up to as many invalid ones (wrong types, missing fields, out-of-range
-values: the app must refuse them with a 4xx), on a route that takes a key a few with no key
-and with a wrong key, and on a raw-bytes route (an image upload) the app's own sample requests
-mutated (cut, overwritten, the image size in the header rewritten). Every answer is checked by
-schemathesis:
+values: the app must refuse them with a 4xx), the examples the schema documents, on a route
+that takes a key a few with no key and with a wrong key, and on a route that takes files (an
+image upload) the app's own sample images mutated (cut, overwritten, the image size in the
+header rewritten). Every answer is checked by schemathesis:
 
 - ``not_a_server_error``: no 5xx, except a 503 with Retry-After that the route documents (a
   dependency too slow or down: the answer the README promises). Nothing is down during a fuzz
