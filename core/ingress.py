@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import Forbidden, HTTPError, Unauthorized
+from core.resilience import replica_lost
 
 logger = logging.getLogger("core.ingress")
 
@@ -207,16 +208,6 @@ REPLICA_LOST_MESSAGE = (
     "A replica this request needed was lost before it answered; it is being replaced. "
     "Retry shortly (send an Idempotency-Key header with requests that write)."
 )
-
-
-def replica_lost(exc: BaseException) -> bool:
-    """True for Ray's errors that mean "the replica (actor) serving a call is gone or
-    unreachable", directly or as the cause of a failed chained call."""
-    from ray.exceptions import RayActorError, RayTaskError
-
-    if isinstance(exc, RayActorError):
-        return True
-    return isinstance(exc, RayTaskError) and isinstance(getattr(exc, "cause", None), RayActorError)
 
 
 def _retryable(scope: Scope, headers: Mapping[str, str]) -> bool:

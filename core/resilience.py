@@ -143,6 +143,33 @@ async def gather_with_deadline(
     return out
 
 
+def replica_lost(exc: BaseException) -> bool:
+    """True for Ray's errors that mean "the replica (actor) serving a call is gone or
+    unreachable", directly or as the cause of a failed chained call."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    if isinstance(exc, RayActorError):
+        return True
+    return isinstance(exc, RayTaskError) and isinstance(getattr(exc, "cause", None), RayActorError)
+
+
+async def call_surviving_replica(
+    call: Callable[[], Awaitable[T]], *, attempts: int = 3, backoff_s: float = 0.1
+) -> T:
+    """Await ``call()`` (a handle call whose repeat is harmless: a model's predict), making it
+    again when the replica serving it was lost; Serve's router picks a live replica (or waits
+    for the replacement). Any other error, and the last loss, propagate."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await call()
+        except Exception as exc:
+            if attempt == attempts or not replica_lost(exc):
+                raise
+            logger.warning("replica lost (%s); calling again (%d/%d)", exc, attempt, attempts)
+            await asyncio.sleep(backoff_s * attempt)
+    raise AssertionError("unreachable")
+
+
 class RetryBudget:
     """Allow retries up to ``ratio`` of the calls seen in the last ``window_s``, plus a floor.
 

@@ -36,7 +36,7 @@ from core.ingress import (
 )
 from core.openapi import JSON_BODY, KEYED, error_responses
 from core.readiness import Readiness
-from core.resilience import describe_error
+from core.resilience import call_surviving_replica, describe_error
 from core.resources import StageResources, resolve_actor_options
 from patterns.business_logic.deployments import FraudModel
 from patterns.business_logic.features import FeaturePolicy, open_feature_store
@@ -184,7 +184,8 @@ class BusinessIngress:
             raise
 
     async def _call_model(self, row: list[float]) -> tuple[float, str]:
-        out = await self._await(self.model.score.remote(row))
+        # Scoring is pure: a call lost with its replica goes to the other one.
+        out = await call_surviving_replica(lambda: self._await(self.model.score.remote(row)))
         return out["score"], out["version"]
 
     @api.post(

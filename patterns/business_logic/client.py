@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,9 @@ def sample_request(i: int) -> dict:
             "currency": ("EUR", "USD", "GBP")[i % 3],
             "channel": channels[i % 3],
         },
-        "headers": {"X-API-Key": DEFAULT_KEY},
+        # A new key per request, as a payment client would send: the request may then be
+        # retried (by the client, or by the edge when a replica is lost) and is written once.
+        "headers": {"X-API-Key": DEFAULT_KEY, "Idempotency-Key": f"load-{uuid.uuid4().hex}"},
     }
 
 

@@ -24,8 +24,8 @@ from patterns.business_logic.model import MODEL_NAME, MODEL_VERSION
     max_surge_percent=SURGE,
     max_ongoing_requests=32,
     autoscaling_config={
-        "min_replicas": 1,
-        "max_replicas": 2,
+        "min_replicas": 2,  # a lost replica's calls go to the other (reliability/)
+        "max_replicas": 3,
         "target_ongoing_requests": 8,
         "upscale_delay_s": 2,
         "downscale_delay_s": 120,

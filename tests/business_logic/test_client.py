@@ -10,6 +10,8 @@ def test_sample_requests_are_valid_and_varied() -> None:
         assert r["method"] == "POST" and r["path"] == "/business/score"
         assert r["headers"]["X-API-Key"]
         ScoreRequest(**r["json"])
+    # each request its own Idempotency-Key (a retry of it is written once)
+    assert len({r["headers"]["Idempotency-Key"] for r in reqs}) == len(reqs)
     assert len({r["json"]["customer_id"] for r in reqs}) == 200
     for payment in PAYMENTS:
         ScoreRequest(**payment)

@@ -289,3 +289,35 @@ def test_a_route_that_stays_missing_is_a_404_when_the_window_ends() -> None:
     edge = ReplicaLossRetry(inner, prefixes=["/online"], backoff_s=(0.01,), retry_window_s=0.2)
     r = _post(edge, "/online/feedback")
     assert r.status_code == 404 and r.text.startswith("Path '") and inner.calls > 2
+
+
+def test_call_surviving_replica_repeats_a_lost_call_and_nothing_else() -> None:
+    from core.resilience import call_surviving_replica
+
+    calls: list[int] = []
+
+    async def lost_once() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ActorDiedError()
+        return "scored"
+
+    assert _run(call_surviving_replica(lost_once, backoff_s=0)) == "scored" and len(calls) == 2
+
+    async def bug() -> str:
+        calls.append(1)
+        raise ValueError("a bug is not retried")
+
+    calls.clear()
+    with pytest.raises(ValueError):
+        _run(call_surviving_replica(bug, backoff_s=0))
+    assert len(calls) == 1
+
+    async def always_lost() -> str:
+        calls.append(1)
+        raise ActorDiedError()
+
+    calls.clear()
+    with pytest.raises(ActorDiedError):
+        _run(call_surviving_replica(always_lost, attempts=3, backoff_s=0))
+    assert len(calls) == 3
