@@ -84,6 +84,8 @@ class EnsembleArgs(BaseModel):
     members: list[MemberSpec] = Field(default_factory=_default_members, min_length=1)
     voting: VotingMode = "soft"
     deadline_ms: float = Field(default=250, gt=0)  # per request, for the whole fan-out
+    # a fan-out that missed its quorum only because members were late is sent once more
+    late_retries: int = Field(default=1, ge=0, le=3)
     quorum: int = Field(default=2, ge=1)  # members that must answer for a vote
     selection: SelectionSpec = SelectionSpec()
     challenger: ChallengerSpec = Field(default_factory=_default_challenger)
@@ -111,6 +113,7 @@ def voting_ensemble(
         recorder=recorder,
         voting=args.voting,
         deadline_ms=args.deadline_ms,
+        late_retries=args.late_retries,
         quorum=args.quorum,
         selection=args.selection,
         max_instances=args.max_instances,

@@ -92,6 +92,7 @@ class VotingEnsemble:
         shadow_timeout_s: float = 5.0,
         max_shadow_in_flight: int = 64,
         held_out: dict[str, Any] | None = None,
+        late_retries: int = 1,
     ) -> None:
         if challenger is not None and challenger_name is None:
             raise ValueError("a challenger needs its name")
@@ -100,6 +101,7 @@ class VotingEnsemble:
         self.recorder = recorder
         self.voting = voting
         self.deadline_ms = deadline_ms
+        self.late_retries = late_retries
         self.quorum = quorum
         self.selection = selection
         self.max_instances = max_instances
@@ -234,17 +236,23 @@ class VotingEnsemble:
 
         if len(uncertain):
             rows = x[uncertain]
-            calls = {
-                k: _settled(settled[k]) if k in settled else h.predict.remote(rows)
-                for k, h in voters.items()
-            }
-            with timings.stage("fan_out"):
-                res = await gather_with_deadline(
-                    calls,
-                    deadline_s=self.deadline_ms / 1000,
-                    quorum=self.quorum,  # build_app checks it is at most the roster size
-                    validate=usable(len(uncertain)),
-                )
+            for attempt in range(self.late_retries + 1):
+                calls = {
+                    k: _settled(settled[k]) if k in settled else h.predict.remote(rows)
+                    for k, h in voters.items()
+                }
+                with timings.stage("fan_out" if attempt == 0 else f"fan_out_{attempt + 1}"):
+                    res = await gather_with_deadline(
+                        calls,
+                        deadline_s=self.deadline_ms / 1000,
+                        quorum=self.quorum,  # build_app checks it is at most the roster size
+                        validate=usable(len(uncertain)),
+                    )
+                # Missed only by lateness (members answering, just slowly: a replica starting
+                # on the same cores): once more. Errors and bad answers are not retried.
+                late_only = all(v == "timeout" for v in res.failed.values())
+                if res.quorum_met or not late_only:
+                    break
             failed.update(res.failed)
             res.require_quorum("ensemble members")
             for k in (k for k in voters if k in res.results):  # in roster order
@@ -396,6 +404,7 @@ class VotingEnsemble:
         return {
             "voting": self.voting,
             "deadline_ms": self.deadline_ms,
+            "late_retries": self.late_retries,
             "quorum": self.quorum,
             "selection": self.selection.model_dump(),
             "members": {i["member"]: {**i, "weight": self.weights[i["member"]]} for i in infos},

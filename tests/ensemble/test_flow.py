@@ -294,3 +294,45 @@ def test_model_reports_versions_devices_and_held_out_accuracy(store) -> None:
     assert info["members"]["xgb"]["weight"] == 1.5
     assert info["challenger_model"]["version"] == "v2"
     assert info["challenger"]["challenger"] == "xgb_v2"
+
+
+class _LateFirst:
+    """A real member whose first ``n`` predictions are late (a replica warming up, a starved
+    core), then on time."""
+
+    def __init__(self, member: Member, n: int) -> None:
+        self.member, self.n = member, n
+
+    async def predict(self, rows: Any) -> dict[str, Any]:
+        if self.n > 0:
+            self.n -= 1
+            await asyncio.sleep(5.0)
+        return await self.member.predict(rows)
+
+    def info(self) -> dict[str, Any]:
+        return self.member.info()
+
+
+def _flow_late_first(store: ModelStore, args: EnsembleArgs, late: dict[str, int]) -> Any:
+    members = {
+        m.name: LocalHandle(_LateFirst(Member(m, store), late.get(m.name, 0))) for m in args.members
+    }
+    recorder = ShadowRecorder.func_or_class(args.challenger.gate.model_dump(), None, 64)
+    return voting_ensemble(args, members, None, LocalHandle(recorder))
+
+
+def test_a_quorum_missed_only_by_late_members_gets_the_fan_out_once_more(store, split) -> None:
+    args = _args(selection={"mode": "all"}, challenger={"member": None})
+    flow = _flow_late_first(store, args, {"xgb": 1, "mlp": 1})
+    body = _predict(flow, split.x_test[:3])
+    assert not body["degraded"] and body["members"]["counted"] == ["logreg", "mlp", "xgb"]
+    assert {"fan_out", "fan_out_2"} <= set(body["timings_ms"])
+
+
+def test_late_members_twice_and_no_retry_configured_are_503s(store, split) -> None:
+    args = _args(selection={"mode": "all"}, challenger={"member": None})
+    with pytest.raises(ServiceUnavailable):  # late on both tries
+        _predict(_flow_late_first(store, args, {"xgb": 2, "mlp": 2}), split.x_test[:2])
+    no_retry = _args(selection={"mode": "all"}, challenger={"member": None}, late_retries=0)
+    with pytest.raises(ServiceUnavailable):
+        _predict(_flow_late_first(store, no_retry, {"xgb": 1, "mlp": 1}), split.x_test[:2])
