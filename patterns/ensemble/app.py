@@ -84,8 +84,9 @@ class EnsembleArgs(BaseModel):
     members: list[MemberSpec] = Field(default_factory=_default_members, min_length=1)
     voting: VotingMode = "soft"
     deadline_ms: float = Field(default=250, gt=0)  # per request, for the whole fan-out
-    # a fan-out that missed its quorum only because members were late is sent once more
-    late_retries: int = Field(default=1, ge=0, le=3)
+    # a fan-out that missed its quorum only because members were late is sent again, each
+    # time with twice the deadline (250, 500, 1000 ms): a starved core, not a dead member
+    late_retries: int = Field(default=2, ge=0, le=3)
     quorum: int = Field(default=2, ge=1)  # members that must answer for a vote
     selection: SelectionSpec = SelectionSpec()
     challenger: ChallengerSpec = Field(default_factory=_default_challenger)

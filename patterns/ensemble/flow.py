@@ -92,7 +92,7 @@ class VotingEnsemble:
         shadow_timeout_s: float = 5.0,
         max_shadow_in_flight: int = 64,
         held_out: dict[str, Any] | None = None,
-        late_retries: int = 1,
+        late_retries: int = 2,
     ) -> None:
         if challenger is not None and challenger_name is None:
             raise ValueError("a challenger needs its name")
@@ -244,7 +244,8 @@ class VotingEnsemble:
                 with timings.stage("fan_out" if attempt == 0 else f"fan_out_{attempt + 1}"):
                     res = await gather_with_deadline(
                         calls,
-                        deadline_s=self.deadline_ms / 1000,
+                        # each try waits twice as long as the one before: 250, 500, 1000 ms
+                        deadline_s=self.deadline_ms * 2**attempt / 1000,
                         quorum=self.quorum,  # build_app checks it is at most the roster size
                         validate=usable(len(uncertain)),
                     )

@@ -331,8 +331,8 @@ def test_a_quorum_missed_only_by_late_members_gets_the_fan_out_once_more(store, 
 
 def test_late_members_twice_and_no_retry_configured_are_503s(store, split) -> None:
     args = _args(selection={"mode": "all"}, challenger={"member": None})
-    with pytest.raises(ServiceUnavailable):  # late on both tries
-        _predict(_flow_late_first(store, args, {"xgb": 2, "mlp": 2}), split.x_test[:2])
+    with pytest.raises(ServiceUnavailable):  # late on every try
+        _predict(_flow_late_first(store, args, {"xgb": 3, "mlp": 3}), split.x_test[:2])
     no_retry = _args(selection={"mode": "all"}, challenger={"member": None}, late_retries=0)
     with pytest.raises(ServiceUnavailable):
         _predict(_flow_late_first(store, no_retry, {"xgb": 1, "mlp": 1}), split.x_test[:2])
