@@ -1,8 +1,8 @@
 """Replica death under load (issue 15): SIGKILL of an ingress replica and of a downstream model
 replica, each while both apps of the cluster serve.
 
-One cluster for the module, started the way ``make serve`` starts one
-(``reliability.chaos.own_cluster``: ``tests/servers.ServeCluster`` on serve_config.yaml's
+One cluster, shared with test_kill_redeploy.py (conftest.py), started the way ``make serve``
+starts one (``reliability.chaos.own_cluster``: ``tests/servers.ServeCluster`` on serve_config.yaml's
 ensemble and business_logic, on a copy of the artifacts), with ``reliability.load.Load`` on
 both apps, 2 in flight each. Goals, counted over the app's requests from the kill to 20 s
 after it: at most 1% fail, every failure a 503 with Retry-After (never a 500 or a dropped
@@ -14,11 +14,9 @@ The sweep over every deployment of every app is ``test_chaos.py`` (``make chaos`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from reliability.chaos import KILL_FAIL_RATIO, RECOVERY_S, Row, kill, own_cluster
+from reliability.chaos import KILL_FAIL_RATIO, RECOVERY_S, Row, kill
 from reliability.faults import Cluster
 from reliability.load import Load
 
@@ -29,13 +27,9 @@ WINDOW_S = 20.0
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[tuple[Cluster, Load]]:
-    with own_cluster(APPS) as (url, dashboard, apps):
-        cluster = Cluster(dashboard)
-        with Load(url, apps, concurrency=2) as load:
-            for app in apps:
-                assert load.wait_ok(app, n=3, timeout_s=180), load.counts()[app].examples
-            yield cluster, load
+def stack(fault_stack) -> tuple[Cluster, Load]:
+    cluster, load, _ = fault_stack  # tests/reliability/conftest.py
+    return cluster, load
 
 
 def explain(row: Row) -> str:

@@ -1,7 +1,7 @@
 """Readiness means ready (issue 15): redeploys under load fail no request, on any app.
 
-One cluster for the module (``reliability.chaos.own_cluster``: ``make serve`` on
-serve_config.yaml's ensemble and business_logic, on a copy of the artifacts) with
+One cluster, shared with test_kill.py (conftest.py; ``reliability.chaos.own_cluster``:
+``make serve`` on serve_config.yaml's ensemble and business_logic, on a copy of the artifacts) with
 ``reliability.load.Load`` on both apps, 2 in flight each. The ensemble is redeployed through
 ``serve deploy <config> --address <dashboard>``, the operator's command:
 
@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from reliability.chaos import Row, own_cluster, redeploy
+from reliability.chaos import Row, redeploy
 from reliability.faults import Cluster
 from reliability.load import Load, sample_requests
 
@@ -33,13 +32,8 @@ APPS = ["ensemble", "business_logic"]
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[tuple[Cluster, Load, str]]:
-    with own_cluster(APPS) as (url, dashboard, apps):
-        cluster = Cluster(dashboard)
-        with Load(url, apps, concurrency=2) as load:
-            for app in apps:
-                assert load.wait_ok(app, n=3, timeout_s=180), load.counts()[app].examples
-            yield cluster, load, url
+def stack(fault_stack) -> tuple[Cluster, Load, str]:
+    return fault_stack  # tests/reliability/conftest.py: one cluster for kills and redeploys
 
 
 def explain(rows: list[Row]) -> str:
