@@ -82,7 +82,8 @@ api = FastAPI(
 install_ingress(api, app_name="multiplexing", max_body_bytes=65_536)
 
 
-@serve.deployment(max_surge_percent=SURGE, max_ongoing_requests=256)
+# Two: one lost ingress never takes the app's route away (reliability/).
+@serve.deployment(max_surge_percent=SURGE, num_replicas=2, max_ongoing_requests=256)
 @serve.ingress(api)
 class MultiplexIngress:
     """I/O-bound: checks ids against the index and forwards to the model replicas."""
@@ -317,8 +318,6 @@ def build_app(args: MultiplexArgs | dict[str, Any] | None = None) -> Application
             args.chat.model_dump(), args.model_store_uri, wants_gpu(options)
         )
     ingress = MultiplexIngress.options(
-        # Two: one lost ingress never takes the app's route away (reliability/).
-        num_replicas=2,
         ray_actor_options=resolve_actor_options(args.ingress_resources, "multiplexing/ingress"),
     )
     return ingress.bind(forecasters, chat, args.model_dump())

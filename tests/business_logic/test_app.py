@@ -255,19 +255,25 @@ def test_risk_service_down_degrades_then_breaker_opens_and_recovers(url, risk_se
     assert _shape(shown) == _shape(live)
     assert client.stable_fields(shown) == client.stable_fields(live)
     assert live["decision"] == "review" and live["risk_signal"]["failure"] == "unreachable"
+    # Each ingress replica (two at least) keeps its own breaker: after enough failures on each,
+    # every answer says the circuit is open without trying the service.
     reasons = ["unreachable"]
-    for _ in range(4):
+    for _ in range(30):  # enough that each replica (picked at random) sees its threshold
         r = _score(url)
         assert r.status_code == 200
         reasons.append(r.json()["risk_signal"]["failure"])
-    assert "circuit open" in reasons[-1], reasons
-    health = httpx.get(f"{url}/healthz", timeout=10)
-    assert health.status_code == 200  # an outage is not a failed health check
-    assert health.json()["dependencies"]["risk_service"]["circuit"] == "open"
+    assert all("circuit open" in reason for reason in reasons[-3:]), reasons
+    circuits = set()
+    for _ in range(10):  # /healthz reports the breaker of whichever replica answers
+        health = httpx.get(f"{url}/healthz", timeout=10)
+        assert health.status_code == 200  # an outage is not a failed health check
+        circuits.add(health.json()["dependencies"]["risk_service"]["circuit"])
+    assert circuits == {"open"}, circuits
     risk_service.start()
     time.sleep(1.2)  # breaker_reset_s
-    body = _score(url).json()
-    assert body["risk_signal"]["source"] == "risk_service" and not body["degraded"]
+    bodies = [_score(url).json() for _ in range(4)]  # each replica's trial call closes it
+    body = bodies[-1]
+    assert body["risk_signal"]["source"] == "risk_service" and not body["degraded"], bodies
 
 
 # ------------------------------------------------------------------------------ outages
@@ -319,8 +325,15 @@ def test_stalled_database_is_a_503_not_a_500(outage_app, stalled_port) -> None:
     assert time.perf_counter() - t0 < 3.0
     message = r.json()["error"]["message"]
     assert "records database did not answer (timed out" in message, message
-    health = httpx.get(f"{url}/healthz", timeout=10).json()
-    assert "timed out" in health["dependencies"]["database"]["last_error"]
+    # /healthz answers from either ingress replica; the one that met the stall says so
+    errors = {
+        str(
+            httpx.get(f"{url}/healthz", timeout=10).json()["dependencies"]["database"]["last_error"]
+        )
+        for _ in range(10)
+    }
+    assert any("timed out" in e for e in errors), errors
+    assert all("timed out" in e or e == "None" for e in errors), errors
 
 
 def test_model_not_answering_is_a_503_on_score_and_model_routes(outage_app, risk_service) -> None:
