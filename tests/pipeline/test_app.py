@@ -348,6 +348,11 @@ def test_detector_from_a_checkpoint_uri(client, deploy, tmp_path_factory) -> Non
     path = tmp_path_factory.mktemp("ckpt") / "detector.safetensors"
     save_file(state, str(path))
     args = PipelineArgs(detector={"weights": path.as_uri()})
+    # A fresh app, not a rolling update of the running one: the update would start the new
+    # replicas beside the old (max_surge_percent) on two busy cores, twice as slow.
+    from ray import serve
+
+    serve.delete("pipeline-test")
     url = deploy(build_app(args), "pipeline-test", PREFIX)
     r = _read(client, url, scene_png("heldout", 4))
     assert r.status_code == 200, r.text
