@@ -67,6 +67,18 @@ def describe_error(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {first_line[:160]}".rstrip(": ")
 
 
+LOST_REPLICA_ERRORS = ("ActorDiedError", "ActorUnavailableError", "RayActorError")
+
+
+def transient_failure(failure: str) -> bool:
+    """A ``QuorumResult.failed`` entry that a second try may not meet: late (``"timeout"``)
+    or a replica that was lost (its replacement is starting). An exception the member raised
+    or a bad answer is not transient."""
+    if failure == "timeout":
+        return True
+    return any(failure.startswith(f"error: {name}") for name in LOST_REPLICA_ERRORS)
+
+
 def _retrieve(task: asyncio.Future) -> None:
     """Done callback for a task nobody awaits any more: read its outcome, so that a call that
     answers its cancellation with an error (Ray's RequestCancelledError) is not logged as

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
-from core.resilience import gather_with_deadline
+from core.resilience import gather_with_deadline, transient_failure
 from core.timing import Timings
 from patterns.ensemble.data import CLASS_NAMES, N_FEATURES, feature_names
 from patterns.ensemble.voting import SelectionSpec, VotingMode, cascade, uncertain_rows
@@ -249,10 +249,11 @@ class VotingEnsemble:
                         quorum=self.quorum,  # build_app checks it is at most the roster size
                         validate=usable(len(uncertain)),
                     )
-                # Missed only by lateness (members answering, just slowly: a replica starting
-                # on the same cores): once more. Errors and bad answers are not retried.
-                late_only = all(v == "timeout" for v in res.failed.values())
-                if res.quorum_met or not late_only:
+                # Missed only by lateness or a lost replica (members answering slowly while a
+                # replica starts on the same cores; one being replaced): again. A member that
+                # raised or answered garbage is not asked twice.
+                transient = all(transient_failure(v) for v in res.failed.values())
+                if res.quorum_met or not transient:
                     break
             failed.update(res.failed)
             res.require_quorum("ensemble members")

@@ -336,3 +336,31 @@ def test_late_members_twice_and_no_retry_configured_are_503s(store, split) -> No
     no_retry = _args(selection={"mode": "all"}, challenger={"member": None}, late_retries=0)
     with pytest.raises(ServiceUnavailable):
         _predict(_flow_late_first(store, no_retry, {"xgb": 1, "mlp": 1}), split.x_test[:2])
+
+
+class _LostFirst(_LateFirst):
+    """A member whose replica is lost on the first call (raises Ray's ActorDiedError), then
+    answers from its replacement."""
+
+    async def predict(self, rows: Any) -> dict[str, Any]:
+        if self.n > 0:
+            from ray.exceptions import ActorDiedError
+
+            self.n -= 1
+            raise ActorDiedError()
+        return await self.member.predict(rows)
+
+
+def test_a_quorum_missed_by_a_lost_replica_is_tried_again_but_not_by_an_error(store, split):
+    args = _args(selection={"mode": "all"}, challenger={"member": None})
+    members = {
+        m.name: LocalHandle(
+            (_LostFirst if m.name == "xgb" else _LateFirst)(
+                Member(m, store), 1 if m.name in ("xgb", "mlp") else 0
+            )
+        )
+        for m in args.members
+    }
+    recorder = ShadowRecorder.func_or_class(args.challenger.gate.model_dump(), None, 64)
+    body = _predict(voting_ensemble(args, members, None, LocalHandle(recorder)), split.x_test[:2])
+    assert not body["degraded"] and "fan_out_2" in body["timings_ms"]
