@@ -25,9 +25,9 @@ import logging
 import math
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request, Security
+from fastapi import FastAPI, Header, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
@@ -43,6 +43,17 @@ REQUEST_ID_HEADER = "x-request-id"
 # A client that sends this header on a POST promises the same key means the same request; the
 # app answers a repeat with the first answer and writes nothing twice, so the edge may retry it.
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+# The header as a route parameter: ``key: IdempotencyKey = None``; a malformed key is a 422.
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias=IDEMPOTENCY_KEY_HEADER,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Any printable ASCII id (UUID recommended); a repeat gets the first answer.",
+    ),
+]
 # Mark a route whose repeat is harmless (a pure read or inference):
 #     @api.post("/predict", openapi_extra=IDEMPOTENT)
 # The edge retries such a request when the replica serving it is lost; the flag shows in the

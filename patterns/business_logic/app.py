@@ -17,9 +17,9 @@ This module declares the args, wires the two deployments and maps routes to the 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI views need real
 # annotations (with string annotations `self` becomes a required query parameter).
 import asyncio
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
@@ -28,8 +28,8 @@ from ray.serve.handle import DeploymentHandle
 from core.apps import SURGE, coerce_args, default_app
 from core.errors import ServiceUnavailable
 from core.ingress import (
-    IDEMPOTENCY_KEY_HEADER,
     IDEMPOTENT,
+    IdempotencyKey,
     api_key_auth,
     install_ingress,
     request_id_of,
@@ -46,18 +46,6 @@ from patterns.business_logic.risk_client import RiskServiceClient
 from patterns.business_logic.rules import DecisionRules
 from patterns.business_logic.scoring import Scorer, ScoreRequest
 from patterns.business_logic.settings import BusinessSettings, load_api_keys
-
-# A client's promise that the same key means the same payment (scoring.Scorer.score).
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias=IDEMPOTENCY_KEY_HEADER,
-        min_length=1,
-        max_length=128,
-        pattern=r"^[\x21-\x7e]+$",
-        description="Any printable ASCII id (UUID recommended); a repeat gets the first answer.",
-    ),
-]
 
 
 class RiskCallArgs(BaseModel):

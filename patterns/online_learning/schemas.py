@@ -3,28 +3,16 @@ for values the types cannot express, like a label out of range, come from servic
 
 from typing import Annotated, Any
 
-from fastapi import Header
 from pydantic import BaseModel, Field, Strict
 
-from core.ingress import IDEMPOTENCY_KEY_HEADER
+# IdempotencyKey: a repeat gets the first answer (feedback and rewards are also idempotent by
+# event id without it).
+from core.ingress import IdempotencyKey  # noqa: F401  (the routes import it from here)
 from patterns.online_learning.stream import CLASSES, N_FEATURES
 
 # Event, client and choice ids: a safe token, so they can be logged and used as keys as-is.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 Label = Annotated[int, Strict()]
-
-# A client's promise that the same key means the same request: a repeat gets the first answer
-# (feedback and rewards are also idempotent by event id without it).
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias=IDEMPOTENCY_KEY_HEADER,
-        min_length=1,
-        max_length=128,
-        pattern=r"^[\x21-\x7e]+$",
-        description="Any printable ASCII id (UUID recommended); a repeat gets the first answer.",
-    ),
-]
 
 
 class PredictRequest(BaseModel):
