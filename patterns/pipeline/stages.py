@@ -209,8 +209,10 @@ class ModelStage:
         models were measured together). None for weights from a bare checkpoint or
         published weights."""
         figures = self.model.heldout_metrics
+        if not figures:
+            return {**self.info, "heldout": None, "heldout_metrics": None}
         own = {k: figures[k] for k in HELDOUT_KEYS.get(self.name, ()) if k in figures}
-        return {**self.info, "heldout": own if figures else None, "heldout_metrics": figures}
+        return {**self.info, "heldout": own, "heldout_metrics": figures}
 
 
 class DetectorStage(ModelStage):

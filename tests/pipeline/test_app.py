@@ -359,3 +359,9 @@ def test_detector_from_a_checkpoint_uri(client, deploy, tmp_path_factory) -> Non
     det = r.json()["model_versions"]["detector"]
     assert det["source"] == "uri" and det["uri"] == path.as_uri()
     assert r.json()["decision"]["code"] == make_scene("heldout", 4).code
+    # A bare checkpoint has no held-out figures: GET /model says so instead of failing (it
+    # failed once, and with it the replica's warm-up, which kept it unready for 120 s).
+    info = client.get(f"{url}/model")
+    assert info.status_code == 200, info.text
+    assert info.json()["detector"]["heldout"] is None
+    assert info.json()["scene_classifier"]["heldout"] is not None
