@@ -32,6 +32,11 @@ benchmarks read it) to switch; a GPU node serving real traffic should (README of
 In this mode each local cluster gets its own HAProxy files and free stats/metrics ports, so two
 clusters on one machine (two test runs, a test run and ``make serve``) do not collide on Ray's
 fixed defaults (/tmp/haproxy-serve, 8404, 9101).
+
+Both modes also get the edge (``core/edge.py``: a lost replica becomes a retry or a 503) in
+Serve's Python proxy, so every cluster started through here (``make serve``, the tests, the
+benchmarks, the load study's Serve target) runs the proxy as shipped. ``COOKBOOK_EDGE=off``
+leaves it out (``scripts/ingress_bench`` measures what it costs that way).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from collections.abc import Iterable
+from typing import Any
 
 MODES = ("default", "haproxy")
 
@@ -49,11 +56,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def apply_ingress_mode(mode: str | None = None) -> str:
-    """Set Serve's env switches for ``mode`` in this process (inherited by the cluster)."""
+def edge_enabled() -> bool:
+    return os.environ.get("COOKBOOK_EDGE", "on").lower() not in ("0", "off", "false", "no")
+
+
+def apply_ingress_mode(mode: str | None = None, applications: Iterable[dict[str, Any]] = ()) -> str:
+    """Set Serve's env switches for ``mode`` in this process (inherited by the cluster), and
+    the edge's for ``applications`` (the serve config's entries: their idempotent routes
+    and prefixes) unless ``COOKBOOK_EDGE=off``. Call it before ``ray.init``."""
     mode = (mode or os.environ.get("COOKBOOK_INGRESS_MODE", "default")).lower()
     if mode not in MODES:
         raise ValueError(f"COOKBOOK_INGRESS_MODE must be one of {MODES}, got {mode!r}")
+    if edge_enabled():
+        from core.edge import PROXY_CALLBACK, PROXY_CALLBACK_ENV, proxy_environment
+
+        os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+        applications = list(applications)
+        if applications:  # this config's routes and prefixes, over any inherited ones
+            os.environ.update(proxy_environment(applications))
     if mode == "haproxy":
         os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
         os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")

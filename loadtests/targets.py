@@ -142,12 +142,18 @@ def replica_counts() -> dict[str, int]:
 
 
 def run_serve(port: int, cpus: int, topology: str | None, replicas_log: str | None) -> int:
+    from core.ingress_mode import apply_ingress_mode
+
+    raw = serve_config(port, topology)
+    # COOKBOOK_INGRESS_MODE and the edge, as `make serve` ships them (core/ingress_mode.py);
+    # Serve reads its switches when it is imported.
+    apply_ingress_mode(applications=raw["applications"])
     import ray
     from ray import serve
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
-    config = ServeDeploySchema.model_validate(serve_config(port, topology))
+    config = ServeDeploySchema.model_validate(raw)
     ray.init(
         num_cpus=cpus,
         include_dashboard=False,

@@ -4,7 +4,10 @@ The route is ``GET /healthz`` of the core test ingress app (``tests/core/ingress
 ``core.ingress.install_ingress``'s middleware and health route), served three ways:
 
 - ``uvicorn``: the same FastAPI app in one plain uvicorn process (no Ray): the ceiling;
-- ``default``: Serve's default Python proxy (``COOKBOOK_INGRESS_MODE=default``);
+- ``default``: Serve's default Python proxy (``COOKBOOK_INGRESS_MODE=default``) with the edge
+  middleware in it (``core/edge.py``), as ``make serve`` ships it;
+- ``noedge`` (on request): the default proxy without the edge (``COOKBOOK_EDGE=off``), to see
+  what the edge costs;
 - ``haproxy``: HAProxy + direct ingress + ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` (``haproxy``).
 
 The load comes from ``patterns.pipeline.loadgen``: several client processes with raw
@@ -14,6 +17,7 @@ of the two, so a change in the machine's load during the run shows up as a gap b
 Each Serve mode also lists the TCP ports its processes listen on beyond loopback.
 
     python -m scripts.ingress_bench [--duration 8] [--concurrency 1,32] [--processes 2]
+                                    [--modes default,noedge,haproxy]
 """
 
 from __future__ import annotations
@@ -110,7 +114,10 @@ def _start(mode: str, port: int) -> tuple[subprocess.Popen, dict[str, Any]]:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
         _wait_ready(f"http://127.0.0.1:{port}/healthz")
         return proc, {"mode": "uvicorn", "listen": []}
-    env["COOKBOOK_INGRESS_MODE"] = mode
+    env["COOKBOOK_INGRESS_MODE"] = "default" if mode == "noedge" else mode
+    if mode == "noedge":
+        env["COOKBOOK_EDGE"] = "off"
+        env.pop("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", None)
     cmd = [sys.executable, "-m", "scripts.ingress_bench", "--child", str(port)]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
@@ -164,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
     parser.add_argument("--concurrency", default="1,32", help="comma-separated levels")
     parser.add_argument("--processes", type=int, default=2, help="client processes")
-    parser.add_argument("--modes", default="default,haproxy", help="Serve modes to compare")
+    parser.add_argument(
+        "--modes", default="default,haproxy", help="Serve modes to compare (also: noedge)"
+    )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

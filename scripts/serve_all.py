@@ -77,15 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
     from ray.serve.scripts import run as serve_run_cli
 
-    from core.edge import proxy_environment
     from core.ingress_mode import apply_ingress_mode
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Serve's proxy retries harmless requests whose replica was lost and answers the rest
-    # with 503 + Retry-After (core/edge.py); Ray's processes inherit this environment.
-    for key, value in proxy_environment(apps).items():
-        os.environ.setdefault(key, value)
-    mode = apply_ingress_mode()
+    # The ingress mode, and the edge in Serve's proxy: harmless requests whose replica was
+    # lost are retried, the rest get 503 + Retry-After (core/edge.py). Ray's processes
+    # inherit this environment.
+    mode = apply_ingress_mode(applications=apps)
     print(
         f"[serve] starting a local Ray cluster on 127.0.0.1 ({args.num_cpus:g} CPUs, "
         f"ingress: {mode})",

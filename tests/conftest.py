@@ -47,14 +47,13 @@ def serve_http() -> Iterator[str]:
     import ray
     from ray import serve
 
-    from core.edge import PROXY_CALLBACK, PROXY_CALLBACK_ENV
     from core.ingress_mode import apply_ingress_mode
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # The edge the apps ship with (core/edge.py) in Serve's proxy; GET and Idempotency-Key
-    # requests are retried here (the routes a serve config marks idempotent are not known).
-    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
-    apply_ingress_mode()  # COOKBOOK_INGRESS_MODE: test in the mode you ship
+    # COOKBOOK_INGRESS_MODE: test in the mode you ship, with the edge (core/edge.py) in
+    # Serve's proxy; GET and Idempotency-Key requests are retried here (the routes a serve
+    # config marks idempotent are not known: the tests deploy apps one by one).
+    apply_ingress_mode()
     port = free_port()
     metrics_port = free_port()
     os.environ["COOKBOOK_TEST_METRICS_PORT"] = str(metrics_port)

@@ -51,39 +51,6 @@ def test_importing_a_pattern_does_no_work(name: str, tmp_path) -> None:
     assert out.stderr.strip() == "", f"import logged: {out.stderr[-500:]}"
 
 
-@pytest.mark.slow
-def test_make_serve_runs_every_app_in_the_config(tmp_path) -> None:
-    """`make serve` minus the foreground wait: every app RUNNING, every /healthz 200."""
-    from tests.conftest import free_port
-
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "scripts.serve_all",
-            "--exit-when-ready",
-            "--port",
-            str(free_port()),
-            "--dashboard-port",
-            str(free_port()),
-            "--timeout-s",
-            "420",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    if not config["applications"]:
-        assert "lists no applications yet" in out.stdout
-    for app in config["applications"]:
-        assert f"{app['name']} /healthz -> 200" in out.stdout, out.stdout[-3000:]
-    n_apps = len(config["applications"])
-    assert f"`serve status` -> exit 0, {n_apps} RUNNING" in out.stdout, out.stdout[-3000:]
-
-
 def test_configs_validate_as_serve_deploy_schemas() -> None:
     from ray.serve.schema import ServeDeploySchema
 

@@ -1,11 +1,12 @@
 """Requests generated from each app's OpenAPI document against every route of every app, under
 real Ray Serve (the short run of ``reliability/fuzz.py``; ``make chaos`` runs the long one).
 
-One cluster for the module: ``make serve`` on the generated serve_config.yaml (all apps), on a
-copy of the artifacts so the fuzzer's writes (decisions, feedback, new online versions) stay
-out of the checkout, and with the ensemble's keys required so its 401/403 are probed too. Each
-app is a test of its own: a failure names the app, the route and the request (as curl).
-Generation is derandomized: the same code sends the same requests.
+One cluster for the module: ``make serve`` on the generated serve_config.yaml (all apps; the
+module's first test is the one for ``make serve`` itself), on a copy of the artifacts so the
+fuzzer's writes (decisions, feedback, new online versions) stay out of the checkout, and with
+the ensemble's keys required so its 401/403 are probed too. Each app is a test of its own: a
+failure names the app, the route and the request (as curl). Generation is derandomized: the
+same code sends the same requests.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from reliability import fuzz
+from tests.servers import ServeCluster
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +41,7 @@ def _config() -> dict:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[str]:
-    from tests.servers import ServeCluster
+def cluster(tmp_path_factory) -> Iterator[ServeCluster]:
 
     artifacts = tmp_path_factory.mktemp("fuzz") / "artifacts"
     shutil.copytree(ROOT / "artifacts", artifacts)
@@ -55,15 +56,41 @@ def cluster(tmp_path_factory) -> Iterator[str]:
     server = ServeCluster(_config(), env=env, timeout_s=900)
     server.start()
     try:
-        yield server.http_url
+        yield server
     finally:
         server.stop()
 
 
+def test_make_serve_runs_every_app_in_the_config(cluster: ServeCluster) -> None:
+    """`make serve` on serve_config.yaml: every app RUNNING (`serve status`, the CLI a user
+    reaches for next), every /healthz 200, every app's URL printed."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    apps = cluster.config["applications"]
+    log = cluster.log_file.read_text()
+    for app in apps:
+        url = cluster.http_url + app["route_prefix"]
+        assert f"{url}   (docs: {url}/docs)" in log, log[-3000:]
+        assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200, app["name"]
+    status = subprocess.run(
+        [str(Path(sys.executable).parent / "serve"), "status", "-a", cluster.dashboard_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert status.stdout.count("status: RUNNING") == len(apps), status.stdout[-3000:]
+
+
 @pytest.mark.parametrize("app", list(fuzz.PREFIXES))
-def test_generated_requests_get_documented_answers_and_no_server_error(cluster: str, app: str):
+def test_generated_requests_get_documented_answers_and_no_server_error(
+    cluster: ServeCluster, app: str
+) -> None:
     results = fuzz.run(
-        cluster, [app], MAX_EXAMPLES, keys_required=[*fuzz.KEYS_ENFORCED, "ensemble"]
+        cluster.http_url, [app], MAX_EXAMPLES, keys_required=[*fuzz.KEYS_ENFORCED, "ensemble"]
     )
     r = results[app]
     summary = (
