@@ -537,33 +537,20 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m reliability.chaos " + " ".join(argv or sys.argv[1:]),
         "minutes": args.minutes,
     }
+    options = {
+        "only": only,
+        "minutes": args.minutes,
+        "concurrency": args.concurrency,
+        "kill_window_s": args.kill_window_s,
+        "seed": args.seed,
+        "fuzz_examples": args.fuzz_examples,
+    }
     if args.url:
-        cluster = Cluster(args.dashboard)
-        apps = args.apps or list(cluster.apps())
-        rows, extra = run(
-            args.url,
-            args.dashboard,
-            apps,
-            only=only,
-            minutes=args.minutes,
-            concurrency=args.concurrency,
-            kill_window_s=args.kill_window_s,
-            seed=args.seed,
-            fuzz_examples=args.fuzz_examples,
-        )
+        apps = args.apps or list(Cluster(args.dashboard).apps())
+        rows, extra = run(args.url, args.dashboard, apps, **options)
     else:
         with own_cluster(args.apps, num_cpus=args.num_cpus) as (url, dashboard, apps):
-            rows, extra = run(
-                url,
-                dashboard,
-                apps,
-                only=only,
-                minutes=args.minutes,
-                concurrency=args.concurrency,
-                kill_window_s=args.kill_window_s,
-                seed=args.seed,
-                fuzz_examples=args.fuzz_examples,
-            )
+            rows, extra = run(url, dashboard, apps, **options)
     if "outages" in only:  # after the cluster is down: each scenario deploys its own apps
         rows.extend(outage_rows())
     meta["apps"] = apps

@@ -43,8 +43,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -101,80 +99,19 @@ def _root(base_url: str, prefix: str) -> str:
 
 
 # ------------------------------------------------------------------------------ dependencies
-class RiskService:
-    """The business pattern's outside risk API as a subprocess on a fixed loopback port."""
+def _risk_service() -> Any:
+    """The business pattern's risk API on a free loopback port (tests.servers)."""
+    from tests.servers import RiskService
 
-    def __init__(self) -> None:
-        from core.local import free_port
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "patterns.business_logic.risk_service"]
-        cmd += ["--port", str(self.port)]
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise TimeoutError("the risk service did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
+    return RiskService()
 
 
-def durable_redis() -> Any:
-    """``tests.servers.RedisServer`` run the way the README asks for a log (``appendonly yes``,
-    ``appendfsync always``), so a SIGKILL loses nothing it acknowledged."""
-    from tests import servers
+def _durable_redis() -> Any:
+    """Redis with ``appendonly yes`` and ``appendfsync always`` (tests.servers): a SIGKILL
+    loses nothing it acknowledged."""
+    from tests.servers import DurableRedisServer
 
-    class DurableRedis(servers.RedisServer):
-        def __init__(self) -> None:
-            super().__init__()
-            self.dir = tempfile.mkdtemp(prefix="redis-aof-")
-
-        def start(self) -> None:
-            cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-            cmd += ["--dir", self.dir, "--save", "", "--appendonly", "yes"]
-            cmd += ["--appendfsync", "always"]
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            servers.wait_for_port(self.port)
-            import redis
-
-            r = redis.Redis.from_url(self.url)
-            deadline = time.monotonic() + 20
-            while True:  # the port opens before the AOF is loaded
-                try:
-                    r.ping()
-                    break
-                except redis.exceptions.BusyLoadingError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
-            r.close()
-
-        def kill(self) -> None:
-            if self.proc is not None:
-                self.proc.kill()
-                self.proc.wait(10)
-                self.proc = None
-
-        def cleanup(self) -> None:
-            self.kill()
-            import shutil
-
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    return DurableRedis()
+    return DurableRedisServer()
 
 
 class SqliteWriteLock:
@@ -483,7 +420,7 @@ def _business_scenario(
     *,
     database_url: str,
     feature_store_url: str,
-    risk: RiskService,
+    risk: Any,  # tests.servers.RiskService
     down: Callable[[], None],
     up: Callable[[], None],
     outage_s: float,
@@ -543,8 +480,8 @@ def business_redis_down(ctx: dict[str, Any] | None = None, outage_s: float = 8.0
     the store's breaker lets a trial call through."""
     from patterns.business_logic.seed import seed_feature_store
 
-    redis = durable_redis()
-    risk = RiskService()
+    redis = _durable_redis()
+    risk = _risk_service()
     redis.start()
     risk.start()
     try:
@@ -570,7 +507,7 @@ def business_redis_down(ctx: dict[str, Any] | None = None, outage_s: float = 8.0
 def business_risk_api_down(ctx: dict[str, Any] | None = None, outage_s: float = 8.0) -> dict:
     """The outside risk API SIGKILLed and started again: 200 with the default signal and
     ``degraded: true``; normal once the breaker's trial call succeeds."""
-    risk = RiskService()
+    risk = _risk_service()
     risk.start()
     try:
         with _seeded_sqlite() as (_, db, fs):
@@ -593,7 +530,7 @@ def business_sqlite_locked(ctx: dict[str, Any] | None = None, outage_s: float = 
     """The records SQLite file's write lock held by another process: lookups go on (WAL), the
     audit write fails after the 2 s busy timeout: 200 ``degraded`` (decision not logged)
     without a key, 503 + Retry-After with one (nothing written; the retry writes once)."""
-    risk = RiskService()
+    risk = _risk_service()
     risk.start()
     try:
         with _seeded_sqlite() as (d, db, fs):
@@ -620,7 +557,7 @@ def business_postgres_down(ctx: dict[str, Any] | None = None, outage_s: float = 
 
     pg = servers.PostgresServer()
     pg.start()
-    risk = RiskService()
+    risk = _risk_service()
     risk.start()
     try:
         from patterns.business_logic.seed import seed_database
@@ -825,7 +762,7 @@ def online_redis_log_down(ctx: dict[str, Any] | None = None, outage_s: float = 8
     """Redis (the feedback log, Streams) SIGKILLed and restarted from its AOF: predict and
     feedback answer 503 with Retry-After; afterwards every acknowledged label is in the stream
     once and the trainer applies all of them."""
-    redis = durable_redis()
+    redis = _durable_redis()
     redis.start()
     try:
         return _online_scenario(

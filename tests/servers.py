@@ -1,4 +1,5 @@
-"""Real servers for tests, started on loopback ports: PostgreSQL and Redis.
+"""Real servers for tests, started on loopback ports: PostgreSQL, Redis (plain, or durable with
+an append-only file), Prometheus, the business pattern's risk API, and ``make serve`` itself.
 
 No Docker, no earlier setup: each server runs from the Debian binaries in a temp dir; when the
 binaries are absent the tests that need them are skipped with a reason (``.ci/run`` installs
@@ -165,6 +166,106 @@ class RedisServer:
             self.proc.wait(10)
             self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL: the outage, with no chance to flush anything."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+
+
+class DurableRedisServer(RedisServer):
+    """Redis run the way the patterns' READMEs ask for a log (``appendonly yes``,
+    ``appendfsync always``) in a temp dir of its own, so a SIGKILL loses nothing it
+    acknowledged and a restart (``start()`` again) reads it all back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="redis-aof-")
+
+    def start(self) -> None:
+        import redis
+
+        cmd = [self.binary or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        cmd += ["--dir", self.dir, "--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 20
+        try:
+            while True:  # the port opens before the append-only file is loaded
+                try:
+                    client.ping()
+                    return
+                except redis.exceptions.BusyLoadingError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        finally:
+            client.close()
+
+    def cleanup(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ risk API
+class RiskService:
+    """The business pattern's outside risk-signal API (``patterns.business_logic.risk_service``)
+    as a subprocess on a free loopback port: up, slow (``delay_ms``), failing (``fail_rate``),
+    stopped or killed. Its log goes to a file, quoted when it does not start."""
+
+    ROOT = Path(__file__).resolve().parents[1]
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_file = Path(tempfile.mkdtemp(prefix="risk-")) / "risk.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *, delay_ms: float = 0, fail_rate: float = 0) -> None:
+        import sys
+
+        import httpx
+
+        self.stop()
+        cmd = [sys.executable, "-m", "patterns.business_logic.risk_service"]
+        cmd += ["--port", str(self.port), "--delay-ms", str(delay_ms)]
+        cmd += ["--fail-rate", str(fail_rate)]
+        with self.log_file.open("a") as log:
+            self.proc = subprocess.Popen(cmd, cwd=self.ROOT, stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        tail = self.log_file.read_text()[-2000:]
+        self.kill()
+        raise TimeoutError(f"the risk service did not start on {self.url}:\n{tail}")
+
+    def calls(self) -> int:
+        """Scoring calls the running service has received since it (re)started."""
+        import httpx
+
+        return int(httpx.get(f"{self.url}/healthz", timeout=5).json()["calls"])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: the API gone without a word."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
 
 # ------------------------------------------------------------------------------ Prometheus
 class PrometheusServer:
@@ -288,6 +389,9 @@ class ServeCluster:
             **{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "COOKBOOK_TEST"))},
             "RAY_TMPDIR": str(self.dir),
             "RAY_USAGE_STATS_ENABLED": "0",
+            # the risk API make serve starts (business_logic/services.py) on a port of its
+            # own, not 8701, so two clusters on one machine don't share one
+            "BUSINESS_RISK_SERVICE_URL": f"http://127.0.0.1:{free_port()}",
             **self.env,
         }
         cmd = [

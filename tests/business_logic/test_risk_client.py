@@ -187,3 +187,17 @@ def test_well_formed_answer_from_the_same_server_is_used(one_answer) -> None:
     [(sig, _)], state = _fetch_many(one_answer.url, 1)
     assert sig.source == "risk_service" and sig.value == 0.2 and state == "closed"
     assert sig.signals == ["card_not_present"] and sig.provider_version == "x"
+
+
+def test_make_serve_starts_the_risk_api_where_the_url_points(monkeypatch) -> None:
+    """`make serve` starts the risk API on BUSINESS_RISK_SERVICE_URL's loopback port (8701
+    unless set), and none for an API on another host."""
+    from patterns.business_logic.services import side_services
+
+    monkeypatch.delenv("BUSINESS_RISK_SERVICE_URL", raising=False)
+    ((*_, port_flag, port),) = side_services()
+    assert (port_flag, port) == ("--port", "8701")
+    monkeypatch.setenv("BUSINESS_RISK_SERVICE_URL", "http://localhost:9123")
+    assert side_services()[0][-1] == "9123"
+    monkeypatch.setenv("BUSINESS_RISK_SERVICE_URL", "https://risk.example.com/v1")
+    assert side_services() == []
