@@ -1,18 +1,18 @@
 """Which HTTP ingress Serve runs: its default Python proxy, or HAProxy + direct ingress.
 
-Measured with ``python -m scripts.ingress_bench`` on the 2-core, no-GPU dev machine, shared
-with other jobs (a no-op /healthz route; 2 client processes of ``patterns.pipeline.loadgen``;
-plain uvicorn in one process measured before and after in the same run; two runs):
+Measured with ``python -m scripts.ingress_bench`` on the 2-core, no-GPU dev machine (a no-op
+/healthz route of an app holding 64 requests per replica; 2 client processes of
+``patterns.pipeline.loadgen``; plain uvicorn in one process before and after in the same run):
 
-    in flight  uvicorn req/s   default proxy       haproxy
-    1          3,137 / 4,508   158 / 132  (0.05x / 0.03x)   1,364 / 1,655  (0.43x / 0.37x)
-    32         3,828 / 6,591    53 /  34  (0.01x / 0.01x)   1,801 / 2,116  (0.47x / 0.32x)
+    in flight  uvicorn req/s   default proxy (with the edge)   haproxy
+    1          3,989 / 3,285   211 / 195  (0.05x / 0.06x)      1,921 / 968  (0.48x / 0.29x)
+    32         5,456           410        (0.08x)              1,697        (0.31x)
 
 The pipeline's local profile behind each (``python -m patterns.pipeline.benchmark``): 0.41x a
 plain uvicorn monolith's req/s behind the default proxy (~10 ms of proxy CPU per request),
 1.32x in HAProxy mode.
 
-HAProxy mode is near issue 12's goal (>= 40% of plain uvicorn: 0.32-0.47x) and the default
+HAProxy mode is near issue 12's goal (>= 40% of plain uvicorn: 0.29-0.48x) and the default
 proxy is nowhere near it. The default stays ``default`` all the same, for the local profile
 and the test suite, because in Ray 2.60 HAProxy mode:
 
