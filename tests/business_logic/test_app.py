@@ -268,7 +268,9 @@ def test_risk_service_down_degrades_then_breaker_opens_and_recovers(url, risk_se
         health = httpx.get(f"{url}/healthz", timeout=10)
         assert health.status_code == 200  # an outage is not a failed health check
         circuits.add(health.json()["dependencies"]["risk_service"]["circuit"])
-    assert circuits == {"open"}, circuits
+    # open; or half-open on a replica whose reset time passed meanwhile (its next call is the
+    # trial): never closed while the service is down
+    assert circuits and circuits <= {"open", "half_open"}, circuits
     risk_service.start()
     time.sleep(1.2)  # breaker_reset_s
     bodies = [_score(url).json() for _ in range(4)]  # each replica's trial call closes it

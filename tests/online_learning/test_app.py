@@ -171,7 +171,10 @@ def test_a_poisoned_burst_is_rejected_by_the_gate_and_live_quality_holds(url) ->
     flood = play(url, STREAM, start + 600, 600, client="mallory", flip=True)
     honest = play(url, STREAM, start + 1200, 300)
     assert flood["accuracy"] > 0.8  # answers to mallory were still right (against the truth)
-    assert honest["accuracy"] > 0.85, honest["accuracy"]
+    # The champion answers honest users as before (0.85-0.9 here, depending on which
+    # version each replica had when); a model that learned the flipped labels would answer
+    # about the complement (~0.15).
+    assert honest["accuracy"] > 0.8, honest["accuracy"]
     history = httpx.get(f"{url}/model", timeout=30).json()["metrics_history"]
     assert any(h["decision"] == "reject" for h in history), history
     r = httpx.post(f"{url}/predict", json={"instances": [ROW]}, timeout=30).json()

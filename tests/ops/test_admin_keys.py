@@ -79,6 +79,15 @@ def test_feedback_needs_a_client_key_and_promote_rollback_an_admin_key(ops_clust
     r = httpx.post(f"{url}/challenger/rollback", headers=admin, timeout=30)
     assert r.status_code == 200 and r.json()["changed"] and not r.json()["promoted"], r.text
     assert not _state(url)["promoted"]
+    # The replica that took the rollback applied it at once; every other ingress replica
+    # within a refresh (PROMOTION_REFRESH_S): soon every answer shows the challenger shadowed
+    # again (and the next tests on this cluster see it that way).
+    rows = split.x_test[:3].tolist()
+    deadline, streak = time.monotonic() + 20, 0
+    while streak < 10:
+        assert time.monotonic() < deadline, "an ingress replica still lets the challenger vote"
+        answer = httpx.post(f"{url}/predict", json={"instances": rows}, timeout=30).json()
+        streak = streak + 1 if answer["challenger"]["status"] == "shadow" else 0
 
 
 def test_openapi_documents_the_key_header(ops_cluster) -> None:
