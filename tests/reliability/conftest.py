@@ -1,6 +1,8 @@
 """One cluster of ensemble + business_logic under load, shared by test_kill.py and
-test_kill_redeploy.py (named to run one after the other): one cluster start instead of two,
-about a minute and a half on the 2-core box."""
+test_kill_redeploy.py (named to run one after the other, and after every other module here:
+the package fixture keeps its cluster and its load running until the package ends, and a
+module after them would share the two cores with that load): one cluster start instead of
+two, about a minute and a half on the 2-core box."""
 
 from __future__ import annotations
 
