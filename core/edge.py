@@ -7,7 +7,8 @@ survival for requests in flight. ``ReplicaLossRetry`` is an ASGI middleware that
 
     RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=core.edge:proxy_middlewares
 
-(``make serve`` and the test clusters set it; the RayService sets it on the head and workers).
+(every cluster started through ``core.ingress_mode.apply_ingress_mode`` gets it: ``make
+serve``, the test clusters, the benchmarks; the RayService sets it on the head and workers).
 For each HTTP request it keeps the body, passes the request on, and watches what comes back:
 
 - an answer (any status, including the app's own errors and Serve's 503 backpressure): passed
