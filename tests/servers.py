@@ -135,8 +135,27 @@ class PostgresServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class _ChildProcess:
+    """A server run as a child process (``self.proc``): stopped politely, or killed."""
+
+    proc: subprocess.Popen | None = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: the outage, with no chance to flush or say goodbye."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
 # ------------------------------------------------------------------------------ Redis
-class RedisServer:
+class RedisServer(_ChildProcess):
     def __init__(self) -> None:
         self.binary = shutil.which("redis-server")
         if not self.binary:
@@ -159,19 +178,6 @@ class RedisServer:
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-    def kill(self) -> None:
-        """SIGKILL: the outage, with no chance to flush anything."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
 
     def cleanup(self) -> None:
         self.stop()
@@ -213,7 +219,7 @@ class DurableRedisServer(RedisServer):
 
 
 # ------------------------------------------------------------------------------ risk API
-class RiskService:
+class RiskService(_ChildProcess):
     """The business pattern's outside risk-signal API (``patterns.business_logic.risk_service``)
     as a subprocess on a free loopback port: up, slow (``delay_ms``), failing (``fail_rate``),
     stopped or killed. Its log goes to a file, quoted when it does not start."""
@@ -252,19 +258,6 @@ class RiskService:
         import httpx
 
         return int(httpx.get(f"{self.url}/healthz", timeout=5).json()["calls"])
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-    def kill(self) -> None:
-        """SIGKILL: the API gone without a word."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
 
 
 # ------------------------------------------------------------------------------ Prometheus
