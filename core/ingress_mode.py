@@ -70,10 +70,12 @@ def apply_ingress_mode(mode: str | None = None, applications: Iterable[dict[str,
     if edge_enabled():
         from core.edge import PROXY_CALLBACK, PROXY_CALLBACK_ENV, proxy_environment
 
-        os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+        os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # one someone set stays
         applications = list(applications)
         if applications:  # this config's routes and prefixes, over any inherited ones
-            os.environ.update(proxy_environment(applications))
+            env = proxy_environment(applications)
+            env.pop(PROXY_CALLBACK_ENV)
+            os.environ.update(env)
     if mode == "haproxy":
         os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
         os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import Any
 
 import httpx
@@ -160,6 +161,35 @@ def test_idempotent_routes_are_read_from_the_apps_openapi() -> None:
     env = proxy_environment(apps)
     assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "core.edge:proxy_middlewares"
     assert env["COOKBOOK_IDEMPOTENT_ROUTES"] == "/demo/items/{item_id},/demo/predict"
+
+
+def test_every_cluster_started_through_ingress_mode_gets_the_edge(monkeypatch) -> None:
+    """``apply_ingress_mode`` (make serve, the tests, the benchmarks, the load study) installs
+    the edge for the config's apps, leaves a callback someone set alone, and leaves the edge
+    out with ``COOKBOOK_EDGE=off``."""
+    from core.ingress_mode import apply_ingress_mode
+
+    names = ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "COOKBOOK_IDEMPOTENT_ROUTES",
+             "COOKBOOK_APP_PREFIXES", "COOKBOOK_EDGE", "COOKBOOK_INGRESS_MODE")  # fmt: skip
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    apps = [{"import_path": "tests.core.test_edge:app", "route_prefix": "/demo"}]
+    assert apply_ingress_mode(applications=apps) == "default"
+    assert os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "core.edge:proxy_middlewares"
+    assert os.environ["COOKBOOK_IDEMPOTENT_ROUTES"] == "/demo/items/{item_id},/demo/predict"
+    assert os.environ["COOKBOOK_APP_PREFIXES"] == "/demo"
+
+    monkeypatch.setenv("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "mine:middlewares")
+    apply_ingress_mode(applications=apps)
+    assert os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "mine:middlewares"
+
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("COOKBOOK_EDGE", "off")
+    apply_ingress_mode(applications=apps)
+    assert not any(n in os.environ for n in names[:3])
+    with pytest.raises(ValueError, match="COOKBOOK_INGRESS_MODE must be one of"):
+        apply_ingress_mode("nginx")
 
 
 # ------------------------------------------------------------------ inside the ingress replica
