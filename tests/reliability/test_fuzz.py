@@ -64,6 +64,7 @@ def cluster(tmp_path_factory) -> Iterator[ServeCluster]:
 def test_make_serve_runs_every_app_in_the_config(cluster: ServeCluster) -> None:
     """`make serve` on serve_config.yaml: every app RUNNING (`serve status`, the CLI a user
     reaches for next), every /healthz 200, every app's URL printed."""
+    import os
     import subprocess
     import sys
 
@@ -75,11 +76,14 @@ def test_make_serve_runs_every_app_in_the_config(cluster: ServeCluster) -> None:
         url = cluster.http_url + app["route_prefix"]
         assert f"{url}   (docs: {url}/docs)" in log, log[-3000:]
         assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200, app["name"]
+    # From another shell, as the README says: Ray 2.60's CLI sends the cluster's token
+    # (~/.ray/auth_token) only with RAY_AUTH_MODE=token; without it the dashboard answers 401.
     status = subprocess.run(
         [str(Path(sys.executable).parent / "serve"), "status", "-a", cluster.dashboard_url],
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, "RAY_AUTH_MODE": "token"},
     )
     assert status.returncode == 0, status.stderr[-2000:]
     assert status.stdout.count("status: RUNNING") == len(apps), status.stdout[-3000:]
