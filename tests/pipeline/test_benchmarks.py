@@ -4,6 +4,7 @@ box in their quick size."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -74,3 +75,22 @@ def test_gpu_bench_in_process_rows_run_quick_on_cpu() -> None:
     for row in rows:
         figures = row.split("|")[2].replace(",", "").split(" / ")
         assert all(float(f) > 0 for f in figures), row
+
+
+def test_gpu_check_script_keeps_to_its_budget(tmp_path: Path) -> None:
+    """``scripts/pipeline_gpu_check.sh`` refuses an unknown part, and a step that would not
+    fit in what is left of ``GPU_CHECK_BUDGET_S`` is skipped and said so, not started (a call
+    on the lent GPU machine is cut at 600 s and must come back with its output)."""
+    script = ROOT / "scripts" / "pipeline_gpu_check.sh"
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    wrong = subprocess.run(["bash", str(script), "everything"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert wrong.returncode == 2 and "usage" in wrong.stderr
+    out = subprocess.run(["bash", str(script), "bench"], cwd=ROOT,
+                         env={**env, "GPU_CHECK_BUDGET_S": "35"},
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    # "gpu_bench, no HTTP" where Ray Serve does not import
+    assert re.search(r"gpu_bench[^:\n]*: skipped, the 35 s budget is spent", out.stdout), out.stdout
+    assert "skipped" in (tmp_path / "bench.txt").read_text()
+    assert "budget 35 s" in (tmp_path / "plan.txt").read_text()
