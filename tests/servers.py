@@ -20,6 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -229,8 +230,11 @@ class RiskService(_ChildProcess):
     def __init__(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_file = Path(tempfile.mkdtemp(prefix="risk-")) / "risk.log"
+        log_dir = tempfile.mkdtemp(prefix="risk-")
+        self.log_file = Path(log_dir) / "risk.log"
         self.proc: subprocess.Popen | None = None
+        # Kept across stops and restarts (an outage test starts it again), gone with the object.
+        weakref.finalize(self, shutil.rmtree, log_dir, ignore_errors=True)
 
     def start(self, *, delay_ms: float = 0, fail_rate: float = 0) -> None:
         import sys
