@@ -20,9 +20,10 @@ in alternating rounds, so a change in the machine's load hits both.
 3. The hops of the split profile, one request at a time, batching off: each stage's time as
    the ingress sees it (``timings_ms``) minus its own compute time (``compute_ms``) = what
    the hop adds (routing, the replica's event loop, the payload). Goal: <= 2 ms p50 per hop.
-   Beside it: a bare call to a no-op deployment (the floor on this machine, this minute), the
-   same with decoding in a Preprocess deployment (one hop more), and the pipeline at the
-   ingress against the same decode and models called in one process.
+   Beside it: each stage called alone from a replica (its hop without the request's other
+   stages competing for the cores), a bare call to a no-op deployment (the floor on this
+   machine, this minute), the same with decoding in a Preprocess deployment (one hop more),
+   and the pipeline at the ingress against the same decode and models called in one process.
 
 Figures are for the machine it runs on (printed, with its load average before and after).
 """
@@ -30,6 +31,7 @@ Figures are for the machine it runs on (printed, with its load average before an
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
@@ -191,10 +193,12 @@ def sequential_hops(url: str, pngs: list[bytes], n: int) -> dict[str, Any]:
     }
 
 
-def bare_hop_ms(base: str, n: int) -> float:
-    """Median ms of one call from a replica to a no-op deployment that gets the image a model
-    stage gets, in the same cluster: the floor any hop costs on this machine right now
-    (Serve's routing and the callee's event loop, no model). Asked over HTTP, so this driver
+def hop_floor(base: str, n: int, app: str) -> dict[str, Any]:
+    """From a replica in the same cluster, one call at a time: the median ms of a bare call
+    to a no-op deployment that gets the image a model stage gets (the floor any hop costs on
+    this machine right now: Serve's routing and the callee's event loop, no model), and each
+    model stage of ``app`` called alone (round trip minus its ``compute_ms``: the hop without
+    the other stages of the request competing for the cores). Asked over HTTP, so this driver
     holds no handle."""
     import httpx
     from ray import serve
@@ -202,7 +206,19 @@ def bare_hop_ms(base: str, n: int) -> float:
     @serve.deployment(name="Echo", ray_actor_options={"num_cpus": 0.05})
     class Echo:
         async def echo(self, x: Any) -> Any:
-            return x
+            return {"compute_ms": 0.0}
+
+        async def spin(self, x: Any) -> Any:
+            """2 ms of pure-Python work in a thread, like a stage's forward pass: no torch,
+            no model, the same way back."""
+
+            def work() -> dict[str, float]:
+                t0 = time.perf_counter()
+                while time.perf_counter() - t0 < 0.002:
+                    pass
+                return {"compute_ms": (time.perf_counter() - t0) * 1000}
+
+            return await asyncio.get_running_loop().run_in_executor(None, work)
 
     @serve.deployment(name="HopTimer", ray_actor_options={"num_cpus": 0.05})
     class HopTimer:
@@ -210,18 +226,38 @@ def bare_hop_ms(base: str, n: int) -> float:
             self.echo = echo
 
         async def __call__(self, request: Any) -> dict[str, float]:
-            payload = np.zeros((96, 96, 3), np.uint8)
-            times = []
-            for i in range(int(request.query_params["n"]) + 10):
-                t0 = time.perf_counter()
-                await self.echo.echo.remote(payload)
-                if i >= 10:
-                    times.append((time.perf_counter() - t0) * 1000)
-            return {"ms": statistics.median(times)}
+            from patterns.pipeline.preprocess import ImageLimits
+            from patterns.pipeline.stages import PreprocessStage
+
+            decode = PreprocessStage(ImageLimits())
+            prepared = [decode.run(png) for png in bodies(16)]
+            handles = {
+                name: serve.get_deployment_handle(name, app_name=app)
+                for name in ("Detector", "SceneClassifier", "DigitClassifier")
+            }
+            calls: dict[str, Callable[[dict, dict], Any]] = {
+                "bare": lambda p, _: self.echo.echo.remote(p),
+                "spin": lambda p, _: self.echo.spin.remote(p),
+                "detector": lambda p, _: handles["Detector"].detect.remote(p),
+                "scene_classifier": lambda p, _: handles["SceneClassifier"].classify.remote(p),
+                "digit_classifier": lambda p, d: handles["DigitClassifier"].read.remote(p, d),
+            }
+            # The digit classifier's real input: the detector's answer for each image.
+            dets = [await handles["Detector"].detect.remote(p) for p in prepared]
+            hops: dict[str, list[float]] = {name: [] for name in calls}
+            for name, call in calls.items():  # one kind of call at a time, back to back
+                for i in range(int(request.query_params["n"]) + 10):
+                    j = i % len(prepared)
+                    t0 = time.perf_counter()
+                    out = await call(prepared[j], dets[j])
+                    if i >= 10:
+                        hops[name].append((time.perf_counter() - t0) * 1000 - out["compute_ms"])
+            return {name: statistics.median(ms) for name, ms in hops.items()}
 
     serve.run(HopTimer.bind(Echo.bind()), name="p-hop", route_prefix="/p-hop")
     try:
-        return float(httpx.get(f"{base}/p-hop", params={"n": n}, timeout=120).json()["ms"])
+        floor = httpx.get(f"{base}/p-hop", params={"n": n}, timeout=300).json()
+        return {"bare": float(floor.pop("bare")), "spin": float(floor.pop("spin")), "alone": floor}
     finally:
         serve.delete("p-hop")
 
@@ -362,9 +398,9 @@ def main(argv: list[str] | None = None) -> None:
             report["hops"] = sequential_hops(f"{base}/p-hops", pngs, args.sequential)
             report["hops_apart"] = sequential_hops(f"{base}/p-apart", pngs, args.sequential)
             report["preprocess_in"] = split_off.preprocess_in
-            serve.delete("p-hops")
             serve.delete("p-apart")
-            report["bare_hop_ms"] = bare_hop_ms(base, args.sequential)
+            report["hop_floor"] = hop_floor(base, args.sequential, app="p-hops")
+            serve.delete("p-hops")
     finally:
         if monolith is not None:
             monolith.terminate()
@@ -424,7 +460,8 @@ def print_report(report: dict[str, Any], args: Any, mode: str, topology: str, be
         print()
         print(f"3. Per hop, split topology, one request at a time (median of {args.sequential}, "
               "batching off)")  # fmt: skip
-        print(f"{'stage':18}{'round trip':>11}{'compute':>9}{'hop adds':>10}")
+        floor = report["hop_floor"]
+        print(f"{'stage':18}{'round trip':>11}{'compute':>9}{'hop adds':>10}{'called alone':>14}")
         added, worst = 0.0, 0.0
         local = {"business_rules"} | (
             {"preprocess"} if report["preprocess_in"] == "ingress" else set()
@@ -433,12 +470,16 @@ def print_report(report: dict[str, Any], args: Any, mode: str, topology: str, be
             hop = 0.0 if stage in local else rt - comp  # in process: no hop
             added += hop
             worst = max(worst, hop)
+            alone = f"{floor['alone'][stage]:14.2f}" if stage in floor["alone"] else ""
             note = "  (in the ingress process)" if stage in local else ""
-            print(f"{stage:18}{rt:11.2f}{comp:9.2f}{hop:10.2f}{note}")
+            print(f"{stage:18}{rt:11.2f}{comp:9.2f}{hop:10.2f}{alone}{note}")
         print(f"{'all hops':18}{'':11}{'':9}{added:10.2f}")
         print(f"   goal: <= {GOALS['hop_ms']} ms p50 per hop: worst {worst:.2f} ms "
               f"{verdict(worst <= GOALS['hop_ms'])}; a bare call to a no-op deployment from "
-              f"a replica, same cluster, same minute: {report['bare_hop_ms']:.2f} ms")  # fmt: skip
+              f"a replica, same cluster, same minute: {floor['bare']:.2f} ms; each stage called "
+              f"alone from a replica (no other stage of the request running): worst "
+              f"{max(floor['alone'].values()):.2f} ms; a no-op that works 2 ms in pure Python "
+              f"before it answers: {floor['spin']:.2f} ms")  # fmt: skip
         apart = report["hops_apart"]
         rt, comp = apart["hops"]["preprocess"]
         print(f"decoding in a Preprocess deployment instead (preprocess_in: deployment): its hop "
