@@ -22,8 +22,10 @@ in alternating rounds, so a change in the machine's load hits both.
    the hop adds (routing, the replica's event loop, the payload). Goal: <= 2 ms p50 per hop.
    Beside it: each stage called alone from a replica (its hop without the request's other
    stages competing for the cores), a bare call to a no-op deployment (the floor on this
-   machine, this minute), the same with decoding in a Preprocess deployment (one hop more),
-   and the pipeline at the ingress against the same decode and models called in one process.
+   machine, this minute) and to one that works 2 ms in pure Python before it answers (what
+   any working callee adds to the floor, model or not), the same pipeline with decoding in a
+   Preprocess deployment (one hop more), and the pipeline at the ingress against the same
+   decode and models called in one process.
 
 Figures are for the machine it runs on (printed, with its load average before and after).
 """
@@ -196,10 +198,11 @@ def sequential_hops(url: str, pngs: list[bytes], n: int) -> dict[str, Any]:
 def hop_floor(base: str, n: int, app: str) -> dict[str, Any]:
     """From a replica in the same cluster, one call at a time: the median ms of a bare call
     to a no-op deployment that gets the image a model stage gets (the floor any hop costs on
-    this machine right now: Serve's routing and the callee's event loop, no model), and each
-    model stage of ``app`` called alone (round trip minus its ``compute_ms``: the hop without
-    the other stages of the request competing for the cores). Asked over HTTP, so this driver
-    holds no handle."""
+    this machine right now: Serve's routing and the callee's event loop, no model), of the
+    same no-op made to work 2 ms in a thread first (its own time taken off, like a stage's
+    ``compute_ms``), and of each model stage of ``app`` called alone (round trip minus its
+    ``compute_ms``: the hop without the other stages of the request competing for the cores).
+    Asked over HTTP, so this driver holds no handle."""
     import httpx
     from ray import serve
 
