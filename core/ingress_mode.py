@@ -8,9 +8,9 @@ Measured with ``python -m scripts.ingress_bench`` on the 2-core, no-GPU dev mach
     1          3,989 / 3,285   211 / 195  (0.05x / 0.06x)      1,921 / 968  (0.48x / 0.29x)
     32         5,456           410        (0.08x)              1,697        (0.31x)
 
-The pipeline's local profile behind each (``python -m patterns.pipeline.benchmark``): 0.41x a
-plain uvicorn monolith's req/s behind the default proxy (~10 ms of proxy CPU per request),
-1.32x in HAProxy mode.
+The pipeline's local profile behind each (``python -m patterns.pipeline.benchmark``): 0.42x a
+plain uvicorn monolith's req/s behind the default proxy (~9 ms of proxy CPU per request),
+1.27x in HAProxy mode.
 
 HAProxy mode is near issue 12's goal (>= 40% of plain uvicorn: 0.29-0.48x) and the default
 proxy is nowhere near it. The default stays ``default`` all the same, for the local profile
