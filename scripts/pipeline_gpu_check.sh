@@ -20,7 +20,7 @@
 # carry `.whl` (from ../shared/device/pack-ray-wheels pydantic-settings skops python-multipart,
 # 52 MB) and artifacts/models/pipeline-{detector,scene,digits} (1 MB). All of `artifacts`
 # (13 MB, mostly the multiplexing pattern's 1,000 forecasters) with the wheels is over the
-# 64 MiB a call may carry.
+# 64 MiB a call may carry. GPU_CHECK_WHEELS names another folder of wheels than .whl.
 set -uo pipefail
 what="${1:-all}"
 case "$what" in tests | bench | all) ;; *) echo "usage: $0 [tests|bench|all]" >&2; exit 2 ;; esac
@@ -52,11 +52,12 @@ py="${PYTHON:-}"  # else the project's .venv where there is one (here), else pyt
 if [ -z "$py" ]; then
     if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
 fi
-if ls .whl/*.whl >/dev/null 2>&1; then
-    stamp="/tmp/site/.installed-$(ls .whl | md5sum | cut -c1-12)"
+wheels="${GPU_CHECK_WHEELS:-.whl}"  # what the machine's image lacks, as wheels (see above)
+if ls "$wheels"/*.whl >/dev/null 2>&1; then
+    stamp="/tmp/site/.installed-$(ls "$wheels" | md5sum | cut -c1-12)"
     if [ ! -e "$stamp" ]; then
         "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/site .whl/*.whl || exit 1
+            --target /tmp/site "$wheels"/*.whl || exit 1
         touch "$stamp"
     fi
     export PYTHONPATH="/tmp/site:$PYTHONPATH"

@@ -82,7 +82,8 @@ def test_gpu_check_script_keeps_to_its_budget(tmp_path: Path) -> None:
     fit in what is left of ``GPU_CHECK_BUDGET_S`` is skipped and said so, not started (a call
     on the lent GPU machine is cut at 600 s and must come back with its output)."""
     script = ROOT / "scripts" / "pipeline_gpu_check.sh"
-    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "PYTHON": sys.executable,
+           "GPU_CHECK_WHEELS": str(tmp_path / "no-wheels")}  # fmt: skip
     wrong = subprocess.run(["bash", str(script), "everything"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=30)  # fmt: skip
     assert wrong.returncode == 2 and "usage" in wrong.stderr
