@@ -31,7 +31,8 @@ Set ``COOKBOOK_INGRESS_MODE=haproxy`` before Ray starts (``make serve``, the tes
 benchmarks read it) to switch; a GPU node serving real traffic should (README of the pipeline).
 In this mode each local cluster gets its own HAProxy files and free stats/metrics ports, so two
 clusters on one machine (two test runs, a test run and ``make serve``) do not collide on Ray's
-fixed defaults (/tmp/haproxy-serve, 8404, 9101).
+fixed defaults (/tmp/haproxy-serve, 8404, 9101), nor does a cluster started by a child process
+with the ones its parent picked for its own (the load study's Serve target under the tests).
 
 Both modes also get the edge (``core/edge.py``: a lost replica becomes a retry or a 503) in
 Serve's Python proxy, so every cluster started through here (``make serve``, the tests, the
@@ -54,6 +55,40 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# Which process picked the HAProxy files and ports below for its own cluster, and which of
+# them it picked ("<pid>:NAME,NAME"): a child process that starts a cluster of its own (the
+# load study's Serve target under the test suite, a benchmark's cluster per ingress mode)
+# inherits them and must not reuse them, while values a person set stay wherever they are.
+_PICKED_ENV = "COOKBOOK_HAPROXY_PICKED"
+
+
+def _own_haproxy_files_and_ports() -> None:
+    """HAProxy files and stats/metrics ports of this cluster's own (Ray's defaults are fixed:
+    /tmp/haproxy-serve, 8404, 9101), unless a person set them."""
+    me = str(os.getpid())
+    picked_by, _, names = os.environ.get(_PICKED_ENV, "").partition(":")
+    if picked_by and picked_by != me:  # another process picked these for its own cluster
+        for name in names.split(","):
+            os.environ.pop(name, None)
+    picked = names.split(",") if picked_by == me else []
+    if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" not in os.environ:
+        files = tempfile.mkdtemp(prefix="haproxy-serve-")
+        new = {
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{files}/haproxy.cfg",
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{files}/admin.sock",
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": files,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{files}/server-state",
+        }
+        os.environ.update(new)
+        picked += new
+    for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        if name not in os.environ:
+            os.environ[name] = str(_free_port())
+            picked.append(name)
+    if picked:
+        os.environ[_PICKED_ENV] = f"{me}:{','.join(dict.fromkeys(picked))}"
 
 
 def edge_enabled() -> bool:
@@ -79,14 +114,7 @@ def apply_ingress_mode(mode: str | None = None, applications: Iterable[dict[str,
     if mode == "haproxy":
         os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
         os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-        if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" not in os.environ:
-            files = tempfile.mkdtemp(prefix="haproxy-serve-")
-            os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] = f"{files}/haproxy.cfg"
-            os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"] = f"{files}/admin.sock"
-            os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = files
-            os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_FILE"] = f"{files}/server-state"
+        _own_haproxy_files_and_ports()
         # HAProxy threads beyond the machine's cores only contend (Ray's default is 4).
         os.environ.setdefault("RAY_SERVE_HAPROXY_NBTHREAD", str(min(4, os.cpu_count() or 1)))
-        os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
-        os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
     return mode

@@ -192,6 +192,44 @@ def test_every_cluster_started_through_ingress_mode_gets_the_edge(monkeypatch) -
         apply_ingress_mode("nginx")
 
 
+def test_haproxy_mode_gives_each_cluster_its_own_files_and_ports(monkeypatch) -> None:
+    """HAProxy mode picks files and stats/metrics ports for this process's cluster, keeps them
+    when called again, picks new ones in a child process that inherited them (two clusters on
+    one machine must not bind the same ports: the load study's target under the tests did),
+    and never replaces a value a person set."""
+    import json
+    import subprocess
+    import sys
+
+    from core import ingress_mode
+
+    names = ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH",
+             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE",
+             "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+             ingress_mode._PICKED_ENV, "RAY_SERVE_ENABLE_HA_PROXY",
+             "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_HAPROXY_NBTHREAD")  # fmt: skip
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("COOKBOOK_EDGE", "off")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", "19101")  # a person's choice
+    assert ingress_mode.apply_ingress_mode("haproxy") == "haproxy"
+    parent = {n: os.environ[n] for n in names[:6]}
+    assert parent["RAY_SERVE_HAPROXY_METRICS_PORT"] == "19101"
+    assert os.path.isdir(parent["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
+    ingress_mode.apply_ingress_mode("haproxy")
+    assert {n: os.environ[n] for n in names[:6]} == parent  # same process: same cluster
+
+    code = ("import json, os; from core.ingress_mode import apply_ingress_mode; "
+            f"apply_ingress_mode('haproxy'); print(json.dumps({{n: os.environ[n] for n in "
+            f"{list(names[:6])!r}}}))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)  # fmt: skip
+    child = json.loads(out.stdout)
+    assert child["RAY_SERVE_HAPROXY_METRICS_PORT"] == "19101"  # set by a person: kept
+    for name in names[:5]:
+        assert child[name] != parent[name], name
+
+
 # ------------------------------------------------------------------ inside the ingress replica
 def _lost() -> ActorDiedError:
     return ActorDiedError()
