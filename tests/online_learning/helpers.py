@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 
-from patterns.online_learning.stream import DriftingStream
+from patterns.online_learning.stream import N_FEATURES, DriftingStream
 
 
 def wait_for(check, timeout_s: float = 30.0, every_s: float = 0.2, what: str = "condition"):
@@ -20,6 +21,27 @@ def wait_for(check, timeout_s: float = 30.0, every_s: float = 0.2, what: str = "
             return last
         time.sleep(every_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+def wait_until_served(
+    url: str, ok: Callable[[str], bool], what: str, in_a_row: int = 8, timeout_s: float = 30.0
+) -> list[str]:
+    """Until ``in_a_row`` answers in a row come from versions that are ``ok``: the pointer
+    moves first, and each ingress replica loads the new champion on the trainer's nudge (or
+    its next poll) a moment later. Returns the versions seen."""
+    row = [[0.0] * N_FEATURES]
+    seen: list[str] = []
+
+    def served() -> bool:
+        r = httpx.post(f"{url}/predict", json={"instances": row}, timeout=30)
+        seen.append(r.json().get("model_version"))
+        return len(seen) >= in_a_row and all(ok(v) for v in seen[-in_a_row:])
+
+    try:
+        wait_for(served, timeout_s, 0.05, what=what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; versions that answered, last 20: {seen[-20:]}") from None
+    return seen
 
 
 def send_with_backoff(

@@ -22,7 +22,7 @@ from patterns.online_learning.artifacts import ensure_artifacts
 from patterns.online_learning.learning import GatePolicy, TrainerArgs
 from patterns.online_learning.model import MODEL_NAME, is_holdout
 from patterns.online_learning.stream import DriftingStream
-from tests.online_learning.helpers import play, wait_for
+from tests.online_learning.helpers import play, wait_for, wait_until_served
 
 STREAM = DriftingStream()
 
@@ -123,5 +123,10 @@ def test_a_poisoned_model_that_got_live_is_rolled_back_by_live_labels(app) -> No
         what="the live labels to trigger an automatic rollback",
     )
     assert int(history[-1]["version"].lstrip("v")) < int(poisoned["version"].lstrip("v"))
+    # The pointer moves before the replicas do: wait until none answers with a version that
+    # was champion from the poisoned one up to the rollback (later ones are retrained on it).
+    pointers = httpx.get(f"{url}/model", timeout=30).json()["pointer_history"]
+    bad = {h["version"] for h in pointers if poisoned["seq"] <= h["seq"] < history[-1]["seq"]}
+    wait_until_served(url, lambda v: v not in bad, what=f"no replica to answer with {bad}")
     recovered = play(url, STREAM, start + 1040, 200, tag="rb")
     assert recovered["accuracy"] > 0.8, recovered["accuracy"]
