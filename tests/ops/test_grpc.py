@@ -106,7 +106,7 @@ def test_grpc_listens_on_every_interface_http_on_loopback(ops_cluster) -> None:
     In HAProxy mode HAProxy answers gRPC too, on the HTTP host (loopback here)."""
     any_address = {"0" * 32, "0" * 8}
     grpc_bound = _listening(ops_cluster.grpc_port)
-    if os.environ.get("COOKBOOK_INGRESS_MODE", "default") == "haproxy":
+    if os.environ.get("COOKBOOK_INGRESS_MODE", "default").lower() == "haproxy":
         assert grpc_bound == {"0100007F"}, grpc_bound
     else:
         assert grpc_bound and grpc_bound <= any_address, grpc_bound
