@@ -7,7 +7,7 @@
 #          imports the HTTP rows: shipped and GPU profiles, both ingress modes, batching off).
 # Outputs land in $OUT (or /tmp/pipeline-gpu): tests.txt, serve-tests.txt, bench.txt.
 #
-#   bash scripts/pipeline_gpu_check.sh tests     # ~3 min
+#   bash scripts/pipeline_gpu_check.sh tests     # ~3 min (estimates: not run on a GPU yet)
 #   bash scripts/pipeline_gpu_check.sh bench     # ~7 min
 #   bash scripts/pipeline_gpu_check.sh           # both, stopped at the budget below
 #
