@@ -38,6 +38,9 @@ and the test suite, because in Ray 2.60 HAProxy mode:
     the full run; run alone, the test passed);
   - a killed ingress replica: a request it held gets a dropped connection (1 of 927) instead
     of a retry or a 503 with Retry-After.
+  A second full run (34m57s: 578 passed, 2 xfailed) had two online-learning tests fail that
+  passed in the first: they send labelled events faster than the trainer follows in HAProxy
+  mode (accuracy after a drift 0.41 against > 0.85), a timing assumption of those tests.
 
 Set ``COOKBOOK_INGRESS_MODE=haproxy`` before Ray starts (``make serve``, the test suite and the
 benchmarks read it) to switch; a GPU node serving real traffic should (README of the pipeline).
