@@ -16,7 +16,6 @@ compared in constant time.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import inspect
@@ -56,8 +55,8 @@ IdempotencyKey = Annotated[
 ]
 # Mark a route whose repeat is harmless (a pure read or inference):
 #     @api.post("/predict", openapi_extra=IDEMPOTENT)
-# The edge retries such a request when the replica serving it is lost; the flag shows in the
-# OpenAPI document as ``x-idempotent: true``.
+# The cluster's edge (cluster/haproxy_edge.py) replays such a request when the replica serving
+# it is lost; the flag shows in the OpenAPI document as ``x-idempotent: true``.
 IDEMPOTENT: dict[str, Any] = {"x-idempotent": True}
 _STATUS_SENTENCES = {
     404: "No such route; see the OpenAPI docs at /docs under this app's prefix.",
@@ -94,10 +93,9 @@ def _json_error(
 class _EdgeMiddleware:
     """Request id, body limit and last-resort 500, as one pure ASGI middleware."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, retries: int = 2) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.retries = retries
         # Outside Serve nobody else echoes the id; inside a replica Serve's proxy already
         # does. Decided on first request: the app object is often built at import time.
         self.echo_request_id: bool | None = None
@@ -144,63 +142,37 @@ class _EdgeMiddleware:
                 return
 
         received = 0
-        kept: list[bytes] = []  # the body as the app read it, to send it again on a retry
-        body_complete = False
 
         async def receive_limited() -> Message:
-            nonlocal received, overflow, body_complete
+            nonlocal received, overflow
             message = await receive()
             if message["type"] == "http.request":
-                chunk = message.get("body", b"")
-                received += len(chunk)
+                received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     overflow = True
                     raise _BodyTooLarge
-                kept.append(chunk)
-                body_complete = not message.get("more_body", False)
             return message
 
-        attempt = 0
-        receive_now: Receive = receive_limited
-        while True:
-            attempt += 1
-            # A fresh scope each time: routing writes into it (route, path params).
-            this_scope = {**scope, "headers": list(scope["headers"])}
-            try:
-                await self.app(this_scope, receive_now, send_app)
-            except _BodyTooLarge:
-                pass
-            except Exception as exc:
-                if started:
-                    logger.exception("error after the answer started (request id %s)", request_id)
-                    return
-                if not replica_lost(exc):
-                    logger.exception("unhandled error (request id %s)", request_id)
-                    await reply(
-                        500, f"Internal error; quote request id {request_id} when reporting."
-                    )
-                    return
-                if (
-                    attempt <= self.retries
-                    and (body_complete or not kept)
-                    and _retryable(this_scope, headers)
-                ):
-                    logger.warning(
-                        "request %s: a replica it called was lost (%s); retry %d/%d",
-                        request_id,
-                        type(exc).__name__,
-                        attempt,
-                        self.retries,
-                    )
-                    await asyncio.sleep(0.2 * attempt)
-                    receive_now = _replay(list(kept), receive)
-                    continue
+        try:
+            await self.app(scope, receive_limited, send_app)
+        except _BodyTooLarge:
+            pass
+        except Exception as exc:
+            if started:
+                logger.exception("error after the answer started (request id %s)", request_id)
+                return
+            if replica_lost(exc):
+                # A deployment this request called died with the call. Not retried here: the
+                # flow repeats a lost call where repeating it is harmless
+                # (core.resilience.call_surviving_replica), and the client decides the rest.
                 logger.warning("request %s: a replica it called was lost (%s)", request_id, exc)
                 await _json_error(503, REPLICA_LOST_MESSAGE, request_id, {"Retry-After": "1"})(
                     scope, receive, send_raw
                 )
                 return
-            break
+            logger.exception("unhandled error (request id %s)", request_id)
+            await reply(500, f"Internal error; quote request id {request_id} when reporting.")
+            return
         if overflow and not started:
             await reply(413, self._too_large(received))
 
@@ -219,28 +191,6 @@ REPLICA_LOST_MESSAGE = (
     "A replica this request needed was lost before it answered; it is being replaced. "
     "Retry shortly (send an Idempotency-Key header with requests that write)."
 )
-
-
-def _retryable(scope: Scope, headers: Mapping[str, str]) -> bool:
-    """GET/HEAD/OPTIONS, a request with an Idempotency-Key, or a route marked IDEMPOTENT."""
-    if scope.get("method", "GET").upper() in ("GET", "HEAD", "OPTIONS"):
-        return True
-    if IDEMPOTENCY_KEY_HEADER.lower() in headers:
-        return True
-    route = scope.get("route")
-    return bool((getattr(route, "openapi_extra", None) or {}).get("x-idempotent"))
-
-
-def _replay(chunks: list[bytes], receive: Receive) -> Receive:
-    """A receive that gives ``chunks`` as the body once, then the live receive (disconnects)."""
-
-    async def replay() -> Message:
-        if chunks:
-            body = chunks.pop(0)
-            return {"type": "http.request", "body": body, "more_body": bool(chunks)}
-        return await receive()
-
-    return replay
 
 
 def _validation_sentence(exc: RequestValidationError) -> str:

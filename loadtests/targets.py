@@ -142,7 +142,7 @@ def replica_counts() -> dict[str, int]:
 
 
 def run_serve(port: int, cpus: int, topology: str | None, replicas_log: str | None) -> int:
-    from core.ingress_mode import apply_ingress_mode
+    from cluster.ingress_mode import apply_ingress_mode
 
     raw = serve_config(port, topology)
     # COOKBOOK_INGRESS_MODE and the edge, as `make serve` ships them (core/ingress_mode.py);

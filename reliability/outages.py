@@ -31,7 +31,7 @@ both generous for a slow machine.
 
 Each scenario takes ``ctx``: a dict with ``deploy`` (``deploy(app, name, route_prefix) ->
 base_url``, the test suite's fixture) or without it, in which case the scenario starts its own
-local Ray + Serve (``core.local.local_serve``) and stops it. Real servers (PostgreSQL, Redis)
+local Ray + Serve (``cluster.local.local_serve``) and stops it. Real servers (PostgreSQL, Redis)
 come from ``tests/servers.py`` on loopback ports; a missing binary skips the scenario.
 """
 
@@ -76,7 +76,7 @@ def serving(ctx: dict[str, Any] | None) -> Iterator[Deploy]:
         return
     from ray import serve
 
-    from core.local import local_serve
+    from cluster.local import local_serve
 
     with local_serve(num_cpus=4) as base:
         names: list[str] = []

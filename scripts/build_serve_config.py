@@ -40,10 +40,8 @@ GPU_HEADER = """\
 PROFILES = ("local", "gpu")
 # A GPU node serves through HAProxy + direct ingress (core/ingress_mode.py): measured 3-6x the
 # default Python proxy's req/s through HTTP (issue 12).
-HAPROXY_ENV = [
-    {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
-    {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
-]
+# Where the image holds this repo (its HAProxy launcher, cluster/haproxy-edge, runs from there).
+IMAGE_ROOT = "/srv/serve-cookbook"
 
 
 def pattern_configs(profile: str = "local") -> list[Path]:
@@ -107,7 +105,7 @@ def render_rayservice() -> str:
     containers start Ray in HAProxy mode; on Kubernetes the GPU fractions in each app's args
     are honoured. HTTP binds 0.0.0.0 in-cluster.
     """
-    from core.edge import proxy_environment
+    from cluster.ingress_mode import edge_environment
 
     serve_config = build("gpu")
     serve_config["http_options"] = {"host": "0.0.0.0", "port": 8000}
@@ -137,11 +135,14 @@ def render_rayservice() -> str:
         # One feedback log for every pod: the embedded SQLite file is one per pod, so feedback
         # reaching another pod than its prediction would be a 404.
         {"name": "ONLINE_LOG_URL", "value": "redis://YOUR-REDIS:6379/1"},
-        # The edge in Serve's proxy (core/edge.py): a lost replica becomes a retry or a 503
-        # with Retry-After instead of a bare 500.
+        # The fast path with the edge (cluster/haproxy_edge.py): HAProxy mode, safe replays
+        # only, a lost replica answered 503 + Retry-After, HAProxy's admin ports on loopback.
         *(
             {"name": k, "value": v}
-            for k, v in proxy_environment(serve_config["applications"]).items()
+            for k, v in {
+                **edge_environment(serve_config["applications"]),
+                "RAY_SERVE_HAPROXY_BINARY_PATH": f"{IMAGE_ROOT}/cluster/haproxy-edge",
+            }.items()
         ),
     ]
     manifest = {
@@ -161,7 +162,7 @@ def render_rayservice() -> str:
                                     "name": "ray-head",
                                     "image": image,
                                     "resources": {"limits": {"cpu": "2", "memory": "8Gi"}},
-                                    "env": env + HAPROXY_ENV,
+                                    "env": env,
                                 }
                             ]
                         }
@@ -188,7 +189,7 @@ def render_rayservice() -> str:
                                                 "nvidia.com/gpu": "1",
                                             }
                                         },
-                                        "env": env + HAPROXY_ENV,
+                                        "env": env,
                                     }
                                 ]
                             }
@@ -203,7 +204,8 @@ def render_rayservice() -> str:
         "# The applications of configs/gpu.yaml; push artifacts/models to the bucket first,\n"
         "# create Secret serve-cookbook (database-url, business-api-keys, ensemble-admin-keys,\n"
         "# ensemble-client-keys, online-admin-keys) and fill the YOUR-*.\n"
-        "# The image: this repo installed with `pip install -c constraints.txt .`\n"
+        f"# The image: this repo at {IMAGE_ROOT}, installed there with\n"
+        "# `pip install -c constraints.txt .`\n"
     )
     return header + yaml.dump(manifest, Dumper=_BlockDumper, sort_keys=False, width=100)
 

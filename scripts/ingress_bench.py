@@ -1,23 +1,26 @@
-"""Plain uvicorn, Serve's default proxy and HAProxy mode on one no-op route, in one run.
+"""Why Serve was slower than FastAPI here, and what fixed it: the ingress modes side by side.
 
-The route is ``GET /healthz`` of the core test ingress app (``tests/core/ingress_app.py``:
-``core.ingress.install_ingress``'s middleware and health route), served three ways:
+Part 1, ``noop`` (``GET /healthz`` of the core test ingress app, ``tests/core/ingress_app.py``),
+served three ways, all started once and measured in alternation (uvicorn, default, haproxy;
+then again, ``--rounds`` times), median and min-max per cell:
 
 - ``uvicorn``: the same FastAPI app in one plain uvicorn process (no Ray): the ceiling;
-- ``default``: Serve's default Python proxy (``COOKBOOK_INGRESS_MODE=default``) with the edge
-  middleware in it (``core/edge.py``), as ``make serve`` ships it;
-- ``noedge`` (on request): the default proxy without the edge (``COOKBOOK_EDGE=off``), to see
-  what the edge costs;
-- ``haproxy``: HAProxy + direct ingress + ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` (``haproxy``).
+- ``default``: Serve's default Python proxy as Ray ships it (the cookbook's ingress before);
+- ``haproxy``: the shipped default: HAProxy + direct ingress + ``RAY_SERVE_THROUGHPUT_OPTIMIZED``,
+  hardened by ``cluster/haproxy_edge.py`` (``cluster/ingress_mode.py``).
 
-The load comes from ``patterns.pipeline.loadgen``: several client processes with raw
-keep-alive HTTP/1.1 connections (Python httpx in one process caps near 1,000-1,500 req/s,
-under what uvicorn serves here). uvicorn runs first and again last; its figure is the mean
-of the two, so a change in the machine's load during the run shows up as a gap between them.
-Each Serve mode also lists the TCP ports its processes listen on beyond loopback.
+Part 2, ``apps`` (``--apps``): ensemble, business_logic, online_learning and the multiplexed
+forecasters (a Zipf trace over 1,000 store ids), each with its own ``client.sample_request``
+(business without an Idempotency-Key, so every request writes), on a ``make serve`` cluster of
+those apps per mode, modes alternating per round; per app and mode, the best req/s at
+``--levels`` in flight whose p95 is within ``--slo-ms``.
 
-    python -m scripts.ingress_bench [--duration 8] [--concurrency 1,32] [--processes 2]
-                                    [--modes default,noedge,haproxy]
+The load comes from ``patterns.pipeline.loadgen``: client processes with raw keep-alive
+HTTP/1.1 connections (Python httpx in one process caps near 1,000-1,500 req/s). On a 2-core
+box they share the cores with the servers: compare ratios measured in one run.
+
+    python -m scripts.ingress_bench [--parts noop,apps] [--rounds 3] [--duration 5]
+                                    [--concurrency 1,32] [--levels 4,8,16] [--slo-ms 500]
 """
 
 from __future__ import annotations
@@ -25,26 +28,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from cluster.local import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 ROUTE = "/bench/healthz"
-GOAL = 0.40  # issue 12: the shipped default at >= 40% of plain uvicorn's no-op req/s
+GOAL = 0.40  # the shipped default at >= 40% of plain uvicorn's no-op req/s
+APP_GOAL = 2.0  # each app's req/s within the SLO: >= 2x the default proxy's
+APPS = ("ensemble", "business_logic", "online_learning", "multiplexing")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_ready(url: str, timeout_s: float = 120.0) -> None:
+def _wait_ready(url: str, timeout_s: float = 180.0) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout_s
@@ -83,25 +85,19 @@ def public_listeners(root_pid: int) -> list[str]:
 def serve_child(port: int) -> int:
     """In its own process (Serve reads the mode's switches when the cluster starts): a local
     cluster on loopback with the test ingress app; READY, then wait for a line on stdin."""
-    import ray
     from ray import serve
 
-    from core.ingress_mode import apply_ingress_mode
+    from cluster.local import local_serve
     from tests.core.ingress_app import build
 
-    mode = apply_ingress_mode()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve(num_cpus=2, port=port):
         serve.run(build(), name="bench", route_prefix="/bench")
         _wait_ready(f"http://127.0.0.1:{port}{ROUTE}")
         time.sleep(2)  # let HAProxy finish its reloads before load starts
+        mode = os.environ.get("COOKBOOK_INGRESS_MODE", "haproxy")
         print("READY " + json.dumps({"mode": mode, "listen": public_listeners(os.getpid())}))
         sys.stdout.flush()
         sys.stdin.readline()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     return 0
 
 
@@ -114,10 +110,7 @@ def _start(mode: str, port: int) -> tuple[subprocess.Popen, dict[str, Any]]:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
         _wait_ready(f"http://127.0.0.1:{port}/healthz")
         return proc, {"mode": "uvicorn", "listen": []}
-    env["COOKBOOK_INGRESS_MODE"] = "default" if mode == "noedge" else mode
-    if mode == "noedge":
-        env["COOKBOOK_EDGE"] = "off"
-        env.pop("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", None)
+    env["COOKBOOK_INGRESS_MODE"] = mode
     cmd = [sys.executable, "-m", "scripts.ingress_bench", "--child", str(port)]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
@@ -142,38 +135,134 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def measure(mode: str, levels: list[int], duration: float, processes: int) -> dict[str, Any]:
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
+
+
+def noop(args: argparse.Namespace) -> None:
+    """Part 1: the three servers up at once, measured in turn, ``rounds`` times."""
     from patterns.pipeline.loadgen import Request, run_load
 
-    port = _free_port()
-    proc, info = _start(mode, port)
-    path = "/healthz" if mode == "uvicorn" else ROUTE
+    levels = [int(c) for c in args.concurrency.split(",")]
+    arms = ["uvicorn", "default", "haproxy"]
+    servers: dict[str, tuple[subprocess.Popen, dict[str, Any], int]] = {}
     try:
-        rows = {}
-        for c in levels:
-            r = run_load(
-                f"http://127.0.0.1:{port}",
-                [Request("GET", path)],
-                concurrency=c,
-                duration_s=duration,
-                warmup_s=1.0,
-                processes=min(processes, c),
-            )
-            rows[c] = r.row()
-            print(f"  {mode:8} c={c:<4} {rows[c]}", flush=True)
+        for arm in arms:
+            port = free_port()
+            proc, info = _start(arm, port)
+            servers[arm] = (proc, info, port)
+            print(f"[noop] {arm} ready on :{port}", flush=True)
+        rps: dict[tuple[str, int], list[float]] = {}
+        p95: dict[tuple[str, int], list[float]] = {}
+        for r in range(1, args.rounds + 1):
+            for c in levels:
+                for arm in arms if r % 2 else arms[::-1]:  # alternate the order too
+                    path = "/healthz" if arm == "uvicorn" else ROUTE
+                    row = run_load(
+                        f"http://127.0.0.1:{servers[arm][2]}",
+                        [Request("GET", path)],
+                        concurrency=c,
+                        duration_s=args.duration,
+                        warmup_s=1.0,
+                        processes=min(args.processes, c),
+                    ).row()
+                    rps.setdefault((arm, c), []).append(row["rps"])
+                    p95.setdefault((arm, c), []).append(row["p95_ms"])
+                    print(f"[noop] round {r} {arm:8} c={c:<3} {row}", flush=True)
     finally:
-        _stop(proc)
-    return {"rows": rows, "listen": info["listen"]}
+        for proc, _, _ in servers.values():
+            _stop(proc)
+    print(f"\nNo-op GET, {args.rounds} alternating rounds of {args.duration:g} s per cell, "
+          f"median (min-max); the three servers ran side by side the whole time")  # fmt: skip
+    print(f"{'server':<10}{'in flight':>10}{'req/s':>22}{'p95 ms':>10}{'x uvicorn':>11}  goal")
+    for c in levels:
+        base = statistics.median(rps[("uvicorn", c)])
+        for arm in arms:
+            ratio = statistics.median(rps[(arm, c)]) / base if base else 0.0
+            goal = "" if arm == "uvicorn" else (
+                f">= {GOAL} {'met' if ratio >= GOAL else 'not met'}")  # fmt: skip
+            print(f"{arm:<10}{c:>10}{_spread(rps[(arm, c)]):>22}"
+                  f"{statistics.median(p95[(arm, c)]):>10.1f}{ratio:>11.2f}  {goal}")  # fmt: skip
+    for arm in arms[1:]:
+        listen = servers[arm][1]["listen"]
+        print(f"{arm}: listening beyond loopback: {', '.join(listen) if listen else 'nothing'}")
+
+
+def app_requests(app: str, n: int = 300) -> list[Any]:
+    """``n`` of the app's own sample requests as raw load-generator requests."""
+    from patterns.pipeline.loadgen import Request
+    from reliability.load import sample_requests
+
+    make = sample_requests(app)
+    out = []
+    for i in range(n):
+        req = make(i)
+        headers = tuple(
+            (k, v) for k, v in req.get("headers", {}).items() if k.lower() != "idempotency-key"
+        )
+        out.append(Request(req["method"], req["path"], json.dumps(req["json"]).encode(),
+                           "application/json", headers))  # fmt: skip
+    return out
+
+
+def apps(args: argparse.Namespace) -> None:
+    """Part 2: each app's own requests on a cluster per mode, modes alternating per round."""
+    from patterns.pipeline.loadgen import run_load
+    from reliability.chaos import artifact_env, cluster_config, ensure_artifacts
+    from tests.servers import ServeCluster
+
+    names = [a for a in args.apps.split(",") if a]
+    levels = [int(c) for c in args.levels.split(",")]
+    ensure_artifacts(names)
+    best: dict[tuple[str, str], list[float]] = {}
+    at: dict[tuple[str, str], list[str]] = {}
+    for r in range(1, args.rounds + 1):
+        for mode in ("default", "haproxy") if r % 2 else ("haproxy", "default"):
+            artifacts = Path(tempfile.mkdtemp(prefix="bench-artifacts-"))
+            shutil.copytree(ROOT / "artifacts", artifacts / "artifacts")
+            env = {"COOKBOOK_INGRESS_MODE": mode, **artifact_env(artifacts / "artifacts")}
+            cluster = ServeCluster(cluster_config(names), num_cpus=4, env=env)
+            t = time.monotonic()
+            try:
+                cluster.start()
+                print(f"[apps] round {r} {mode}: cluster up in {time.monotonic() - t:.0f} s",
+                      flush=True)  # fmt: skip
+                for app in names:
+                    reqs = app_requests(app)
+                    top, where = 0.0, "none within the SLO"
+                    for c in levels:
+                        row = run_load(cluster.http_url, reqs, concurrency=c,
+                                       duration_s=args.duration, warmup_s=2.0,
+                                       processes=min(args.processes, c)).row()  # fmt: skip
+                        print(f"[apps] round {r} {mode:8} {app:16} c={c:<3} {row}", flush=True)
+                        if row["p95_ms"] <= args.slo_ms and row["failed"] == 0 and row["rps"] > top:
+                            top, where = row["rps"], f"c={c} p95 {row['p95_ms']:.0f} ms"
+                    best.setdefault((app, mode), []).append(top)
+                    at.setdefault((app, mode), []).append(where)
+            finally:
+                cluster.stop()
+                shutil.rmtree(artifacts, ignore_errors=True)
+    print(f"\nEach app's own requests, best req/s with p95 <= {args.slo_ms:g} ms and no failure "
+          f"over {levels} in flight; {args.rounds} rounds, median (min-max)")  # fmt: skip
+    print(f"{'app':<18}{'default proxy':>20}{'haproxy (shipped)':>22}{'ratio':>8}  goal")
+    for app in names:
+        d, h = best[(app, "default")], best[(app, "haproxy")]
+        ratio = statistics.median(h) / statistics.median(d) if statistics.median(d) else 0.0
+        verdict = "met" if ratio >= APP_GOAL else "not met"
+        print(f"{app:<18}{_spread(d):>20}{_spread(h):>22}{ratio:>8.2f}  >= {APP_GOAL} {verdict}")
+        print(f"{'':<18}{at[(app, 'default')][-1]:>20}{at[(app, 'haproxy')][-1]:>22}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
-    parser.add_argument("--concurrency", default="1,32", help="comma-separated levels")
+    parser.add_argument("--parts", default="noop,apps", help="noop, apps or both")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
+    parser.add_argument("--concurrency", default="1,32", help="noop: in-flight levels")
+    parser.add_argument("--levels", default="4,8,16", help="apps: in-flight levels")
+    parser.add_argument("--slo-ms", type=float, default=500.0, help="apps: p95 bound")
+    parser.add_argument("--apps", default=",".join(APPS))
     parser.add_argument("--processes", type=int, default=2, help="client processes")
-    parser.add_argument(
-        "--modes", default="default,haproxy", help="Serve modes to compare (also: noedge)"
-    )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -181,40 +270,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from patterns.pipeline.loadgen import machine
 
-    levels = [int(c) for c in args.concurrency.split(",")]
-    modes = args.modes.split(",")
     print(f"machine: {machine()}", flush=True)
-    results: dict[str, Any] = {}
-    first = measure("uvicorn", levels, args.duration, args.processes)
-    for mode in modes:
-        results[mode] = measure(mode, levels, args.duration, args.processes)
-    last = measure("uvicorn", levels, args.duration, args.processes)
+    parts = set(args.parts.split(","))
+    if "noop" in parts:
+        noop(args)
+    if "apps" in parts:
+        apps(args)
     print(f"machine after: {machine()}", flush=True)
-
-    base = {
-        c: (first["rows"][c]["rps"] + last["rows"][c]["rps"]) / 2 for c in levels
-    }  # fmt: skip
-    print()
-    print(
-        f"No-op GET, {args.processes} client processes, {args.duration:g} s per cell; "
-        f"uvicorn = mean of a run before and after ({', '.join(map(str, levels))} in flight)"
-    )
-    print(f"{'server':<10}{'in flight':>10}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}"
-          f"{'x uvicorn':>11}{'goal':>7}")  # fmt: skip
-    for c in levels:
-        print(f"{'uvicorn':<10}{c:>10}{base[c]:>9.0f}{first['rows'][c]['p50_ms']:>9.2f}"
-              f"{first['rows'][c]['p95_ms']:>9.2f}{1:>11.2f}"
-              f"   (before {first['rows'][c]['rps']:.0f}, "
-              f"after {last['rows'][c]['rps']:.0f})")  # fmt: skip
-        for mode in modes:
-            row = results[mode]["rows"][c]
-            ratio = row["rps"] / base[c] if base[c] else 0.0
-            verdict = "met" if ratio >= GOAL else "not met"
-            print(f"{mode:<10}{c:>10}{row['rps']:>9.0f}{row['p50_ms']:>9.2f}{row['p95_ms']:>9.2f}"
-                  f"{ratio:>11.2f}{'>= ' + str(GOAL):>7}  {verdict}")  # fmt: skip
-    for mode in modes:
-        listen = results[mode]["listen"]
-        print(f"{mode}: listening beyond loopback: {', '.join(listen) if listen else 'nothing'}")
     return 0
 
 

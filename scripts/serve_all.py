@@ -77,20 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
     from ray.serve.scripts import run as serve_run_cli
 
-    from core.ingress_mode import apply_ingress_mode
+    from cluster.ingress_mode import DEFAULT_MODE
+    from cluster.local import start_ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # The ingress mode, and the edge in Serve's proxy: harmless requests whose replica was
-    # lost are retried, the rest get 503 + Retry-After (core/edge.py). Ray's processes
-    # inherit this environment.
-    mode = apply_ingress_mode(applications=apps)
+    mode = os.environ.get("COOKBOOK_INGRESS_MODE", DEFAULT_MODE)
     print(
         f"[serve] starting a local Ray cluster on 127.0.0.1 ({args.num_cpus:g} CPUs, "
         f"ingress: {mode})",
         flush=True,
     )
-    ray.init(
-        num_cpus=int(args.num_cpus),
+    # The ingress mode (cluster/ingress_mode.py: HAProxy with the edge by default; the
+    # config's idempotent routes are the ones it may replay); Ray's processes inherit it.
+    start_ray(
+        args.num_cpus,
+        applications=apps,
         # The dashboard is what `serve status`, `serve deploy` and `serve config` talk to
         # (http://127.0.0.1:8265), bound to loopback: an open dashboard runs any job anyone
         # sends it (the class of hole behind CVE-2023-48022). Ray 2.60 still binds the raylet,
@@ -99,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         include_dashboard=not args.no_dashboard,
         dashboard_host="127.0.0.1",
         dashboard_port=args.dashboard_port,
-        _node_ip_address="127.0.0.1",
         namespace="serve",
     )
     services = []
@@ -108,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[serve] started side service: {' '.join(cmd)}", flush=True)
 
     def shutdown(*_: Any) -> None:
+        # Straight to ray.shutdown(): it stops every process this cluster started, and
+        # HAProxy dies with its actor (cluster/haproxy_edge.py), so the port is free in
+        # seconds. serve.shutdown() would first drain each replica through the controller
+        # (tens of seconds on 2 cores), which a Ctrl-C or a supervisor's SIGTERM won't wait for.
         print("\n[serve] shutting down", flush=True)
         for proc in services:
             proc.terminate()
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        ray.shutdown()
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, shutdown)

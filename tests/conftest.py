@@ -9,20 +9,19 @@ module deployed are deleted when the module ends, so modules do not see each oth
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
+from cluster.local import free_port
 
 if TYPE_CHECKING:
     from tests import servers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -44,38 +43,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def serve_http() -> Iterator[str]:
-    import ray
+    import yaml
     from ray import serve
 
-    from core.ingress_mode import apply_ingress_mode
+    from cluster.local import start_ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # COOKBOOK_INGRESS_MODE: test in the mode you ship, with the edge (core/edge.py) in
-    # Serve's proxy; GET and Idempotency-Key requests are retried here (the routes a serve
-    # config marks idempotent are not known: the tests deploy apps one by one).
-    apply_ingress_mode()
-    port = free_port()
+    # Test in the mode `make serve` ships (cluster/ingress_mode.py), with the idempotent
+    # routes of serve_config.yaml's apps: the tests deploy them at the same prefixes.
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     metrics_port = free_port()
     os.environ["COOKBOOK_TEST_METRICS_PORT"] = str(metrics_port)
-    for attempt in (1, 2):
-        try:
-            ray.init(
-                _metrics_export_port=metrics_port,  # Prometheus text, scraped by a metrics test
-                num_cpus=int(os.environ.get("COOKBOOK_TEST_RAY_CPUS", "4")),
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                log_to_driver=os.environ.get("COOKBOOK_TEST_RAY_LOGS", "0") == "1",
-            )
-            break
-        except Exception as exc:  # "The current node timed out during startup" on a busy box
-            ray.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(exc):
-                raise
+    start_ray(
+        int(os.environ.get("COOKBOOK_TEST_RAY_CPUS", "4")),
+        applications=config["applications"],
+        _metrics_export_port=metrics_port,  # Prometheus text, scraped by a metrics test
+        log_to_driver=os.environ.get("COOKBOOK_TEST_RAY_LOGS", "0") == "1",
+    )
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
+        import ray
+
         ray.shutdown()
 
 

@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 from ray import serve
 
-from core.local import free_port
+from cluster.local import free_port
 from patterns.business_logic.app import BusinessArgs, BusinessIngress, build_scorer
 from patterns.business_logic.client import sample_request
 from patterns.business_logic.deployments import FraudModel
@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for local Ray")
     args = parser.parse_args()
-    from core.local import local_serve
+    from cluster.local import local_serve
 
     with local_serve(args.num_cpus):
         run(args.seconds, args.concurrency)

@@ -183,7 +183,7 @@ def through_serve(
 
     from ray import serve
 
-    from core.local import local_serve
+    from cluster.local import local_serve
     from patterns.multiplexing.app import MultiplexArgs, build_app
 
     env = {"COOKBOOK_MODEL_STORE_URI": store.root_uri}

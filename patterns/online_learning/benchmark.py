@@ -344,7 +344,7 @@ def main() -> None:
     parser.add_argument("--bandit", type=int, default=1500)
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for local Ray")
     args = parser.parse_args()
-    from core.local import local_serve
+    from cluster.local import local_serve
 
     with local_serve(args.num_cpus) as base_url:
         args.port = int(base_url.rsplit(":", 1)[1])

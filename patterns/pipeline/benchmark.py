@@ -5,11 +5,12 @@
     python -m patterns.pipeline.benchmark --topology split --concurrency 32 --duration 15
 
 Starts its own local Ray + Serve (HTTP on a free loopback port) in the ingress mode under
-test (``--ingress``, default ``COOKBOOK_INGRESS_MODE`` or ``default``; Serve reads it when the
-cluster starts, so one mode per run), and drives it with ``patterns.pipeline.loadgen``
-(several client processes, raw keep-alive HTTP) sending held-out scenes as PNG bodies. Every
-comparison is side by side in this one run: the variants are deployed together and measured
-in alternating rounds, so a change in the machine's load hits both.
+test (``--ingress``, default ``COOKBOOK_INGRESS_MODE`` or ``haproxy``, the shipped mode;
+Serve reads it when the cluster starts, so one mode per run), and drives it with
+``patterns.pipeline.loadgen`` (several client processes, raw keep-alive HTTP) sending held-out
+scenes as PNG bodies. Every comparison is side by side in this one run: the variants are
+deployed together and measured in alternating rounds, so a change in the machine's load hits
+both.
 
 1. Batching on vs off at the same replicas (``--topology``, default the shipped local
    profile's): on = the profile's ``max_batch_size`` / ``batch_wait_timeout_s``, off =
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     skip = set(filter(None, args.skip.split(",")))
 
     # The ingress switches must be in the environment before Serve is imported.
-    from core.ingress_mode import apply_ingress_mode
+    from cluster.ingress_mode import apply_ingress_mode
 
     mode = apply_ingress_mode(args.ingress)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

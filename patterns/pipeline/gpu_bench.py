@@ -195,7 +195,7 @@ def http_child(
 ) -> int:
     """In its own process: a local cluster in ingress ``mode``; each planned profile deployed
     and driven at its concurrency levels; one RESULT line per cell."""
-    from core.ingress_mode import apply_ingress_mode
+    from cluster.ingress_mode import apply_ingress_mode
 
     apply_ingress_mode(mode)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -39,6 +39,7 @@ class Request:
     path: str
     body: bytes = b""
     content_type: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -84,6 +85,7 @@ def _raw(req: Request, host: str) -> bytes:
     head = [f"{req.method} {req.path} HTTP/1.1", f"Host: {host}", "Connection: keep-alive"]
     if req.content_type:
         head.append(f"Content-Type: {req.content_type}")
+    head += [f"{name}: {value}" for name, value in req.headers]
     if req.body or req.method in ("POST", "PUT"):
         head.append(f"Content-Length: {len(req.body)}")
     return ("\r\n".join(head) + "\r\n\r\n").encode() + req.body

@@ -44,6 +44,25 @@ def wait_until_served(
     return seen
 
 
+def wait_trained_on(url: str, played: dict[str, Any], timeout_s: float = 90.0) -> dict[str, Any]:
+    """Until the trainer has consumed the last event ``play`` had acknowledged, and every
+    ingress replica serves the champion it left: the next ``play`` then measures what the
+    model learned, not how fast the requests outran the trainer. Returns GET /model."""
+    last = played["acks"][-1]["offset"]
+    model = wait_for(
+        lambda: (
+            (m := httpx.get(f"{url}/model", timeout=30).json())["trainer"].get("consumed") == last
+            and m
+        ),
+        timeout_s,
+        0.25,
+        what=f"the trainer to consume up to offset {last}",
+    )
+    champion = model["pointer_history"][0]["version"]
+    wait_until_served(url, lambda v: v == champion, f"every replica on {champion}", 8, 60)
+    return model
+
+
 def send_with_backoff(
     http: httpx.Client, url: str, body: dict[str, Any], client: str, attempts: int = 20
 ) -> httpx.Response:

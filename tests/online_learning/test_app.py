@@ -18,7 +18,7 @@ import pytest
 from patterns.online_learning.app import OnlineArgs, build_app
 from patterns.online_learning.bandit import ACTIONS, OfferSimulator
 from patterns.online_learning.stream import DriftingStream
-from tests.online_learning.helpers import play, wait_for
+from tests.online_learning.helpers import play, wait_for, wait_trained_on
 
 APP, PREFIX = "online-test", "/online-test"
 STREAM = DriftingStream()
@@ -120,7 +120,7 @@ def test_an_idempotency_key_repeat_gets_the_first_answer(url) -> None:
 def test_it_learns_across_a_drift_and_every_replica_converges(url) -> None:
     d = STREAM.drift_every
     before = play(url, STREAM, d, 200)  # concept 1: the baseline (concept 0) fails here
-    play(url, STREAM, d + 200, 700)
+    wait_trained_on(url, play(url, STREAM, d + 200, 700))  # the next answers come after it
     after = play(url, STREAM, d + 900, 300)
     assert before["accuracy"] < 0.7, before["accuracy"]
     assert after["accuracy"] > 0.85, after["accuracy"]
@@ -165,10 +165,11 @@ def test_a_poisoned_burst_is_rejected_by_the_gate_and_live_quality_holds(url) ->
     answers from the champion."""
     # Concept 3 (60 degrees): the live model follows the drift first.
     start = 3 * STREAM.drift_every
-    play(url, STREAM, start, 600)
+    wait_trained_on(url, play(url, STREAM, start, 600))
     before = pointer(url)
     seq_before = _history(url)[0]["seq"]
     flood = play(url, STREAM, start + 600, 600, client="mallory", flip=True)
+    wait_trained_on(url, flood)  # every candidate that learned the flood met the gate first
     honest = play(url, STREAM, start + 1200, 300)
     assert flood["accuracy"] > 0.8  # answers to mallory were still right (against the truth)
     # The champion answers honest users as before (0.85-0.9 here, depending on which

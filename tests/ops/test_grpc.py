@@ -101,12 +101,14 @@ def _listening(port: int) -> set[str]:
 
 
 def test_grpc_listens_on_every_interface_http_on_loopback(ops_cluster) -> None:
-    """Serve 2.60's gRPC proxy binds [::]:<port> and has no host option, unlike HTTP
-    (127.0.0.1 here). The READMEs say so; this fails the day that changes, to update them.
-    In HAProxy mode HAProxy answers gRPC too, on the HTTP host (loopback here)."""
+    """In HAProxy mode (the default) HAProxy answers gRPC on the HTTP host (loopback here).
+    With COOKBOOK_INGRESS_MODE=default, Serve 2.60's own gRPC proxy binds [::]:<port> and has
+    no host option: ops/README.md says so; this fails the day that changes."""
     any_address = {"0" * 32, "0" * 8}
     grpc_bound = _listening(ops_cluster.grpc_port)
-    if os.environ.get("COOKBOOK_INGRESS_MODE", "default").lower() == "haproxy":
+    from cluster.ingress_mode import DEFAULT_MODE
+
+    if os.environ.get("COOKBOOK_INGRESS_MODE", DEFAULT_MODE).lower() == "haproxy":
         assert grpc_bound == {"0100007F"}, grpc_bound
     else:
         assert grpc_bound and grpc_bound <= any_address, grpc_bound

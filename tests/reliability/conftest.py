@@ -6,23 +6,11 @@ two, about a minute and a half on the 2-core box."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
 APPS = ["ensemble", "business_logic"]
-
-# In HAProxy ingress mode (COOKBOOK_INGRESS_MODE=haproxy) HAProxy talks to the ingress
-# replicas without Serve's Python proxy, so the edge (core/edge.py) is not in the path: what it
-# guarantees is expected to fail there (core/ingress_mode.py lists it; not strict: a lucky
-# kill can pass).
-without_edge = pytest.mark.xfail(
-    os.environ.get("COOKBOOK_INGRESS_MODE", "default").lower() == "haproxy",
-    reason="HAProxy mode has no edge: the first answers come before HAProxy routes a new app, "
-    "and a killed ingress replica's requests get a dropped connection",
-    strict=False,
-)
 
 
 @pytest.fixture(scope="package")  # torn down after the last test of tests/reliability

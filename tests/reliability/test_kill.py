@@ -19,7 +19,6 @@ import pytest
 from reliability.chaos import KILL_FAIL_RATIO, RECOVERY_S, Row, kill
 from reliability.faults import Cluster
 from reliability.load import Load
-from tests.reliability.conftest import without_edge
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +53,6 @@ def check(row: Row) -> None:
     assert first_ok is not None and first_ok <= RECOVERY_S, explain(row)
 
 
-@without_edge
 def test_kill_ingress_replica(stack: tuple[Cluster, Load]) -> None:
     """The EnsembleIngress replica (the HTTP entry of the app) dies with requests in flight."""
     cluster, load = stack

@@ -29,7 +29,6 @@ import pytest
 from reliability.chaos import Row, redeploy
 from reliability.faults import Cluster
 from reliability.load import Load, sample_requests
-from tests.reliability.conftest import without_edge
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +65,6 @@ def test_redeploy_under_load_fails_nothing(stack: tuple[Cluster, Load, str], kin
         assert not old & {r.pid for r in cluster.replicas("ensemble")}
 
 
-@without_edge
 def test_fresh_app_answers_its_first_requests(stack: tuple[Cluster, Load, str]) -> None:
     """A second ensemble deployed beside the first: its first 10 requests, sent the moment the
     app is RUNNING, all answer 200 (the ingress is healthy only once it can answer)."""

@@ -1,0 +1,137 @@
+"""Which HTTP ingress a cluster runs, set in the environment before Ray starts.
+
+- ``haproxy`` (the default): Serve's HAProxy mode (``RAY_SERVE_ENABLE_HA_PROXY=1``: HAProxy
+  sends each request straight to an ingress replica's own HTTP server) with
+  ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (user code on the replica's event loop, no per-request
+  thread hop), hardened by ``cluster/haproxy_edge.py``: safe replays only, a JSON 503 with
+  Retry-After for a lost replica, new apps answered from their first request, admin ports on
+  loopback, no HAProxy left behind. The figures that chose it are in the README ("Why Serve
+  was slower than FastAPI here, and what fixed it", ``python -m scripts.ingress_bench``).
+- ``default``: Serve's Python proxy as Ray ships it, kept to measure against. It has none of
+  the edge's guarantees: a lost ingress replica is Ray's plain-text 500.
+
+Each local cluster gets its own HAProxy files and free stats, metrics and fallback-proxy
+ports, so two clusters on one machine (a test run and ``make serve``) do not collide on Ray's
+fixed defaults, nor does a cluster started by a child process with the ones its parent picked
+(the load study's Serve target under the tests). Values a person set stay.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from cluster.haproxy_edge import ADMIN_HOST_ENV, BINARY_ENV, ROUTES_ENV, real_binary
+from cluster.local import free_port
+
+MODES = ("haproxy", "default")
+DEFAULT_MODE = "haproxy"
+LAUNCHER = Path(__file__).resolve().parent / "haproxy-edge"
+
+# Which process picked the files and ports below for its own cluster, and which of them
+# ("<pid>:NAME,NAME"): a child process that starts a cluster of its own inherits them and must
+# not reuse them, while values a person set stay wherever they are.
+_PICKED_ENV = "COOKBOOK_HAPROXY_PICKED"
+_PORTS = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",  # Serve's proxy behind HAProxy (Ray's default 8500)
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",  # (9500)
+)
+
+
+def idempotent_routes(applications: Iterable[dict[str, Any]]) -> list[str]:
+    """Full paths of the routes the apps of a serve config mark ``x-idempotent`` in their
+    OpenAPI (``core.ingress.IDEMPOTENT``): the edge may replay those. Imports each app's
+    module and reads the OpenAPI of every FastAPI object in it."""
+    from fastapi import FastAPI
+
+    found: list[str] = []
+    for app in applications:
+        module = importlib.import_module(app["import_path"].split(":")[0])
+        prefix = (app.get("route_prefix") or "/").rstrip("/")
+        for value in vars(module).values():
+            if not isinstance(value, FastAPI):
+                continue
+            for path, ops in value.openapi().get("paths", {}).items():
+                if any(isinstance(op, dict) and op.get("x-idempotent") for op in ops.values()):
+                    found.append(prefix + path)
+    return sorted(set(found))
+
+
+def edge_environment(applications: Iterable[dict[str, Any]] = ()) -> dict[str, str]:
+    """What every node of a cluster needs for HAProxy mode with the edge (the RayService
+    sets the same on its containers): the switches, the launcher and the replayable routes."""
+    env = {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(LAUNCHER),
+        ADMIN_HOST_ENV: "127.0.0.1",
+    }
+    routes = idempotent_routes(applications)
+    if routes:
+        env[ROUTES_ENV] = ",".join(routes)
+    return env
+
+
+def _own_files_and_ports() -> None:
+    me = str(os.getpid())
+    picked_by, _, names = os.environ.get(_PICKED_ENV, "").partition(":")
+    if picked_by and picked_by != me:  # another process picked these for its own cluster
+        for name in names.split(","):
+            os.environ.pop(name, None)
+    picked = names.split(",") if picked_by == me else []
+    if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" not in os.environ:
+        files = tempfile.mkdtemp(prefix="haproxy-serve-")
+        new = {
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{files}/haproxy.cfg",
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{files}/admin.sock",
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": files,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{files}/server-state",
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{files}/metrics.sock",
+        }
+        os.environ.update(new)
+        picked += new
+    for name in _PORTS:
+        if name not in os.environ:
+            os.environ[name] = str(free_port())
+            picked.append(name)
+    if picked:
+        os.environ[_PICKED_ENV] = f"{me}:{','.join(dict.fromkeys(picked))}"
+
+
+def apply_ingress_mode(mode: str | None = None, applications: Iterable[dict[str, Any]] = ()) -> str:
+    """Set the environment for ``mode`` (``COOKBOOK_INGRESS_MODE``, default ``haproxy``) in
+    this process, for the cluster it starts next; ``applications`` (a serve config's entries)
+    give the edge its replayable routes. Call it before ``ray.init``."""
+    mode = (mode or os.environ.get("COOKBOOK_INGRESS_MODE", DEFAULT_MODE)).lower()
+    if mode not in MODES:
+        raise ValueError(f"COOKBOOK_INGRESS_MODE must be one of {MODES}, got {mode!r}")
+    os.environ["COOKBOOK_INGRESS_MODE"] = mode  # a child process's cluster runs the same
+    if mode == "haproxy":
+        os.environ.setdefault(BINARY_ENV, real_binary())  # before the launcher is the binary
+        for name, value in edge_environment(applications).items():
+            if name == ROUTES_ENV:  # this config's routes, over inherited ones
+                os.environ[name] = value
+            else:
+                os.environ.setdefault(name, value)
+        os.environ.setdefault("COOKBOOK_HAPROXY_PYTHON", sys.executable)
+        # A replica's port that refuses a connection is a dead replica: take it out of the
+        # rotation on the first refusal (Ray's default waits for 3), so a replayed request's
+        # next attempt goes to a live replica instead of exhausting its retries on the dead one.
+        os.environ.setdefault("RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT", "1")
+        # Ray's "optimized" HAProxy config (a server-state file, listeners handed over with
+        # -x on reload) dropped the connection of a keyed write being replayed across the
+        # reload its replica's death triggers, in 3 of 4 runs of
+        # tests/business_logic/test_edge_replay.py; without it, none. What it adds that
+        # matters here (option idle-close-on-response) the edge adds itself.
+        os.environ.setdefault("RAY_SERVE_ENABLE_HAPROXY_OPTIMIZED_CONFIG", "0")
+        # HAProxy threads beyond the machine's cores only contend (Ray's default is 4).
+        os.environ.setdefault("RAY_SERVE_HAPROXY_NBTHREAD", str(min(4, os.cpu_count() or 1)))
+        _own_files_and_ports()
+    return mode
