@@ -230,3 +230,21 @@ def test_closing_a_stream_stops_the_generation(client) -> None:
     r = client.chat.completions.create(model="pirate-co", messages=_user(), max_tokens=4)
     assert r.choices[0].finish_reason == "length"
     assert time.perf_counter() - t0 < 60
+
+
+def test_the_readme_sdk_example(url, capsys) -> None:
+    """The SDK block of the README, run as written against this app (only the URL differs)."""
+    from pathlib import Path
+
+    readme = Path(__file__).parents[2] / "patterns" / "multiplexing" / "README.md"
+    text = readme.read_text()
+    block = text.split("<!-- sdk-example -->\n```python\n", 1)[1].split("```", 1)[0]
+    assert "http://127.0.0.1:8000/multiplex/v1" in block
+    exec(block.replace("http://127.0.0.1:8000/multiplex", url), {})
+    out = capsys.readouterr().out
+    print(out)
+    answer, _, rest = out.partition("| ")
+    assert answer.startswith(TENANT_MARKERS["pirate-co"]) and "Everest" not in answer, out
+    tokens, _, refusal = rest.partition("\n")
+    assert tokens.endswith(" tokens") and 0 < int(tokens.split()[0]) <= 24, out
+    assert refusal.strip() == "400 logprobs unsupported_value", out
