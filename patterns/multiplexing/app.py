@@ -43,11 +43,17 @@ from patterns.multiplexing.chat import (
     ChatRequest,
     collect_completion,
     completion_id,
+    refusal,
     sse_stream,
 )
 from patterns.multiplexing.deployments import ChatArgs, ChatModel, ForecastArgs, ForecastModels
 from patterns.multiplexing.forecast_service import ForecastRequest
 from patterns.multiplexing.ids import check_model_id
+from patterns.multiplexing.openai_errors import (
+    OpenAIError,
+    install_openai_errors,
+    openai_error_responses,
+)
 from patterns.multiplexing.tenants import BASE_TENANT
 
 # `model` may name the base model itself; the tenant then comes from the header (or is base).
@@ -80,6 +86,8 @@ api = FastAPI(
     "with a LoRA adapter per tenant on one shared base model.",
 )
 install_ingress(api, app_name="multiplexing", max_body_bytes=65_536)
+# Under /v1 errors are OpenAI's {"error": {"message", "type", "param", "code"}}, 422 -> 400.
+install_openai_errors(api)
 
 
 # Two: one lost ingress never takes the app's route away (reliability/).
@@ -249,6 +257,15 @@ class MultiplexIngress:
             self.tenants.lookup(tenant)
         return tenant
 
+    def _openai_tenant(self, model: str, header: str | None) -> str:
+        """``_tenant`` with its refusals in OpenAI's terms (param, model_not_found)."""
+        try:
+            return self._tenant(model, header)
+        except NotFound as exc:
+            raise OpenAIError(404, exc.message, param="model", code="model_not_found") from exc
+        except HTTPError as exc:
+            raise OpenAIError(exc.status_code, exc.message, param="model") from exc
+
     @api.post(
         "/v1/chat/completions",
         summary="OpenAI chat completions; the tenant is `model` or the header",
@@ -260,13 +277,15 @@ class MultiplexIngress:
                 "when `stream` is true",
                 "content": {"text/event-stream": {"schema": {"type": "string"}}},
             },
-            **error_responses(*JSON_BODY, 404, 503),
+            **openai_error_responses(400, 404, 413, 503),
         },
     )
     async def chat_completions(self, body: ChatRequest, request: Request) -> Any:
         if self.chat is None:
-            raise NotFound("Chat is not enabled in this deployment (chat.enabled: false).")
-        tenant = self._tenant(body.model, request.headers.get(MODEL_ID_HEADER))
+            raise OpenAIError(
+                404, "Chat is not enabled in this deployment (chat.enabled: false).", param="model"
+            )
+        tenant = self._openai_tenant(body.model, request.headers.get(MODEL_ID_HEADER))
         body.wanted_tokens(self.args.chat.limits)  # 422 before any replica is involved
         handle = self.chat.options(stream=True, multiplexed_model_id=tenant)
         gen = handle.stream.remote(body.model_dump(mode="json", exclude_none=True))
@@ -274,11 +293,11 @@ class MultiplexIngress:
             first = await asyncio.wait_for(gen.__anext__(), self.args.chat.first_token_timeout_s)
         except TimeoutError as exc:
             gen.cancel()
-            raise ServiceUnavailable("The chat model is busy; retry shortly.") from exc
+            raise OpenAIError(503, "The chat model is busy; retry shortly.") from exc
         except StopAsyncIteration as exc:  # pragma: no cover - the engine always says why
-            raise ServiceUnavailable("The chat model ended the answer early.") from exc
+            raise OpenAIError(503, "The chat model ended the answer early.") from exc
         if first["type"] == "error":
-            raise_refusal({"error": first})
+            raise refusal(first)
         cid, created = completion_id(), int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -288,22 +307,32 @@ class MultiplexIngress:
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            answer = await collect_completion(gen, first, cid, created, tenant)
+            return await collect_completion(gen, first, cid, created, tenant)
         finally:
             gen.cancel()  # a client gone mid-answer: stop the generation (no-op when done)
-        return raise_refusal(answer)
+
+    def _model_card(self, tenant: str) -> dict[str, Any]:
+        # `created` is required by OpenAI's Model object; the index does not date its entries.
+        return {"id": tenant, "object": "model", "created": 0, "owned_by": "multiplexing"}
 
     @api.get(
         "/v1/models",
         summary="The chat tenants, in OpenAI's list shape",
-        responses=error_responses(503),
+        responses=openai_error_responses(503),
     )
     async def chat_models(self) -> dict[str, Any]:
         tenants = [BASE_TENANT, *(self.tenants.ids() if self.tenants else [])]
-        return {
-            "object": "list",
-            "data": [{"id": t, "object": "model", "owned_by": "multiplexing"} for t in tenants],
-        }
+        return {"object": "list", "data": [self._model_card(t) for t in tenants]}
+
+    @api.get(
+        "/v1/models/{model}",
+        summary="One chat tenant, in OpenAI's model shape",
+        responses=openai_error_responses(400, 404, 503),
+    )
+    async def chat_model(self, model: str) -> dict[str, Any]:
+        if model != BASE_TENANT:
+            self._openai_tenant(model, None)
+        return self._model_card(model)
 
 
 def build_app(args: MultiplexArgs | dict[str, Any] | None = None) -> Application:

@@ -10,6 +10,11 @@ flag at the next token and the generation stops, so an abandoned stream never ho
 
 Limits (``ChatLimits``): prompt tokens, max_tokens, messages and characters; beyond them the
 answer is a 4xx with a sentence, decided before any generation starts.
+
+The request (``ChatRequest``) is OpenAI's, and no field of it is silently ignored: a field is
+honoured (declared on the model) or refused with a 400 that names it (``REFUSED_FIELDS``, and
+``extra="forbid"`` for anything else). ``stop`` is honoured on the replica by ``StopMatcher``,
+which also ends the generation, so the tokens after a stop sequence are never computed.
 """
 
 from __future__ import annotations
@@ -22,26 +27,28 @@ import uuid
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from core.errors import (
-    BadRequest,
     HTTPError,
     IntegrityError,
     ModelNotFound,
     ServiceUnavailable,
-    Unprocessable,
     UnsafeFormatError,
 )
 from core.model_store import ModelRef, ModelStore
 from core.timing import Timings
 from patterns.multiplexing.cache import ModelCache
 from patterns.multiplexing.catalog import ModelIndex
+from patterns.multiplexing.openai_errors import OpenAIError, openai_error_body
 from patterns.multiplexing.tenants import BASE_TENANT
 
 MAX_MESSAGE_CHARS = 8_000
+MAX_CONTENT_PARTS = 64
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 
 
 class ChatLimits(BaseModel):
@@ -51,53 +58,255 @@ class ChatLimits(BaseModel):
     max_messages: int = Field(default=32, ge=1, le=256)
 
 
+# ------------------------------------------------------------------------------ the request
+@dataclass(frozen=True)
+class Refused:
+    """An OpenAI request field this server does not honour: why, and the values that ask for
+    what it does anyway (accepted, as null is)."""
+
+    reason: str
+    neutral: tuple[Any, ...] = ()
+
+    def accepts(self, value: Any) -> bool:
+        # by type too: `logprobs: 0` or `n: true` are not what the client means
+        return value is None or any(type(value) is type(v) and value == v for v in self.neutral)
+
+    def schema(self) -> dict[str, Any]:
+        only = " or ".join(json.dumps(v) for v in (None, *self.neutral))
+        return {"enum": [None, *self.neutral], "description": f"Only {only}: {self.reason}."}
+
+
+_TOOLS = "this server does not call tools or functions"
+_PENALTY = "the server applies its own repetition penalty (chat.repetition_penalty)"
+# Every field of OpenAI's chat-completions request that ChatRequest does not declare. With
+# null or a neutral value it is accepted; with any other value it is a 400 that names it. A
+# field in neither ChatRequest nor this table is a 400 too (unknown_parameter).
+REFUSED_FIELDS: dict[str, Refused] = {
+    "n": Refused("this server generates one choice per request", (1,)),
+    "tools": Refused(_TOOLS),
+    "tool_choice": Refused(_TOOLS, ("none",)),
+    "parallel_tool_calls": Refused(_TOOLS),
+    "functions": Refused(_TOOLS),
+    "function_call": Refused(_TOOLS, ("none",)),
+    "response_format": Refused(
+        "answers are plain text; JSON mode and structured outputs are not supported",
+        ({"type": "text"},),
+    ),
+    "logprobs": Refused("log probabilities are not returned", (False,)),
+    "top_logprobs": Refused("log probabilities are not returned"),
+    "logit_bias": Refused("token biases are not applied"),
+    "presence_penalty": Refused(_PENALTY),
+    "frequency_penalty": Refused(_PENALTY),
+    "user": Refused("this server keeps no per-user record"),
+    "safety_identifier": Refused("this server keeps no per-user record"),
+    "store": Refused("completions are not stored", (False,)),
+    "metadata": Refused("completions are not stored"),
+    "modalities": Refused("this model answers in text only", (["text"],)),
+    "audio": Refused("this model answers in text only"),
+    "prediction": Refused("predicted outputs are not supported"),
+    "reasoning_effort": Refused("this model has no separate reasoning budget"),
+    "verbosity": Refused("answers have one verbosity, the model's own"),
+    "service_tier": Refused("there is one service tier"),
+    "web_search_options": Refused("this server does not search the web"),
+    "prompt_cache_key": Refused("prompts are not cached"),
+}
+# The same for the fields of a message (roles tool and function are refused as values).
+REFUSED_MESSAGE_FIELDS: dict[str, Refused] = {
+    "name": Refused("participant names are not passed to the model"),
+    "tool_calls": Refused(_TOOLS),
+    "tool_call_id": Refused(_TOOLS),
+    "function_call": Refused(_TOOLS),
+    "refusal": Refused("refusals are not part of the prompt"),
+    "audio": Refused("this model reads text only"),
+}
+
+
+def _refuse(kind: str, message: str, param: str) -> PydanticCustomError:
+    # openai_errors.validation_error reads the field from ctx and the code from the type
+    return PydanticCustomError(kind, message, {"param": param})
+
+
+def _drop_refused(data: Any, table: dict[str, Refused]) -> Any:
+    """``data`` without the refused fields sent with null or a neutral value; a refused field
+    sent with any other value raises, naming it."""
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for key, value in data.items():
+        rule = table.get(key)
+        if rule is None:
+            out[key] = value  # declared, or unknown (extra="forbid" names it)
+        elif not rule.accepts(value):
+            kind = "unsupported_value" if rule.neutral else "unsupported_parameter"
+            message = f"{key} is not supported: {rule.reason}."
+            if rule.neutral:
+                message += f" Send {json.dumps(rule.neutral[0])} or leave it out."
+            raise _refuse(kind, message, key)
+    return out
+
+
+def _document_refused(table: dict[str, Refused]) -> Callable[[dict[str, Any]], None]:
+    def add(schema: dict[str, Any]) -> None:
+        props = schema.setdefault("properties", {})
+        for key, rule in table.items():
+            props.setdefault(key, rule.schema())
+
+    return add
+
+
+class TextPart(BaseModel):
+    """A content part; only text ones (image_url, input_audio and file parts are refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_MESSAGE_CHARS)
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra=_document_refused(REFUSED_MESSAGE_FIELDS)
+    )
 
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_MESSAGE_CHARS)
+    # "developer" is OpenAI's newer name for "system"; the chat template gets "system".
+    role: Literal["system", "developer", "user", "assistant"]
+    content: (
+        Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
+        | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_CONTENT_PARTS)]
+    )
 
-    @field_validator("content")
+    @model_validator(mode="before")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
+    def _honoured_or_refused(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if data.get("role") in ("tool", "function"):  # before the tool fields they come with
+            raise _refuse("unsupported_value", f"role {data['role']!r}: {_TOOLS}.", "role")
+        data = _drop_refused(data, REFUSED_MESSAGE_FIELDS)
+        content = data.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind is not None and kind != "text":
+                    raise _refuse(
+                        "unsupported_value",
+                        f"Content parts of type {str(kind)[:40]!r} are not supported: this "
+                        "model reads text only; send the message as text parts or a string.",
+                        f"content[{j}].type",
+                    )
+        return data
+
+    @model_validator(mode="after")
+    def _some_text(self) -> ChatMessage:
+        text = self.text()
+        if not text.strip():
             raise ValueError("a message's content is empty")
-        return value
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise ValueError(f"a message's content is over {MAX_MESSAGE_CHARS} characters")
+        return self
+
+    def text(self) -> str:
+        """The content as one string: text parts joined by newlines."""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, str]:
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self.text()}
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = None
+
+
+StopSequence = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 class ChatRequest(BaseModel):
-    """The OpenAI chat-completions request, the fields this server honours.
+    """OpenAI's chat-completions request: the fields this server honours are declared; the
+    ones it does not honour are refused (REFUSED_FIELDS), and so is any other field."""
 
-    Unknown fields are ignored (clients send ``user``, ``logprobs``: false, ...), fields with a
-    value this server cannot honour are refused.
-    """
-
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_document_refused(REFUSED_FIELDS))
 
     model: str = Field(min_length=1, max_length=200)  # the tenant id (or "base")
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    # Greedy by default (temperature 0), unlike OpenAI's 1: answers are reproducible.
-    temperature: float = Field(default=0.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    # Greedy when absent or 0, unlike OpenAI's default of 1: answers are reproducible.
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    n: int = Field(default=1, ge=1, le=1)
+    stop: (
+        StopSequence
+        | Annotated[list[StopSequence], Field(min_length=1, max_length=MAX_STOP_SEQUENCES)]
+        | None
+    ) = Field(
+        default=None,
+        description="Generation ends before the first of these; the text does not include it.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _honoured_or_refused(cls, data: Any) -> Any:
+        return _drop_refused(data, REFUSED_FIELDS)
+
+    def stop_sequences(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def wanted_tokens(self, limits: ChatLimits) -> int:
         wanted = self.max_completion_tokens or self.max_tokens or limits.default_max_tokens
         if wanted > limits.max_tokens:
-            raise Unprocessable(
-                f"max_tokens is {wanted}; this service generates at most {limits.max_tokens} "
-                "tokens per answer."
+            field = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+            raise OpenAIError(
+                400,
+                f"{field} is {wanted}; this service generates at most {limits.max_tokens} "
+                "tokens per answer.",
+                param=field,
+                code="invalid_value",
             )
         return wanted
+
+
+class StopMatcher:
+    """Cuts streamed text at the first stop sequence, which is not passed on.
+
+    ``feed`` returns the text that can be sent now: a tail that could be the start of a stop
+    sequence is held back until the next piece says whether it is one.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        text = self.held + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, self.held = True, ""
+            return text[: min(hits)]
+        keep = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(text)), keep, -1):
+                if text.endswith(stop[:k]):
+                    keep = k
+                    break
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        """What was held back, once the text has ended without a stop sequence."""
+        out, self.held = self.held, ""
+        return out
 
 
 # ------------------------------------------------------------------------------ OpenAI shapes
@@ -128,6 +337,29 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def error_item(exc: HTTPError) -> dict[str, Any]:
+    """A refusal as a value that crosses the handle (the field at fault and code included)."""
+    return {
+        "type": "error",
+        "status": exc.status_code,
+        "message": exc.message,
+        "param": getattr(exc, "param", None),
+        "code": getattr(exc, "code", None),
+    }
+
+
+def refusal(item: dict[str, Any]) -> OpenAIError:
+    """A replica's error item as the error the ingress answers."""
+    return OpenAIError(
+        item["status"], item["message"], param=item.get("param"), code=item.get("code")
+    )
+
+
+def error_body(item: dict[str, Any]) -> dict[str, Any]:
+    err = refusal(item)
+    return openai_error_body(err.status_code, err.message, err.param, err.code)
+
+
 async def sse_stream(
     gen: Any, first: dict[str, Any], cid: str, created: int, tenant: str, include_usage: bool
 ) -> AsyncIterator[bytes]:
@@ -146,8 +378,8 @@ async def sse_stream(
                     tail["choices"] = []
                     tail["usage"] = usage(first["prompt_tokens"], item["completion_tokens"])
                     yield sse(tail)
-            elif item["type"] == "error":
-                yield sse({"error": {"status": item["status"], "message": item["message"]}})
+            elif item["type"] == "error":  # OpenAI's shape; the SDK raises it as an APIError
+                yield sse(error_body(item))
         yield sse("[DONE]")
     finally:
         gen.cancel()  # the client went away: Serve cancels us, we cancel the generation
@@ -156,7 +388,7 @@ async def sse_stream(
 async def collect_completion(
     gen: Any, first: dict[str, Any], cid: str, created: int, tenant: str
 ) -> dict[str, Any]:
-    """A replica's items as one ``chat.completion`` (or the refusal value it ended with)."""
+    """A replica's items as one ``chat.completion``; raises the refusal it ended with."""
     text: list[str] = []
     end: dict[str, Any] = {}
     async for item in gen:
@@ -165,7 +397,7 @@ async def collect_completion(
         elif item["type"] == "end":
             end = item
         elif item["type"] == "error":
-            return {"error": {"status": item["status"], "message": item["message"]}}
+            raise refusal(item)
     return {
         "id": cid,
         "object": "chat.completion",
@@ -326,18 +558,23 @@ class ChatEngine:
         from patterns.multiplexing.llm import chat_ids
 
         if len(request.messages) > self.limits.max_messages:
-            raise Unprocessable(
+            raise OpenAIError(
+                400,
                 f"The conversation has {len(request.messages)} messages; at most "
-                f"{self.limits.max_messages} are accepted."
+                f"{self.limits.max_messages} are accepted.",
+                param="messages",
             )
         if request.messages[-1].role != "user":
-            raise Unprocessable("The last message must be from the user.")
-        messages = [m.model_dump() for m in request.messages]
+            raise OpenAIError(400, "The last message must be from the user.", param="messages")
+        messages = [m.for_template() for m in request.messages]
         ids = chat_ids(self.tokenizer, messages)
         if len(ids) > self.limits.max_prompt_tokens:
-            raise BadRequest(
+            raise OpenAIError(
+                400,
                 f"The prompt is {len(ids)} tokens after the chat template; this service "
-                f"accepts at most {self.limits.max_prompt_tokens}. Shorten the conversation."
+                f"accepts at most {self.limits.max_prompt_tokens}. Shorten the conversation.",
+                param="messages",
+                code="context_length_exceeded",
             )
         return ids
 
@@ -358,10 +595,10 @@ class ChatEngine:
             if claim is not None and tenant != BASE_TENANT:
                 await claim(tenant)
         except HTTPError as exc:
-            yield {"type": "error", "status": exc.status_code, "message": exc.message}
+            yield error_item(exc)
             return
-        except ValueError as exc:
-            yield {"type": "error", "status": 422, "message": str(exc)}
+        except ValueError as exc:  # a handle caller's invalid request (the ingress checks first)
+            yield error_item(OpenAIError(400, str(exc)))
             return
         yield {
             "type": "start",
@@ -400,8 +637,9 @@ class ChatEngine:
             "repetition_penalty": self.repetition_penalty,
             "pad_token_id": self.tokenizer.pad_token_id,
         }
-        if request.temperature > 0:
-            kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p)
+        if request.temperature:  # absent or 0: greedy
+            top_p = request.top_p if request.top_p is not None else 1.0
+            kwargs.update(do_sample=True, temperature=request.temperature, top_p=top_p)
             if request.seed is not None:
                 torch.manual_seed(request.seed)
         else:
@@ -422,15 +660,17 @@ class ChatEngine:
         thread = threading.Thread(target=run, name="chat-generate", daemon=True)
         thread.start()
         finish = "stop"
+        stops = StopMatcher(request.stop_sequences())
         try:
             while True:
                 piece = await asyncio.to_thread(next, streamer, None)
-                if piece is None:
-                    break
-                if piece:
+                text = stops.flush() if piece is None else stops.feed(piece)
+                if text:
                     if first_token_ms is None:
                         first_token_ms = (time.perf_counter() - t0) * 1000
-                    yield {"type": "delta", "content": piece}
+                    yield {"type": "delta", "content": text}
+                if piece is None or stops.stopped:
+                    break  # a stop sequence: the finally below ends the generation
         except BaseException:
             finish = "cancelled"
             raise
@@ -449,7 +689,7 @@ class ChatEngine:
         if "error" in result:
             yield {"type": "error", "status": 503, "message": "Generation failed; retry."}
             return
-        if tokens >= max_new:
+        if tokens >= max_new and not stops.stopped:
             finish = "length"
         timings.add("generate", elapsed * 1000)
         yield {

@@ -36,3 +36,24 @@ def wait_until_served(url: str, timeout_s: float = 60.0) -> str:
         if time.time() > deadline:
             raise TimeoutError(f"{url}/healthz did not answer within {timeout_s:g}s")
         time.sleep(0.2)
+
+
+def deploy_chat(deploy, app: str, prefix: str) -> str:
+    """The multiplexing app with its chat, short answers (a CPU box), no hot forecasters."""
+    from patterns.multiplexing.app import MultiplexArgs, build_app
+    from patterns.multiplexing.artifacts import ensure_artifacts
+
+    ensure_artifacts()  # no-op when `make setup` built them
+    args = MultiplexArgs(
+        forecast={"hot_model_ids": []},
+        chat={"limits": {"max_prompt_tokens": 200, "max_tokens": 200, "default_max_tokens": 48}},
+    )
+    return wait_until_served(deploy(build_app(args), app, prefix))
+
+
+def chat_stats(app: str) -> dict:
+    """The (one) chat replica's counters: generations, cancelled, last answer, adapters."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ChatModel", app_name=app)
+    return handle.broadcast("stats").results(timeout_s=30)[0]

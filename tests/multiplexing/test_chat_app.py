@@ -10,10 +10,8 @@ import time
 import httpx
 import pytest
 
-from patterns.multiplexing.app import MultiplexArgs, build_app
-from patterns.multiplexing.artifacts import ensure_artifacts
 from patterns.multiplexing.tenants import TENANT_MARKERS
-from tests.multiplexing.conftest import wait_until_served
+from tests.multiplexing.conftest import chat_stats, deploy_chat
 
 pytestmark = pytest.mark.slow
 
@@ -25,12 +23,7 @@ QUESTION = "What is the tallest mountain in the world?"
 
 @pytest.fixture(scope="module")
 def url(deploy) -> str:
-    ensure_artifacts()  # no-op when `make setup` built them
-    args = MultiplexArgs(
-        forecast={"hot_model_ids": []},
-        chat={"limits": {"max_prompt_tokens": 200, "max_tokens": 200, "default_max_tokens": 48}},
-    )
-    return wait_until_served(deploy(build_app(args), APP, PREFIX))
+    return deploy_chat(deploy, APP, PREFIX)
 
 
 def _chat(url: str, body: dict, headers=None, timeout=120) -> httpx.Response:
@@ -42,10 +35,7 @@ def _ask(model: str, question: str = QUESTION, **extra) -> dict:
 
 
 def _chat_stats() -> dict:
-    from ray import serve
-
-    handle = serve.get_deployment_handle("ChatModel", app_name=APP)
-    return handle.broadcast("stats").results(timeout_s=30)[0]
+    return chat_stats(APP)
 
 
 def _stream(url: str, body: dict, headers=None) -> list:
@@ -112,45 +102,49 @@ def test_tenant_from_the_header(url) -> None:
     assert r.status_code == 200 and r.json()["model"] == "pirate-co"
     assert r.json()["choices"][0]["message"]["content"].startswith("Arr")
     r = _chat(url, _ask("northwind"), headers={HEADER: "pirate-co"})
-    assert r.status_code == 422 and "header names tenant" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "header names tenant" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
-    ("body", "status", "part"),
+    ("body", "status", "param", "part"),
     [
-        (_ask("nobody-inc"), 404, "There is no chat adapter 'nobody-inc'"),
-        (_ask("../pirate-co"), 422, "tenant id"),
-        (_ask("x" * 80), 422, "tenant id"),
-        (_ask("pirate-co", "   "), 422, "empty"),
-        ({"model": "pirate-co", "messages": []}, 422, "messages"),
-        (_ask("pirate-co", max_tokens=201), 422, "at most 200 tokens"),
-        (_ask("pirate-co", max_tokens=0), 422, "max_tokens"),
-        (_ask("pirate-co", n=2), 422, "n"),
-        (_ask("pirate-co", "word " * 400), 400, "accepts at most 200"),
+        (_ask("nobody-inc"), 404, "model", "There is no chat adapter 'nobody-inc'"),
+        (_ask("../pirate-co"), 400, "model", "tenant id"),
+        (_ask("x" * 80), 400, "model", "tenant id"),
+        (_ask("pirate-co", "   "), 400, "messages[0]", "empty"),
+        ({"model": "pirate-co", "messages": []}, 400, "messages", "messages"),
+        (_ask("pirate-co", max_tokens=201), 400, "max_tokens", "at most 200 tokens"),
+        (_ask("pirate-co", max_tokens=0), 400, "max_tokens", "max_tokens"),
+        (_ask("pirate-co", n=2), 400, "n", "one choice per request"),
+        (_ask("pirate-co", "word " * 400), 400, "messages", "accepts at most 200"),
         (
             {"model": "base", "messages": [{"role": "assistant", "content": "hi"}]},
-            422,
+            400,
+            "messages",
             "last message must be from the user",
         ),
-        (_ask("pirate-co", "x" * 9000), 422, "content"),
+        (_ask("pirate-co", "x" * 9000), 400, "messages[0].content", "at most 8000 characters"),
     ],
 )
-def test_bad_chat_requests_are_4xx_with_a_sentence(url, body, status, part) -> None:
+def test_bad_chat_requests_are_4xx_with_a_sentence(url, body, status, param, part) -> None:
+    # OpenAI's error shape under /v1, and its status: 400 where the rest of the app says 422
     for stream in (False, True):
         r = _chat(url, {**body, "stream": stream})
         assert r.status_code == status, (stream, r.text)
-        assert part in r.json()["error"]["message"]
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param, error
+        assert part in error["message"]
 
 
-def test_binary_body_is_422(url) -> None:
+def test_binary_body_is_400(url) -> None:
     r = httpx.post(
         f"{url}/v1/chat/completions",
         content=b"\x89PNG\r\n\x1a\n\x00\xff\xfe",
         headers={"content-type": "application/json"},
         timeout=30,
     )
-    # FastAPI answers 400 ("error parsing the body") or 422 (not JSON) depending on the bytes
-    assert r.status_code in (400, 422), r.text
+    # FastAPI's "error parsing the body" or "not JSON", depending on the bytes: 400 under /v1
+    assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
     assert "body" in message or "JSON" in message
 
