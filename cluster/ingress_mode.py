@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Iterable
@@ -103,6 +104,31 @@ def _own_files_and_ports() -> None:
             picked.append(name)
     if picked:
         os.environ[_PICKED_ENV] = f"{me}:{','.join(dict.fromkeys(picked))}"
+
+
+def stop_haproxy() -> int:
+    """SIGTERM every HAProxy of this process's cluster (its config file is on their command
+    line), so the HTTP port is free at once on the way out; returns how many. HAProxy also
+    dies with the actor that started it, a few seconds later (``cluster/haproxy_edge.py``)."""
+    config = os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
+    if not config or not Path("/proc").is_dir():
+        return 0
+    files = str(Path(config).parent).encode()
+    stopped = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"haproxy") and any(a.startswith(files) for a in argv):
+            try:
+                os.kill(int(entry.name), signal.SIGTERM)
+                stopped += 1
+            except OSError:
+                pass
+    return stopped
 
 
 def apply_ingress_mode(mode: str | None = None, applications: Iterable[dict[str, Any]] = ()) -> str:

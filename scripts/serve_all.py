@@ -10,6 +10,7 @@ loopback-only cluster, a readiness wait and the URL list.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
     from ray.serve.scripts import run as serve_run_cli
 
-    from cluster.ingress_mode import DEFAULT_MODE
+    from cluster.ingress_mode import DEFAULT_MODE, stop_haproxy
     from cluster.local import start_ray
 
     mode = os.environ.get("COOKBOOK_INGRESS_MODE", DEFAULT_MODE)
@@ -114,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         print("\n[serve] shutting down", flush=True)
         for proc in services:
             proc.terminate()
+        stop_haproxy()
+        # The cluster is this process's tree (GCS, raylet, workers, HAProxy): end it at once;
+        # ray.shutdown() alone waits for workers to notice their raylet is gone (~8 s here).
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
         ray.shutdown()
         sys.exit(0)
 
