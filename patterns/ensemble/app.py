@@ -30,9 +30,9 @@ from core.model_store import ModelStore
 from core.openapi import (
     JSON_BODY,
     KEYED,
-    JsonInt,
     document_replica,
     error_responses,
+    json_int,
     schema_property,
 )
 from core.readiness import Readiness
@@ -171,7 +171,7 @@ class PredictRequest(BaseModel):
 class FeedbackRequest(BaseModel):
     prediction_id: str = Field(min_length=1, max_length=128)
     # At most max_instances labels (checked by the flow, where the args are known).
-    labels: list[Annotated[JsonInt, Field(ge=0, le=1)]] = Field(
+    labels: list[json_int(ge=0, le=1)] = Field(  # type: ignore[valid-type]
         min_length=1,
         description="1 = benign, 0 = malignant; one label per row of the prediction (a "
         "recorded prediction with another number of rows: 422).",

@@ -58,7 +58,12 @@ MODEL_ID_HEADER = "serve_multiplexed_model_id"  # Serve's own header name
 # path parameter only documents it (FastAPI's own 422 would say less).
 _ID_SCHEMA = {"pattern": ID_PATTERN.pattern, "maxLength": MAX_ID_LENGTH}
 ModelId = Annotated[
-    str, Path(description="A store's model id, e.g. store-0042.", json_schema_extra=_ID_SCHEMA)
+    str,
+    Path(
+        description="A store's model id, e.g. store-0042.",
+        examples=["store-0042"],
+        json_schema_extra=_ID_SCHEMA,
+    ),
 ]
 _ID_HEADER = {
     "parameters": [
@@ -68,6 +73,7 @@ _ID_HEADER = {
             "required": True,
             "description": "The store's model id (missing or malformed: 422).",
             "schema": {"type": "string", **_ID_SCHEMA},
+            "example": "store-0042",
         }
     ]
 }
