@@ -28,23 +28,23 @@ from fastapi import FastAPI
 from pydantic import BaseModel, BeforeValidator, Field
 
 
-def _not_a_bool(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("a number is needed, not true or false")
+def _a_json_number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"a whole number is needed, not {type(value).__name__} {value!r}")
     return value
 
 
-# An integer as JSON Schema means it: 1 and 1.0 are both the integer 1, and true/false are not
-# numbers. (Pydantic's lax int takes true as 1; its strict int refuses 1.0, which the schema's
+# An integer as JSON Schema means it: 1 and 1.0 are both the integer 1; "1", true and false are
+# not numbers. (Pydantic's lax int takes true as 1; its strict int refuses 1.0, which the schema's
 # "type": "integer" allows.) Bounds go on the field (``x: JsonInt = Field(ge=1)``) or through
 # ``json_int(ge=0, le=1)`` inside a list: after the validator, pydantic would write them into
 # the schema as "ge"/"le", words JSON Schema does not know.
-JsonInt = Annotated[int, BeforeValidator(_not_a_bool)]
+JsonInt = Annotated[int, BeforeValidator(_a_json_number)]
 
 
 def json_int(**bounds: Any) -> Any:
     """``JsonInt`` with ``bounds`` (ge, le, ...) that the schema states as minimum/maximum."""
-    return Annotated[int, Field(**bounds), BeforeValidator(_not_a_bool)]
+    return Annotated[int, Field(**bounds), BeforeValidator(_a_json_number)]
 
 
 class ErrorDetail(BaseModel):

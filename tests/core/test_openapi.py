@@ -109,3 +109,20 @@ def test_keys_required_in_production_always_in_development_on_request():
     assert keys_required(False, "production") and keys_required(True, "production")
     assert not keys_required(False, "development")
     assert keys_required(True, "development")
+
+
+@pytest.mark.parametrize(
+    ("raw", "ok"), [("1", 1), ("1.0", 1), ("0", 0), ('"1"', None), ("true", None), ("1.5", None)]
+)
+def test_json_int_is_an_integer_as_json_schema_means_it(raw: str, ok: int | None) -> None:
+    from pydantic import TypeAdapter, ValidationError
+
+    from core.openapi import json_int
+
+    adapter = TypeAdapter(json_int(ge=0, le=1))
+    assert adapter.json_schema() == {"type": "integer", "minimum": 0, "maximum": 1}
+    if ok is None:
+        with pytest.raises(ValidationError):
+            adapter.validate_json(raw)
+    else:
+        assert adapter.validate_json(raw) == ok
