@@ -25,7 +25,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+
+def free_port() -> int:
+    """A free loopback port for a server a test starts. (Defined here, not imported from
+    tests/conftest.py, which imports this module: that was an import circle.)"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
