@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.haproxy_edge import ADMIN_HOST_ENV, BINARY_ENV, ROUTES_ENV, real_binary
-from cluster.local import free_port
+from cluster.ports import free_port
 
 MODES = ("haproxy", "default")
 DEFAULT_MODE = "haproxy"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from cluster.local import free_port
+from cluster.ports import free_port
 
 if TYPE_CHECKING:
     from tests import servers

@@ -25,13 +25,7 @@ from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    """A free loopback port for a server a test starts. (Defined here, not imported from
-    tests/conftest.py, which imports this module: that was an import circle.)"""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from cluster.ports import free_port
 
 
 def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
