@@ -18,7 +18,6 @@ import pytest
 from cluster import haproxy_edge
 from cluster.haproxy_edge import TemplateChanged, harden, real_binary, route_regex
 
-
 # What Ray's HAProxyManager passes on: a PATH, and the Python the launcher runs in.
 LAUNCH_ENV = {"PATH": "/usr/bin:/bin", "COOKBOOK_HAPROXY_PYTHON": sys.executable}
 
