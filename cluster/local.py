@@ -14,17 +14,13 @@ on a free port, so a running ``make serve`` is never in the way, and takes both 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from cluster.ports import free_port
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["free_port", "local_serve", "start_ray"]
 
 
 def start_ray(num_cpus: float, *, applications: Iterable[dict[str, Any]] = (), **init: Any) -> str:

@@ -256,12 +256,19 @@ def key_id(key: str) -> str:
 
 
 def api_key_auth(
-    keys: Callable[[], Iterable[str]] | Iterable[str], header: str = "X-API-Key"
+    keys: Callable[[], Iterable[str]] | Iterable[str],
+    header: str = "X-API-Key",
+    required: Callable[[], bool] | None = None,
+    description: str = "API key",
 ) -> Callable[..., Awaitable[str]]:
-    """A FastAPI dependency: 401 without a key, 403 with a wrong one. Returns the key's id."""
-    scheme = APIKeyHeader(name=header, auto_error=False, description="API key")
+    """A FastAPI dependency: 401 without a key, 403 with a wrong one. Returns the key's id, or
+    ``"open"`` when ``required()`` says this environment needs no key
+    (``core.settings.keys_required``; pair it with ``core.openapi.document_replica``)."""
+    scheme = APIKeyHeader(name=header, auto_error=False, description=description)
 
     async def check(presented: str | None = Security(scheme)) -> str:
+        if required is not None and not required():
+            return "open"
         if not presented:
             raise Unauthorized(f"Missing API key: send it in the {header} header.")
         valid = list(keys() if callable(keys) else keys)

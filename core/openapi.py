@@ -11,13 +11,40 @@ A route lists the errors it can give, so generated clients and schema fuzzers
 (``JSON_BODY`` and ``KEYED`` hold the ones that come with a JSON body and with a key).
 FastAPI's own 422 entry (validation) is replaced by ours, since the ingress answers validation
 errors with the same error body, not FastAPI's ``detail`` list.
+
+``document_replica(api, edit, keys_required)`` makes the document a replica serves say what that
+replica enforces: limits that come from the app's args (rows per request, the bandit's context
+length) are written into the request schemas by ``edit``, and the API-key security requirement
+is dropped where this environment does not require keys (development, by default).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from fastapi import FastAPI
+from pydantic import BaseModel, BeforeValidator, Field
+
+
+def _a_json_number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"a whole number is needed, not {type(value).__name__} {value!r}")
+    return value
+
+
+# An integer as JSON Schema means it: 1 and 1.0 are both the integer 1; "1", true and false are
+# not numbers. (Pydantic's lax int takes true as 1; its strict int refuses 1.0, which the schema's
+# "type": "integer" allows.) Bounds go on the field (``x: JsonInt = Field(ge=1)``) or through
+# ``json_int(ge=0, le=1)`` inside a list: after the validator, pydantic would write them into
+# the schema as "ge"/"le", words JSON Schema does not know.
+JsonInt = Annotated[int, BeforeValidator(_a_json_number)]
+
+
+def json_int(**bounds: Any) -> Any:
+    """``JsonInt`` with ``bounds`` (ge, le, ...) that the schema states as minimum/maximum."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_a_json_number)]
 
 
 class ErrorDetail(BaseModel):
@@ -89,3 +116,56 @@ def merge_extra(*parts: dict[str, Any]) -> dict[str, Any]:
     for part in parts:
         out.update(part)
     return out
+
+
+def schema_property(doc: dict[str, Any], model: str, field: str) -> dict[str, Any]:
+    """The JSON Schema of ``model.field`` in an OpenAPI ``doc`` (the non-null branch of an
+    optional field), to write the limits the code enforces into."""
+    prop: dict[str, Any] = doc["components"]["schemas"][model]["properties"][field]
+    for branch in prop.get("anyOf", []):
+        if branch.get("type") != "null":
+            return branch
+    return prop
+
+
+def operation_parameter(doc: dict[str, Any], path: str, method: str, name: str) -> dict[str, Any]:
+    """The schema of parameter ``name`` of ``method path`` in ``doc``."""
+    for param in doc["paths"][path][method]["parameters"]:
+        if param["name"] == name:
+            return param["schema"]
+    raise KeyError(f"{method.upper()} {path} has no parameter {name!r}")
+
+
+def drop_security(doc: dict[str, Any]) -> None:
+    """No route of ``doc`` requires a key: the security requirements and their schemes go."""
+    for operations in doc.get("paths", {}).values():
+        for operation in operations.values():
+            if isinstance(operation, dict):
+                operation.pop("security", None)
+    doc.get("components", {}).pop("securitySchemes", None)
+
+
+def document_replica(
+    app: FastAPI,
+    edit: Callable[[dict[str, Any]], None] | None = None,
+    keys_required: Callable[[], bool] | None = None,
+) -> None:
+    """Serve ``app``'s OpenAPI document as this replica enforces it.
+
+    ``edit(doc)`` writes the limits read from the replica's args into the document (with
+    ``schema_property`` and ``operation_parameter``); ``keys_required()`` says whether the keyed
+    routes need a key here (false: ``drop_security``). Both run when the document is asked
+    for, inside the replica, so they read the replica's own args and environment; outside a
+    replica they must fall back to the defaults. Call it once, before ``@serve.ingress(app)``.
+    """
+    generate = app.openapi  # FastAPI's own, cached in app.openapi_schema
+
+    def openapi() -> dict[str, Any]:
+        doc = copy.deepcopy(generate())
+        if edit is not None:
+            edit(doc)
+        if keys_required is not None and not keys_required():
+            drop_security(doc)
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]

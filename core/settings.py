@@ -59,3 +59,10 @@ def require_real_secret(value: str, name: str, environment: str) -> str:
             f"{environment!r}."
         )
     return value
+
+
+def keys_required(require_keys: bool = False, environment: str | None = None) -> bool:
+    """The one key policy of every pattern: admin and state-changing routes need an API key in
+    production, always; in development they are open unless the pattern's
+    ``<PREFIX>_REQUIRE_KEYS=true`` asks for keys there too. Reads never need one."""
+    return (environment or get_settings().environment) != "development" or require_keys

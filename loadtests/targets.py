@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,16 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("monolith", "microservices", "serve")
 PIPELINE_CONFIG = ROOT / "patterns" / "pipeline" / "config.yaml"
 DEFAULT_SIZES = {"gateway": 1, "preprocess": 1, "detector": 1, "scene": 1, "digits": 1}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:

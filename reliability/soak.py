@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reliability.faults import Cluster, ProcStats, proc_stats
+from reliability.goals import SOAK_SUCCESS, Row, log, merged, recovered_after
 from reliability.load import Load
 
 RSS_DRIFT_MB = 50.0
@@ -185,8 +186,6 @@ def soak(
     seed: int = 0,
 ) -> SoakResult:
     """The soak; rows per app (success), one for RSS drift and one for fds/connections."""
-    from reliability.chaos import SOAK_SUCCESS, Row, log, merged, recovered_after
-
     rng = random.Random(seed)
     time.sleep(warmup_s)
     start = snapshot(cluster)

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from core.timing import heartbeat
+
 PATTERNS_DIR = Path(__file__).resolve().parents[1] / "patterns"
 
 
@@ -35,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         print(f"[artifacts {i}/{len(names)}] {name}: checking", flush=True)
         module = importlib.import_module(f"patterns.{name}.artifacts")
-        module.ensure_artifacts(force=args.force)
+        # A pattern's steps print their own lines; between them (a model training, a base
+        # model loading) this one says the build is alive at least every 10 s.
+        with heartbeat(lambda msg: print(msg, flush=True), f"{name}", every_s=10):
+            module.ensure_artifacts(force=args.force)
         print(
             f"[artifacts {i}/{len(names)}] {name}: ready ({time.perf_counter() - t0:.1f}s)",
             flush=True,

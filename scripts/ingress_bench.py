@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.local import free_port
+from cluster.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTE = "/bench/healthz"

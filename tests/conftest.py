@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from cluster.local import free_port
+from cluster.ports import free_port
 
 if TYPE_CHECKING:
     from tests import servers
@@ -77,9 +77,23 @@ def deploy(serve_http: str) -> Iterator[Callable[..., str]]:
     deployed: list[str] = []
 
     def _deploy(app, name: str, route_prefix: str) -> str:
+        import time
+
+        import httpx
+
         serve.run(app, name=name, route_prefix=route_prefix)
         if name not in deployed:
             deployed.append(name)
+        # HAProxy reloads when the app's replicas change; without Ray's listener hand-over
+        # (cluster/ingress_mode.py says why it is off) a reload can refuse a new connection
+        # for a moment. Wait until the app answers through the port before the test starts.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{serve_http}{route_prefix}/healthz", timeout=10)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
         return serve_http + route_prefix
 
     yield _deploy

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from cluster.ports import free_port
 
 
 def wait_for_port(port: int, timeout_s: float = 20.0) -> None:

@@ -21,6 +21,30 @@ def test_serve_config_is_generated_from_pattern_configs() -> None:
 
 
 @pytest.mark.parametrize("name", PATTERNS)
+def test_pattern_lists_its_requirements_and_each_is_pinned(name: str) -> None:
+    """Every pattern has a requirements.txt (a copy installs it with ``-c constraints.txt``),
+    and each line names a distribution constraints.txt pins, so the install resolves."""
+    import re
+
+    pinned = {
+        re.split(r"[=<>\[ ]", line, maxsplit=1)[0].lower().replace("_", "-")
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    path = ROOT / "patterns" / name / "requirements.txt"
+    assert path.exists(), f"patterns/{name}/requirements.txt is missing"
+    wanted = [
+        re.split(r"[=<>\[ ]", line, maxsplit=1)[0].lower().replace("_", "-")
+        for line in path.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert "ray" in wanted and "fastapi" in wanted, wanted
+    assert not [w for w in wanted if w not in pinned], f"not in constraints.txt: {wanted}"
+    readme = (ROOT / "patterns" / name / "README.md").read_text()
+    assert f"pip install -r patterns/{name}/requirements.txt" in readme
+
+
+@pytest.mark.parametrize("name", PATTERNS)
 def test_pattern_is_a_copyable_unit(name: str) -> None:
     folder = ROOT / "patterns" / name
     for required in ("app.py", "config.yaml", "client.py", "README.md", "__init__.py"):

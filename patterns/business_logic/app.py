@@ -34,17 +34,18 @@ from core.ingress import (
     install_ingress,
     request_id_of,
 )
-from core.openapi import JSON_BODY, KEYED, error_responses
+from core.openapi import JSON_BODY, KEYED, document_replica, error_responses
 from core.readiness import Readiness
 from core.resilience import call_surviving_replica, describe_error
 from core.resources import StageResources, resolve_actor_options
+from core.settings import keys_required
 from patterns.business_logic.deployments import FraudModel
 from patterns.business_logic.features import FeaturePolicy, open_feature_store
 from patterns.business_logic.model import MODEL_VERSION
 from patterns.business_logic.records import RecordStore
 from patterns.business_logic.risk_client import RiskServiceClient
 from patterns.business_logic.rules import DecisionRules
-from patterns.business_logic.scoring import Scorer, ScoreRequest
+from patterns.business_logic.scoring import MIN_AMOUNT_EUR, Scorer, ScoreRequest
 from patterns.business_logic.settings import BusinessSettings, load_api_keys
 
 
@@ -118,6 +119,15 @@ def _api_keys() -> list[str]:
     return _this_replica().api_keys
 
 
+def _keys_required() -> bool:
+    """This replica's policy; outside a replica (the document built in a test), the
+    environment's."""
+    try:
+        return bool(_this_replica().keys_required)
+    except Exception:  # not in a replica
+        return keys_required(BusinessSettings().require_keys)
+
+
 def _health() -> dict[str, Any]:
     return _this_replica().scorer.health()
 
@@ -128,7 +138,12 @@ api = FastAPI(
     "outside risk signal; business rules turn the score into approve, review or decline.",
 )
 install_ingress(api, app_name="business_logic", max_body_bytes=16_384, health=_health)
-require_key = api_key_auth(_api_keys)
+require_key = api_key_auth(
+    _api_keys,
+    required=_keys_required,
+    description="Needed in production (BUSINESS_API_KEYS); development leaves /score open.",
+)
+document_replica(api, keys_required=_keys_required)
 
 
 # I/O-bound: a replica mostly waits on the database, the store and the risk API, so it holds
@@ -154,6 +169,7 @@ class BusinessIngress:
         self.model = model
         self.scorer = build_scorer(self.args, self._call_model)
         self.api_keys = load_api_keys()  # refuses placeholder keys in production
+        self.keys_required = keys_required(BusinessSettings().require_keys)
         # One call to the model through the handle, without the request deadline (a test may
         # set one no call can meet; readiness is about the handle, not the deadline).
         self.readiness = Readiness("business_logic", lambda: self.model.info.remote())
@@ -179,6 +195,10 @@ class BusinessIngress:
     @api.post(
         "/score",
         summary="Check one card payment: approve, review or decline",
+        description="Beyond the schema, two checks need the records: the currency must have "
+        "an exchange rate on file, and the amount must come to at least "
+        f"{MIN_AMOUNT_EUR} EUR once converted (either: 422). An unknown customer or merchant "
+        "is a 404; an Idempotency-Key reused for another payment, a 409.",
         responses=error_responses(*JSON_BODY, *KEYED, 404, 409, 503),
     )
     async def score(
@@ -195,9 +215,9 @@ class BusinessIngress:
         "/model",
         summary="Model version, device and held-out quality; dependency state",
         openapi_extra=IDEMPOTENT,
-        responses=error_responses(*KEYED, 503),
+        responses=error_responses(503),
     )
-    async def model_info(self, key_id: str = Depends(require_key)) -> dict[str, Any]:
+    async def model_info(self) -> dict[str, Any]:
         timeout_s = self.args.model_timeout_s
         try:
             info = await asyncio.wait_for(self._await(self.model.info.remote()), timeout_s)

@@ -41,6 +41,9 @@ class BusinessSettings(BaseSettings):
     # JSON list in the environment: BUSINESS_API_KEYS='["key-one", "key-two"]'.
     # The default is a development placeholder and is refused in production.
     api_keys: list[str] = Field(default_factory=lambda: ["dev-business-key"])
+    # POST /score writes a decision, so it needs a key in production; development leaves it
+    # open unless this is true (core.settings.keys_required: one policy for every pattern).
+    require_keys: bool = False
 
 
 def load_api_keys(

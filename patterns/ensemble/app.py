@@ -13,7 +13,7 @@ This module declares the args, wires the deployments and maps routes to the requ
 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI views need real
 # annotations (with string annotations `self` becomes a required query parameter).
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request, Response, Security
@@ -27,7 +27,14 @@ from core.apps import SURGE, coerce_args, default_app
 from core.errors import ModelNotFound
 from core.ingress import IDEMPOTENT, api_key_auth, install_ingress, request_id_of
 from core.model_store import ModelStore
-from core.openapi import JSON_BODY, KEYED, error_responses
+from core.openapi import (
+    JSON_BODY,
+    KEYED,
+    document_replica,
+    error_responses,
+    json_int,
+    schema_property,
+)
 from core.readiness import Readiness
 from core.resources import StageResources, resolve_actor_options, wants_gpu
 from patterns.ensemble import ensemble_pb2, grpc_service
@@ -144,10 +151,19 @@ def _stored_report(store_uri: str | None) -> dict[str, Any] | None:
 Feature = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 
 
+# A row's length is checked by the flow (gRPC callers too), with a sentence naming the row; the
+# schema states the same number. How many rows, and how large a value, come from the args:
+# ``_document`` writes them into the served schema.
+Row = Annotated[
+    list[Feature], Field(json_schema_extra={"minItems": N_FEATURES, "maxItems": N_FEATURES})
+]
+
+
 class PredictRequest(BaseModel):
-    instances: list[list[Feature]] = Field(
+    instances: list[Row] = Field(
         min_length=1,
-        description=f"Rows of {N_FEATURES} numbers in the order of GET /schema.",
+        description=f"Rows of {N_FEATURES} numbers in the order of GET /schema. More rows "
+        "than maxItems: 413.",
         examples=[[[17.99, 10.38, 122.8, 1001.0] + [0.1] * 26]],
     )
 
@@ -155,23 +171,50 @@ class PredictRequest(BaseModel):
 class FeedbackRequest(BaseModel):
     prediction_id: str = Field(min_length=1, max_length=128)
     # At most max_instances labels (checked by the flow, where the args are known).
-    labels: list[Literal[0, 1]] = Field(min_length=1, description="1 = benign, 0 = malignant")
+    labels: list[json_int(ge=0, le=1)] = Field(  # type: ignore[valid-type]
+        min_length=1,
+        description="1 = benign, 0 = malignant; one label per row of the prediction (a "
+        "recorded prediction with another number of rows: 422).",
+    )
 
 
 api = FastAPI(
     title="Ensemble",
     description="Voting ensemble over scikit-learn, XGBoost and PyTorch members, with a "
-    "deadline and quorum, a confidence cascade and a shadow challenger.",
+    "deadline and quorum, a confidence cascade and a shadow challenger. Keys: feedback needs "
+    "a client key and promote/rollback an admin key in production; development leaves them "
+    "open (ENSEMBLE_REQUIRE_KEYS=true asks for them there too).",
 )
 install_ingress(api, app_name="ensemble", max_body_bytes=256_000)
 
 
 # ------------------------------------------------------------------------------ keys
+def _replica() -> Any | None:
+    """The ingress serving this request (Serve passes the same object to the routes as
+    ``self``), or None outside a replica. Its state stays on it, never in a module global:
+    Serve ships the ingress class by value, so module state would be a copy."""
+    try:
+        return serve.get_replica_context().servable_object
+    except Exception:  # not in a replica: the OpenAPI document built in a test or a script
+        return None
+
+
 def _access() -> Access:
-    """The access policy of the ingress serving this request (loaded in its ``__init__``; Serve
-    passes the same object to the routes as ``self``). Kept on the replica, never in a module
-    global: Serve ships the ingress class by value, so module state would be a copy."""
-    return serve.get_replica_context().servable_object.access
+    """The access policy of this replica (loaded in its ``__init__``)."""
+    replica = _replica()
+    return replica.access if replica is not None else load_access()
+
+
+def _document(doc: dict[str, Any]) -> None:
+    """The limits this replica's args set, in the schema it serves."""
+    replica = _replica()
+    # the flow enforces both (max_instances: 413 above it; max_abs_feature: 422)
+    limits = replica.ensemble if replica is not None else EnsembleArgs()
+    rows = schema_property(doc, "PredictRequest", "instances")
+    rows["maxItems"] = limits.max_instances
+    bound = limits.max_abs_feature
+    rows["items"]["items"].update(minimum=-bound, maximum=bound)
+    schema_property(doc, "FeedbackRequest", "labels")["maxItems"] = limits.max_instances
 
 
 def _admin_keys() -> tuple[str, ...]:
@@ -189,6 +232,7 @@ _key_header = APIKeyHeader(
 )
 _admin_check = api_key_auth(_admin_keys, header=KEY_HEADER)
 _client_check = api_key_auth(_client_keys, header=KEY_HEADER)
+document_replica(api, _document, keys_required=lambda: _access().required)
 
 
 async def require_admin(presented: str | None = Security(_key_header)) -> str:
@@ -235,7 +279,19 @@ class EnsembleIngress:
         "/predict",
         summary="Vote on one or more rows",
         openapi_extra=IDEMPOTENT,
-        responses=error_responses(*JSON_BODY, 503),
+        responses={
+            # OpenAPI link: the prediction's id is what its feedback names (clients and
+            # schemathesis's stateful phase follow it)
+            200: {
+                "links": {
+                    "FeedbackForThePrediction": {
+                        "operationId": "feedback_feedback_post",
+                        "requestBody": {"prediction_id": "$response.body#/prediction_id"},
+                    }
+                }
+            },
+            **error_responses(*JSON_BODY, 503),
+        },
     )
     async def predict(self, body: PredictRequest, request: Request) -> dict[str, Any]:
         return await self.ensemble.predict(body.instances, request_id_of(request))

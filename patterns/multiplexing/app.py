@@ -21,9 +21,9 @@ Run: ``serve run patterns.multiplexing.app:app`` (after ``make setup``). Knobs: 
 # annotations (with string annotations `self` becomes a required query parameter).
 import asyncio
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from ray import serve
@@ -48,7 +48,7 @@ from patterns.multiplexing.chat import (
 )
 from patterns.multiplexing.deployments import ChatArgs, ChatModel, ForecastArgs, ForecastModels
 from patterns.multiplexing.forecast_service import ForecastRequest
-from patterns.multiplexing.ids import check_model_id
+from patterns.multiplexing.ids import ID_PATTERN, MAX_ID_LENGTH, check_model_id
 from patterns.multiplexing.openai_errors import (
     OpenAIError,
     install_openai_errors,
@@ -60,6 +60,29 @@ from patterns.multiplexing.tenants import BASE_TENANT
 BASE_MODEL_ALIAS = "smollm2-135m-instruct"
 
 MODEL_ID_HEADER = "serve_multiplexed_model_id"  # Serve's own header name
+# A model id as the document states it; check_model_id enforces it (422 with a sentence), so the
+# path parameter only documents it (FastAPI's own 422 would say less).
+_ID_SCHEMA = {"pattern": ID_PATTERN.pattern, "maxLength": MAX_ID_LENGTH}
+ModelId = Annotated[
+    str,
+    Path(
+        description="A store's model id, e.g. store-0042.",
+        examples=["store-0042"],
+        json_schema_extra=_ID_SCHEMA,
+    ),
+]
+_ID_HEADER = {
+    "parameters": [
+        {
+            "name": MODEL_ID_HEADER,
+            "in": "header",
+            "required": True,
+            "description": "The store's model id (missing or malformed: 422).",
+            "schema": {"type": "string", **_ID_SCHEMA},
+            "example": "store-0042",
+        }
+    ]
+}
 _STATUS = {400: BadRequest, 404: NotFound, 422: Unprocessable, 503: ServiceUnavailable}
 
 
@@ -148,11 +171,12 @@ class MultiplexIngress:
     @api.post(
         "/models/{model_id:path}/predict",
         summary="Forecast one store (id in the path)",
+        description=f"A {MODEL_ID_HEADER} header, if sent, must name the same id (else 422).",
         openapi_extra=IDEMPOTENT,
         responses=error_responses(*JSON_BODY, 404, 503),
     )
     async def predict_path(
-        self, model_id: str, body: ForecastRequest, request: Request
+        self, model_id: ModelId, body: ForecastRequest, request: Request
     ) -> dict[str, Any]:
         header = request.headers.get(MODEL_ID_HEADER)
         if header is not None and header != model_id:
@@ -165,7 +189,7 @@ class MultiplexIngress:
     @api.post(
         "/predict",
         summary=f"Forecast one store (id in the {MODEL_ID_HEADER} header)",
-        openapi_extra=IDEMPOTENT,
+        openapi_extra={**IDEMPOTENT, **_ID_HEADER},
         responses=error_responses(*JSON_BODY, 404, 503),
     )
     async def predict_header(self, body: ForecastRequest, request: Request) -> dict[str, Any]:
@@ -193,12 +217,14 @@ class MultiplexIngress:
             "hot_slots": self.spreader.slots,
         }
 
+    # One path segment (not ``:path``): GET /models/x/predict is then the predict route asked
+    # with the wrong method (405 with Allow: POST), not an entry named "x/predict" (422).
     @api.get(
-        "/models/{model_id:path}",
+        "/models/{model_id}",
         summary="One model's index entry (no model file read)",
         responses=error_responses(404, 422, 503),
     )
-    async def model_entry(self, model_id: str) -> dict[str, Any]:
+    async def model_entry(self, model_id: ModelId) -> dict[str, Any]:
         check_model_id(model_id)
         entry = self.index.lookup(model_id)
         return {"model_id": model_id, **entry.model_dump(exclude={"manifest_sha256"})}

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from core.model_store import ModelStore
+from core.timing import heartbeat
 from patterns.multiplexing.catalog import IndexEntry, ModelIndex
 from patterns.multiplexing.forecasting import TRAIN_DAYS, calendar_features, train_store
 
@@ -106,13 +107,18 @@ def build_adapters(store: ModelStore, version: str = CHAT_VERSION) -> dict[str, 
     from patterns.multiplexing.tenants import TENANT_STYLES, tenant_examples
 
     t0 = time.perf_counter()
-    model, tokenizer = load_base("cpu")
+    with heartbeat(_log, f"loading {BASE_MODEL_NAME}"):
+        model, tokenizer = load_base("cpu")
     _log(f"  base model {BASE_MODEL_NAME} loaded in {time.perf_counter() - t0:.1f}s")
     entries: dict[str, IndexEntry] = {}
     for i, tenant in enumerate(TENANT_STYLES):
-        state, meta = train_adapter(
-            model, tokenizer, tenant_examples(tenant), steps=ADAPTER_STEPS, lr=ADAPTER_LR, seed=i
-        )
+        # 10-20 s per adapter on a 2-core box, silent inside: a line every 5 s
+        what = f"training the adapter for {tenant} ({i + 1}/{len(TENANT_STYLES)})"
+        with heartbeat(_log, what):
+            examples = tenant_examples(tenant)
+            state, meta = train_adapter(
+                model, tokenizer, examples, steps=ADAPTER_STEPS, lr=ADAPTER_LR, seed=i
+            )
         meta["base_model"] = BASE_MODEL_NAME
         ref = store.save_files(
             adapter_name(tenant),

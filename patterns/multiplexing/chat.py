@@ -160,7 +160,8 @@ class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"]
-    text: str = Field(max_length=MAX_MESSAGE_CHARS)
+    # pattern \S: some text that is not only spaces, in the schema as in the code (a 400)
+    text: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS, pattern=r"\S")
 
 
 class ChatMessage(BaseModel):
@@ -171,7 +172,7 @@ class ChatMessage(BaseModel):
     # "developer" is OpenAI's newer name for "system"; the chat template gets "system".
     role: Literal["system", "developer", "user", "assistant"]
     content: (
-        Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
+        Annotated[str, Field(min_length=1, max_length=MAX_MESSAGE_CHARS, pattern=r"\S")]
         | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_CONTENT_PARTS)]
     )
 

@@ -29,6 +29,7 @@ from core.errors import (
     UnsafeFormatError,
 )
 from core.model_store import ModelRef, ModelStore
+from core.openapi import JsonInt
 from core.timing import Timings
 from patterns.multiplexing.cache import ModelCache
 from patterns.multiplexing.catalog import IndexEntry, ModelIndex
@@ -42,14 +43,22 @@ from patterns.multiplexing.ids import split_serve_model_id
 EARLIEST_DAY = dt.date(2024, 1, 1)
 LATEST_DAY = dt.date(2030, 12, 31)
 MAX_HORIZON_DAYS = 56
+# The calendar as JSON Schema can say it: whole years, so a pattern on the year does (the
+# validator below is what enforces it, with a sentence).
+_YEARS = "|".join(str(y) for y in range(EARLIEST_DAY.year, LATEST_DAY.year + 1))
+CALENDAR_PATTERN = rf"^({_YEARS})-"
 
 
 class ForecastRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # first day to forecast (default: the day after the training window ends)
-    start_date: dt.date = FIRST_FORECAST_DAY
-    horizon_days: int = Field(default=7, ge=1, le=MAX_HORIZON_DAYS)
+    start_date: dt.date = Field(
+        default=FIRST_FORECAST_DAY,
+        description=f"Between {EARLIEST_DAY} and {LATEST_DAY}, the models' calendar.",
+        json_schema_extra={"pattern": CALENDAR_PATTERN},
+    )
+    horizon_days: JsonInt = Field(default=7, ge=1, le=MAX_HORIZON_DAYS)
 
     @field_validator("start_date")
     @classmethod

@@ -24,7 +24,8 @@ import os
 import threading
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Response
+from fastapi import Depends, FastAPI, Header, Response, Security
+from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
@@ -35,10 +36,11 @@ from core.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
 from core.ingress import IDEMPOTENT, api_key_auth, install_ingress
 from core.metrics import ModelMetrics
 from core.model_store import ModelStore
-from core.openapi import JSON_BODY, KEYED, error_responses
+from core.openapi import JSON_BODY, KEYED, document_replica, error_responses, schema_property
 from core.readiness import Readiness
 from core.resilience import describe_error
 from core.resources import StageResources, resolve_actor_options
+from core.settings import keys_required
 from patterns.online_learning.bandit import BanditParams
 from patterns.online_learning.deployments import INGRESS_DEPLOYMENT, BanditPolicy, OnlineTrainer
 from patterns.online_learning.feedback_log import open_log
@@ -59,7 +61,11 @@ from patterns.online_learning.service import (
     LiveModel,
     OnlineService,
 )
-from patterns.online_learning.settings import OnlineSettings, load_admin_keys
+from patterns.online_learning.settings import (
+    OnlineSettings,
+    load_admin_keys,
+    load_client_keys,
+)
 from patterns.online_learning.stream import CLASSES, N_FEATURES
 
 logger = logging.getLogger("patterns.online_learning")
@@ -100,6 +106,30 @@ def _admin_keys() -> list[str]:
     return _this_replica().admin_keys
 
 
+def _client_keys() -> list[str]:
+    return _this_replica().client_keys
+
+
+def _keys_required() -> bool:
+    """This replica's policy; outside a replica (the document built in a test), the
+    environment's."""
+    try:
+        return bool(_this_replica().keys_required)
+    except Exception:  # not in a replica
+        return keys_required(OnlineSettings().require_keys)
+
+
+def _document(doc: dict[str, Any]) -> None:
+    """The limits this replica's args set, in the schema it serves (the routes check them)."""
+    try:
+        args = _this_replica().args
+    except Exception:  # not in a replica: the defaults
+        args = OnlineArgs()
+    schema_property(doc, "PredictRequest", "instances")["maxItems"] = args.max_rows
+    dim = args.bandit.params.context_dim
+    schema_property(doc, "ChooseRequest", "context").update(minItems=dim, maxItems=dim)
+
+
 def _health() -> dict[str, Any]:
     return _this_replica().service.health()
 
@@ -110,10 +140,53 @@ api = FastAPI(
     "a trainer, a promotion gate, live weights without a restart, and a contextual bandit.",
 )
 install_ingress(api, app_name="online_learning", max_body_bytes=512_000, health=_health)
-require_admin = api_key_auth(_admin_keys)
+# One key header, two kinds of key (settings.py): the scheme is declared once, the checks
+# compare against the admin or the client keys.
+_key_header = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    description="Admin key (rollback) or client key (feedback, rewards); required in "
+    "production, open in development unless ONLINE_REQUIRE_KEYS=true.",
+)
+_admin_check = api_key_auth(_admin_keys, required=_keys_required)
+_client_check = api_key_auth(_client_keys, required=_keys_required)
+
+
+async def require_admin(presented: str | None = Security(_key_header)) -> str:
+    return await _admin_check(presented)
+
+
+async def require_client(presented: str | None = Security(_key_header)) -> str:
+    return await _client_check(presented)
+
+
+document_replica(api, _document, keys_required=_keys_required)
 # A feedback or reward write: unknown (404) or expired (410) id, a reused key or event id with
-# another body (409), a client over its rate (429), the log or trainer behind (503).
-FEEDBACK_ERRORS = error_responses(*JSON_BODY, 404, 409, 410, 429, 503)
+# another body (409), a client over its rate (429), the log or trainer behind (503); a missing
+# (401) or wrong (403) client key where keys are required.
+FEEDBACK_ERRORS = error_responses(*JSON_BODY, *KEYED, 404, 409, 410, 429, 503)
+# OpenAPI links: where an answer's ids go next. Clients (and schemathesis's stateful phase)
+# follow them: a prediction's id to its feedback, a choice's id to its reward.
+PREDICT_LINKS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "links": {
+            "FeedbackForTheFirstRow": {
+                "operationId": "feedback_feedback_post",
+                "requestBody": {"prediction_id": "$response.body#/predictions/0/prediction_id"},
+            }
+        }
+    }
+}
+CHOICE_LINKS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "links": {
+            "RewardForTheChoice": {
+                "operationId": "bandit_reward_bandit_reward_post",
+                "requestBody": {"choice_id": "$response.body#/choice_id"},
+            }
+        }
+    }
+}
 
 
 def _client(body_client: str | None, header_client: str | None) -> str:
@@ -161,6 +234,8 @@ class OnlineIngress:
         )
         self._metrics: dict[str, ModelMetrics] = {}
         self.admin_keys = load_admin_keys()  # placeholders refused in production
+        self.client_keys = load_client_keys()
+        self.keys_required = keys_required(OnlineSettings().require_keys)
         self._stop = threading.Event()
         threading.Thread(target=self._poll, name="pointer-poll", daemon=True).start()
         self.readiness = Readiness("online_learning", self.model)
@@ -215,7 +290,7 @@ class OnlineIngress:
         "/predict",
         summary="Classify rows with the live champion",
         openapi_extra=IDEMPOTENT,
-        responses=error_responses(*JSON_BODY, 404, 503),
+        responses={**PREDICT_LINKS, **error_responses(*JSON_BODY, 404, 503)},
     )
     async def predict(self, body: PredictRequest) -> dict[str, Any]:
         if len(body.instances) > self.args.max_rows:
@@ -239,6 +314,7 @@ class OnlineIngress:
         response: Response,
         x_client_id: Annotated[str | None, Header(pattern=ID_PATTERN)] = None,
         idempotency_key: IdempotencyKey = None,
+        key_id: str = Depends(require_client),
     ) -> dict[str, Any]:
         client = _client(body.client_id, x_client_id)
         status, acks = await self.service.feedback([body], client, idempotency_key)
@@ -260,6 +336,7 @@ class OnlineIngress:
         response: Response,
         x_client_id: Annotated[str | None, Header(pattern=ID_PATTERN)] = None,
         idempotency_key: IdempotencyKey = None,
+        key_id: str = Depends(require_client),
     ) -> dict[str, Any]:
         client = _client(body.client_id, x_client_id)
         status, acks = await self.service.feedback(body.events, client, idempotency_key)
@@ -315,7 +392,7 @@ class OnlineIngress:
         "/bandit/choose",
         summary="Pick an action for this context",
         openapi_extra=IDEMPOTENT,
-        responses=error_responses(*JSON_BODY, 503),
+        responses={**CHOICE_LINKS, **error_responses(*JSON_BODY, 503)},
     )
     async def bandit_choose(self, body: ChooseRequest) -> dict[str, Any]:
         dim = self.args.bandit.params.context_dim
@@ -337,6 +414,7 @@ class OnlineIngress:
         response: Response,
         x_client_id: Annotated[str | None, Header(pattern=ID_PATTERN)] = None,
         idempotency_key: IdempotencyKey = None,
+        key_id: str = Depends(require_client),
     ) -> dict[str, Any]:
         client = _client(body.client_id, x_client_id)
         status, ack = await self.service.reward(

@@ -23,6 +23,8 @@ from core.model_store import MANIFEST, ModelStore
 from patterns.online_learning.stream import CLASSES, N_FEATURES
 
 MODEL_NAME = "online-clf"
+# Features are standardised: a value beyond this is corrupt input (422), not a rare event.
+MAX_ABS_FEATURE = 1e6
 BASELINE_VERSION = "v000001"
 
 
@@ -85,10 +87,10 @@ def validate_rows(rows: Sequence[Sequence[Any]], n_features: int = N_FEATURES) -
                     f"Row {i}, feature {j} is {v!r}; every feature must be a finite number "
                     "(no NaN, no infinity)."
                 )
-            if abs(v) > 1e6:
+            if abs(v) > MAX_ABS_FEATURE:
                 raise Unprocessable(
                     f"Row {i}, feature {j} is {v!r}; features are standardised, so values "
-                    "beyond +/-1e6 are refused as corrupt input."
+                    f"beyond +/-{MAX_ABS_FEATURE:g} are refused as corrupt input."
                 )
             out[i, j] = float(v)
     return out

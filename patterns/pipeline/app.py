@@ -32,7 +32,7 @@ from ray.serve.handle import DeploymentHandle
 from core.apps import SURGE, coerce_args, default_app
 from core.ingress import IDEMPOTENT, install_ingress, request_id_of
 from core.model_store import ModelStore
-from core.openapi import error_responses
+from core.openapi import document_replica, error_responses
 from core.readiness import Readiness
 from core.resources import StageResources, resolve_actor_options, torch_device, wants_gpu
 from patterns.pipeline.deployments import (
@@ -54,7 +54,13 @@ from patterns.pipeline.stages import (
     PreprocessStage,
     SceneSpec,
 )
-from patterns.pipeline.uploads import BATCH_BODY, IMAGE_BODY, batch_of_images, one_image
+from patterns.pipeline.uploads import (
+    BATCH_BODY,
+    IMAGE_BODY,
+    batch_of_images,
+    document_limits,
+    one_image,
+)
 
 
 class FusedSpec(BaseModel):
@@ -105,6 +111,23 @@ api = FastAPI(
 )
 install_ingress(api, app_name="pipeline", max_body_bytes=64 * 1024 * 1024)
 _ERRORS = error_responses(400, 413, 415, 422, 503)
+
+
+def _document(doc: dict[str, Any]) -> None:
+    """The limits this replica's args set, in the schema it serves (the routes check them)."""
+    try:
+        args = serve.get_replica_context().servable_object.args
+    except Exception:  # not in a replica: the defaults
+        args = PipelineArgs()
+    document_limits(
+        doc,
+        max_image_bytes=args.max_image_bytes,
+        max_files=args.max_batch_images,
+        limits=args.limits,
+    )
+
+
+document_replica(api, _document)
 
 
 # split: I/O-bound, awaits the stages, many requests in flight per replica are cheap.

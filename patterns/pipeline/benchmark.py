@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from cluster.ports import free_port
 from patterns.pipeline.loadgen import (
     CpuMeter,
     LoadResult,
@@ -61,12 +61,6 @@ from patterns.pipeline.scenes import scene_png
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("preprocess", "detector", "scene_classifier", "digit_classifier", "business_rules")
 GOALS = {"batching": 1.3, "monolith": 0.6, "hop_ms": 2.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def bodies(n: int = 64) -> list[bytes]:

@@ -13,10 +13,11 @@ from fastapi import Request
 
 from core.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from patterns.pipeline.flow import too_big
+from patterns.pipeline.preprocess import ImageLimits
 
 RAW_TYPES = ("image/png", "image/jpeg", "image/jpg")
 
-_BINARY = {"type": "string", "format": "binary"}
+_BINARY = {"type": "string", "format": "binary", "minLength": 1}  # an empty file: 400
 # OpenAPI request bodies (the routes read the raw request, so FastAPI cannot infer them).
 IMAGE_BODY: dict[str, Any] = {
     "requestBody": {
@@ -24,7 +25,13 @@ IMAGE_BODY: dict[str, Any] = {
         "content": {
             "image/png": {"schema": _BINARY},
             "image/jpeg": {"schema": _BINARY},
-            "multipart/form-data": {"schema": {"type": "object", "properties": {"image": _BINARY}}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"image": _BINARY},
+                    "required": ["image"],
+                }
+            },
         },
     }
 }
@@ -35,12 +42,44 @@ BATCH_BODY: dict[str, Any] = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {"images": {"type": "array", "items": _BINARY}},
+                    "properties": {"images": {"type": "array", "items": _BINARY, "minItems": 1}},
+                    "required": ["images"],
                 }
             }
         },
     }
 }
+
+
+def image_rules(limits: ImageLimits) -> str:
+    """What the decoder checks once it has an image, which a schema cannot say of bytes: the
+    routes' descriptions state it (with this replica's numbers), and its status is in their
+    documented errors."""
+    side = limits.min_side
+    return (
+        f"Each image is a PNG or JPEG of at least {side}x{side} pixels (smaller: 422), at most "
+        f"{limits.max_side} pixels a side and {limits.max_pixels:,} pixels in all (larger, or a "
+        "decompression bomb: 413); a file that does not decode is a 422."
+    )
+
+
+def document_limits(
+    doc: dict[str, Any], *, max_image_bytes: int, max_files: int, limits: ImageLimits
+) -> None:
+    """The byte, file and pixel limits the routes enforce, in the served OpenAPI ``doc``."""
+    for path in ("/read", "/read/batch"):
+        operation = doc["paths"][path]["post"]
+        operation["description"] = image_rules(limits)
+        for media, spec in operation["requestBody"]["content"].items():
+            schema = spec["schema"]
+            if media != "multipart/form-data":
+                schema["maxLength"] = max_image_bytes
+                continue
+            for prop in schema["properties"].values():
+                target = prop.get("items", prop)
+                target["maxLength"] = max_image_bytes
+                if "items" in prop:
+                    prop["maxItems"] = max_files
 
 
 def content_type(request: Request) -> str:

@@ -157,7 +157,9 @@ def test_invalid_vector_in_redis_is_recomputed_and_replaced(url, servers) -> Non
             time.sleep(0.05)
         stored = client.hgetall(key)
         assert {k.decode() for k in stored} == {*FEATURE_NAMES, "computed_at"}
-        assert float(stored[b"txn_count"]) >= 0
+        # the recomputed vector (the one the model was given), not the corrupt value
+        recomputed = first.json()["features"]["model_input"]["txn_count"]
+        assert float(stored[b"txn_count"]) == recomputed, stored
     finally:
         client.close()
     again = _score(url, {**GOOD, "customer_id": cid}).json()

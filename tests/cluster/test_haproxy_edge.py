@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from cluster import haproxy_edge
 from cluster.haproxy_edge import TemplateChanged, harden, real_binary, route_regex
+
+# What Ray's HAProxyManager passes on: a PATH, and the Python the launcher runs in.
+LAUNCH_ENV = {"PATH": "/usr/bin:/bin", "COOKBOOK_HAPROXY_PYTHON": sys.executable}
 
 
 def ray_config(tmp_path: Path, *, host: str = "127.0.0.1") -> str:
@@ -170,7 +174,7 @@ def test_launcher_rewrites_in_place_and_execs_the_binary(tmp_path: Path) -> None
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "COOKBOOK_HAPROXY_BINARY": str(fake)},
+        env={**LAUNCH_ENV, "COOKBOOK_HAPROXY_BINARY": str(fake)},
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"exec -db -f {config} -dR"
@@ -186,7 +190,7 @@ def test_launcher_refuses_to_exec_itself(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "COOKBOOK_HAPROXY_BINARY": str(launcher)},
+        env={**LAUNCH_ENV, "COOKBOOK_HAPROXY_BINARY": str(launcher)},
     )
     assert done.returncode != 0
     assert "is this launcher" in done.stderr

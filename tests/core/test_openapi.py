@@ -71,3 +71,58 @@ def test_the_documented_schema_matches_what_the_ingress_answers():
         body = ErrorBody.model_validate(r.json())  # the documented model parses the answer
         assert body.error.status == status
         assert body.error.message.endswith(".")
+
+
+def test_one_key_policy_open_or_keyed_and_the_document_says_which():
+    """``api_key_auth(required=...)`` and ``document_replica(keys_required=...)`` read the same
+    policy: open routes take no key and declare none; keyed ones refuse and declare it."""
+    from fastapi import Depends
+
+    from core.ingress import api_key_auth
+    from core.openapi import KEYED, document_replica
+
+    required = {"now": False}
+    api = FastAPI()
+    install_ingress(api, app_name="t")
+    check = api_key_auth(["k-real-1234"], required=lambda: required["now"])
+
+    @api.post("/write", responses=error_responses(*KEYED))
+    async def write(key: str = Depends(check)) -> dict[str, str]:
+        return {"key": key}
+
+    document_replica(api, keys_required=lambda: required["now"])
+    client = TestClient(api)
+    assert client.post("/write").json() == {"key": "open"}
+    assert "security" not in client.get("/openapi.json").json()["paths"]["/write"]["post"]
+    required["now"] = True
+    assert client.post("/write").status_code == 401
+    assert client.post("/write", headers={"X-API-Key": "nope"}).status_code == 403
+    assert client.post("/write", headers={"X-API-Key": "k-real-1234"}).status_code == 200
+    doc = client.get("/openapi.json").json()
+    assert doc["paths"]["/write"]["post"]["security"] == [{"APIKeyHeader": []}]
+    assert "APIKeyHeader" in doc["components"]["securitySchemes"]
+
+
+def test_keys_required_in_production_always_in_development_on_request():
+    from core.settings import keys_required
+
+    assert keys_required(False, "production") and keys_required(True, "production")
+    assert not keys_required(False, "development")
+    assert keys_required(True, "development")
+
+
+@pytest.mark.parametrize(
+    ("raw", "ok"), [("1", 1), ("1.0", 1), ("0", 0), ('"1"', None), ("true", None), ("1.5", None)]
+)
+def test_json_int_is_an_integer_as_json_schema_means_it(raw: str, ok: int | None) -> None:
+    from pydantic import TypeAdapter, ValidationError
+
+    from core.openapi import json_int
+
+    adapter = TypeAdapter(json_int(ge=0, le=1))
+    assert adapter.json_schema() == {"type": "integer", "minimum": 0, "maximum": 1}
+    if ok is None:
+        with pytest.raises(ValidationError):
+            adapter.validate_json(raw)
+    else:
+        assert adapter.validate_json(raw) == ok

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from core.resources import StageResources, resolve_actor_options, torch_device
-from core.settings import CoreSettings, require_real_secret
+from core.settings import REPO_ROOT, CoreSettings, require_real_secret
 
 
 def test_placeholder_secret_allowed_in_development_only() -> None:
@@ -23,7 +23,9 @@ def test_settings_read_env_prefix(monkeypatch) -> None:
     monkeypatch.setenv("COOKBOOK_ENVIRONMENT", "production")
     s = CoreSettings()
     assert s.model_store_uri == "s3://bucket/models" and s.environment == "production"
-    assert CoreSettings.model_fields["model_store_uri"].default_factory is not None
+    # unset: the repo's artifacts/models, as a file URI
+    monkeypatch.delenv("COOKBOOK_MODEL_STORE_URI")
+    assert CoreSettings().model_store_uri == (REPO_ROOT / "artifacts" / "models").as_uri()
 
 
 def test_gpu_fraction_falls_back_to_cpu_and_says_so(caplog) -> None:

@@ -27,7 +27,7 @@ class _Doubler(BatchedDeployment):
     async def _batched(self, xs: list[int]) -> list[int]:
         with timed_batch(None, len(xs)) as timing:
             self.sizes.append(len(xs))
-        assert timing.ms >= 0 and timing.ok
+        assert timing.ms > 0 and timing.ok  # measured (0.0 until the block ends)
         return [2 * x for x in xs]
 
     async def double(self, x: int) -> int:

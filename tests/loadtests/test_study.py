@@ -85,7 +85,13 @@ def test_quick_study_gives_three_rows_plots_and_counted_failures(tmp_path) -> No
         # every request Locust counted is in our samples (Locust's csv may miss a worker's
         # last report at shutdown; ours is written per request), failures counted, not dropped
         assert s["requests"] >= s["locust_requests"] > 0, arch
-        assert isinstance(s["failures"], int) and s["failures_all"] >= 0, arch
+        # failures are the counted steps' own, each step's within its requests, and the
+        # report's row shows ours beside Locust's
+        steps = data["results"][arch]["load"]["steps"]
+        assert all(0 <= st["failures"] <= st["requests"] for st in steps), steps
+        assert s["failures"] == sum(st["failures"] for st in steps), (s, steps)
+        row = next(r for r in rows if r.startswith(f"| {arch} | "))
+        assert f"| {s['failures']} / {s['failures_all']} |" in row, row
         assert (tmp_path / arch / "locust.html").exists()
         assert (tmp_path / arch / "locust_stats_history.csv").exists()
     assert data["results"]["serve"]["replicas"], "no replica counts read while the load ran"

@@ -235,3 +235,14 @@ def test_model_listing_and_entry_read_only_the_index(url) -> None:
     assert entry["name"] == "forecast-store-0005" and entry["info"]["lines"] >= 2
     assert httpx.get(f"{url}/models/store-9999", timeout=30).status_code == 404
     assert httpx.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
+
+
+def test_a_method_the_route_does_not_declare_is_a_405_naming_the_one_it_does(url) -> None:
+    """GET on the predict route is that route asked wrongly (405, Allow: POST), not an index
+    entry named "store-0001/predict"."""
+    for method in ("GET", "PUT", "DELETE"):
+        r = httpx.request(method, f"{url}/models/store-0001/predict", timeout=30)
+        assert r.status_code == 405, (method, r.text)
+        assert r.headers["allow"] == "POST"
+        assert r.json()["error"]["message"] == "This route does not accept that HTTP method."
+    assert httpx.get(f"{url}/models/store-0001/other", timeout=30).status_code == 404

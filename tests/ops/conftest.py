@@ -66,6 +66,8 @@ def ops_config() -> dict[str, Any]:
         d for d in noquorum["deployments"] if d["name"] in ("EnsembleIngress", "member_logreg")
     ]
     (business,) = pattern_config("business_logic")["applications"]
+    # development keys, required: the 401/403 of a keyed route through Serve
+    business["runtime_env"] = {"env_vars": {"BUSINESS_REQUIRE_KEYS": "true"}}
     return {
         "proxy_location": "HeadOnly",
         "grpc_options": ensemble_config["grpc_options"],

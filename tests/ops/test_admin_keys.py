@@ -1,6 +1,8 @@
 """Keys on the ensemble's state-changing routes, in the production environment (the ops
 cluster's ``ensemble`` app): no key 401, a wrong key 403, a key of the other kind 403, and the
-recorder's state is the same after every refusal; the right key works.
+recorder's state is the same after every refusal; the right key works. The fraud check's
+``POST /score`` with keys required (``BUSINESS_REQUIRE_KEYS=true``): the same refusals, and the
+OpenAPI document of each declares the key on exactly its keyed routes.
 """
 
 from __future__ import annotations
@@ -95,3 +97,36 @@ def test_openapi_documents_the_key_header(ops_cluster) -> None:
     for path in ("/challenger/promote", "/challenger/rollback", "/feedback"):
         assert spec["paths"][path]["post"].get("security"), path
     assert "security" not in spec["paths"]["/predict"]["post"]
+
+
+def _secured(doc: dict) -> set[str]:
+    return {
+        f"{method.upper()} {path}"
+        for path, ops in doc["paths"].items()
+        for method, op in ops.items()
+        if op.get("security")
+    }
+
+
+def test_keyed_routes_are_declared_keyed_where_keys_are_required(ops_cluster) -> None:
+    ensemble = httpx.get(f"{ops_cluster.http_url}/ensemble/openapi.json", timeout=30).json()
+    assert _secured(ensemble) == {
+        "POST /feedback",
+        "POST /challenger/promote",
+        "POST /challenger/rollback",
+    }
+    business = httpx.get(f"{ops_cluster.http_url}/business/openapi.json", timeout=30).json()
+    assert _secured(business) == {"POST /score"}
+
+
+def test_score_needs_a_key_when_keys_are_required(ops_cluster) -> None:
+    from patterns.business_logic import client as business_client
+
+    req = business_client.sample_request(0)
+    url = f"{ops_cluster.http_url}/business/score"
+    headers = {k: v for k, v in req["headers"].items() if k != "X-API-Key"}
+    _refused(httpx.post(url, json=req["json"], headers=headers, timeout=30), 401, "Missing")
+    wrong = {**headers, "X-API-Key": "nope"}
+    _refused(httpx.post(url, json=req["json"], headers=wrong, timeout=30), 403, "not valid")
+    r = httpx.post(url, json=req["json"], headers=req["headers"], timeout=30)
+    assert r.status_code == 200, r.text

@@ -125,7 +125,7 @@ def test_the_check_catches_a_broken_template(mutate: Any, phrase: str) -> None:
 PRODUCTION_KEYS = {
     "business_logic": {"BUSINESS_API_KEYS"},
     "ensemble": {"ENSEMBLE_ADMIN_KEYS", "ENSEMBLE_CLIENT_KEYS"},
-    "online_learning": {"ONLINE_ADMIN_KEYS"},
+    "online_learning": {"ONLINE_ADMIN_KEYS", "ONLINE_CLIENT_KEYS"},
 }
 
 

@@ -1,12 +1,13 @@
 """Requests generated from each app's OpenAPI document against every route of every app, under
-real Ray Serve (the short run of ``reliability/fuzz.py``; ``make chaos`` runs the long one).
+real Ray Serve (the short run of ``reliability/fuzz.py``; ``make chaos`` runs the long one):
+``schemathesis run -c all`` with every phase, stateful included, must find nothing.
 
 One cluster for the module: ``make serve`` on the generated serve_config.yaml (all apps; the
-module's first test is the one for ``make serve`` itself), on a copy of the artifacts so the
-fuzzer's writes (decisions, feedback, new online versions) stay out of the checkout, and with
-the ensemble's keys required so its 401/403 are probed too. Each app is a test of its own: a
-failure names the app, the route and the request (as curl). Generation is derandomized: the
-same code sends the same requests.
+module's first test is the one for ``make serve`` itself), in the development profile a
+reviewer's ``make serve`` runs (keyed routes open, and documented so), on a copy of the
+artifacts so the fuzzer's writes (decisions, feedback, new online versions) stay out of the
+checkout. Each app is a test of its own: a failure names the app, the route and the check.
+Generation is deterministic: the same code sends the same requests.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from tests.servers import ServeCluster
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-# Generated requests per route and kind (valid, invalid; a fifth of it without and with a
-# wrong key on keyed routes). The long run in `make chaos` sends many more.
+# Generated requests per route and phase. The long run in `make chaos` sends many more.
 MAX_EXAMPLES = 10
 
 
@@ -50,7 +50,6 @@ def cluster(tmp_path_factory) -> Iterator[ServeCluster]:
         "BUSINESS_DATABASE_URL": f"sqlite:///{artifacts}/business_logic/records.db",
         "BUSINESS_FEATURE_STORE_URL": f"sqlite:///{artifacts}/business_logic/features.db",
         "ONLINE_LOG_URL": f"sqlite:///{artifacts}/online_learning/feedback.db",
-        "ENSEMBLE_REQUIRE_KEYS": "true",  # development keys, but required: 401/403 probed
     }
     # a generous readiness wait: five apps (one with an LLM) on a shared 2-core box
     server = ServeCluster(_config(), env=env, timeout_s=900)
@@ -90,21 +89,19 @@ def test_make_serve_runs_every_app_in_the_config(cluster: ServeCluster) -> None:
 
 
 @pytest.mark.parametrize("app", list(fuzz.PREFIXES))
-def test_generated_requests_get_documented_answers_and_no_server_error(
-    cluster: ServeCluster, app: str
-) -> None:
-    results = fuzz.run(
-        cluster.http_url, [app], MAX_EXAMPLES, keys_required=[*fuzz.KEYS_ENFORCED, "ensemble"]
-    )
-    r = results[app]
+def test_schemathesis_finds_nothing_on_any_app(cluster: ServeCluster, app: str) -> None:
+    r = fuzz.run(cluster.http_url, [app], MAX_EXAMPLES)[app]
     summary = (
-        f"{app}: {r['operations']} routes, {r['requests']} requests, "
-        f"{r['server_errors']} server errors, {r['conformance_failures']} conformance "
-        f"failures, {r['hangs']} hangs; statuses {r['statuses']}"
+        f"{app}: {r['findings']} findings in {r['generated']} test cases, phases {r['phases']}; "
+        f"{r['mutated_requests']} mutated uploads, {r['mutated_failed']} failed"
     )
     print(summary)
-    assert r["failed"] == 0, summary + "\n" + "\n".join(r["failures"])
-    # every route was reached, and with valid requests some got through to the handlers
-    assert r["operations"] >= 3
-    assert all(op["requests"] > 0 for op in r["per_operation"].values()), r["per_operation"]
-    assert any(200 <= s < 300 for s in r["statuses"]), summary
+    assert r["failed"] == 0, summary + "\n" + "\n".join(r["failures"]) + "\n" + r["cli_tail"]
+    # every phase ran: the stateful one wherever the document links operations
+    assert r["generated"] > 0, r["cli_tail"]
+    for phase in ("examples", "coverage", "fuzzing"):
+        assert r["phases"].get(phase) in ("passed", "skipped"), (phase, r["phases"])
+    assert r["phases"]["coverage"] == r["phases"]["fuzzing"] == "passed", r["phases"]
+    assert r["phases"].get("stateful") in ("passed", "not applicable"), r["phases"]
+    if app == "pipeline":  # the upload routes got the app's own images, mutated
+        assert r["mutated_requests"] > 0 and r["mutated_statuses"], r

@@ -1,0 +1,13 @@
+"""``free_port()``: the one helper that picks a loopback port for a server we start (clusters,
+test servers, benchmarks, the load study)."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
