@@ -228,11 +228,19 @@ def test_fused_stages_read_like_the_stages_one_at_a_time(stages: InProcessStages
         return one, await asyncio.gather(*(together.read(p, f"b{i}") for i, p in enumerate(pngs)))
 
     one, many = asyncio.run(go())
-    keys = ("box", "score", "label", "digit_confidence")
+    keys = ("box", "label")
     for a, b in zip(one, many, strict=True):
         assert [[d[k] for k in keys] for d in a["detections"]] == [
             [d[k] for k in keys] for d in b["detections"]
         ]
+        # A batch sums in another order than one image alone: the 4-decimal scores may differ
+        # in the last place (0.409 against 0.4089 once in a full run), never more.
+        for da, db in zip(a["detections"], b["detections"], strict=True):
+            for k in ("score", "digit_confidence"):
+                if da[k] is None or db[k] is None:
+                    assert da[k] is db[k], (k, da[k], db[k])
+                else:
+                    assert da[k] == pytest.approx(db[k], abs=2e-4), (k, da[k], db[k])
         assert (a["scene"], a["decision"]) == (b["scene"], b["decision"])
         assert set(b["timings_ms"]) == set(a["timings_ms"])
         assert {v["device"] for v in b["model_versions"].values()} == {stages.detector.device}
