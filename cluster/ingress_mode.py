@@ -153,11 +153,8 @@ def apply_ingress_mode(mode: str | None = None, applications: Iterable[dict[str,
         os.environ.setdefault("RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT", "1")
         # Ray's "optimized" HAProxy config (a server-state file, listeners handed over with
         # -x on reload) dropped the connection of a keyed write being replayed across the
-        # reload its replica's death triggers, in 3 of 4 runs of
-        # tests/business_logic/test_edge_replay.py; without it, none. What it adds that
-        # matters here (option idle-close-on-response) the edge adds itself. The cost: a
-        # reload without the hand-over can refuse a new connection for a moment (once in a
-        # full suite run, right after a deploy); a trade to measure again, not settled.
+        # reload its replica's death triggers; off, a reload can refuse a new connection for a
+        # moment instead. The trade and its counts: ops/README.md, "HAProxy reloads".
         os.environ.setdefault("RAY_SERVE_ENABLE_HAPROXY_OPTIMIZED_CONFIG", "0")
         # HAProxy threads beyond the machine's cores only contend (Ray's default is 4).
         os.environ.setdefault("RAY_SERVE_HAPROXY_NBTHREAD", str(min(4, os.cpu_count() or 1)))
