@@ -20,6 +20,12 @@ cannot drop a guarantee silently):
 - **A lost replica is a 503 with Retry-After, not a bare 500.** Ray turns HAProxy's 502, 503
   and 504 into a plain-text 500. Here 502 (the replica died with the request) and 503 (no
   replica up) answer a JSON 503 with ``Retry-After`` in the apps' error shape, 504 a JSON 504.
+  Ray's backends share pooled replica connections (``http-reuse always``), and a write that
+  dies on a pooled connection gets no answer at all: HAProxy closes the client's connection,
+  leaving the retry to the client as for a stale keep-alive. The backends reuse ``safe``
+  instead: the first request of each client connection gets a replica connection of its own
+  and so the 503. A later request on a keep-alive connection can still meet the silent close
+  (its client cannot tell whether it ran either way; an ``Idempotency-Key`` makes it a replay).
 - **A new app's first requests are answered, not 404'd.** Serve reports an app RUNNING before
   HAProxy has reloaded with its route; a path no backend serves goes to Serve's own proxy
   (the fallback that Ray already keeps on the head node), which knows the route as soon as
@@ -71,9 +77,14 @@ def route_regex(route: str) -> str:
     return f"^{body}/?$"
 
 
+def error_body(status: int, message: str) -> dict[str, dict[str, object]]:
+    """The apps' JSON error shape (core/errors.py), for answers HAProxy writes itself."""
+    return {"error": {"status": status, "message": message, "request_id": "-"}}
+
+
 def error_file(status: int, message: str) -> str:
     """A raw HTTP response for HAProxy's ``errorfile``: the apps' JSON error shape."""
-    body = json.dumps({"error": {"status": status, "message": message, "request_id": "-"}})
+    body = json.dumps(error_body(status, message))
     reason = {503: "Service Unavailable", 504: "Gateway Timeout"}[status]
     head = [
         f"HTTP/1.1 {status} {reason}",
@@ -127,6 +138,8 @@ def harden(
     files_dir.mkdir(parents=True, exist_ok=True)
     lost = files_dir / "cookbook-503.http"
     lost.write_text(error_file(503, LOST_MESSAGE))
+    lost_body = files_dir / "cookbook-503.json"
+    lost_body.write_text(json.dumps(error_body(503, LOST_MESSAGE)))
     late = files_dir / "cookbook-504.http"
     late.write_text(error_file(504, TIMEOUT_MESSAGE))
     routes = files_dir / "cookbook-idempotent-routes.lst"
@@ -145,6 +158,11 @@ def harden(
             # its first refused connection: RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT=1 in
             # cluster/ingress_mode.py); the attempts after that go to a live one.
             body.append(f"    retries {RETRIES}")
+            # A replay needs the whole request in HAProxy's buffer when it is first sent: wait
+            # for the body (up to tune.bufsize; a larger upload is never replayed) before
+            # picking a replica, or a body that trails its headers makes the request one
+            # that cannot be sent again.
+            body.append("    option http-buffer-request")
             if not any("idle-close-on-response" in ln for ln in body):
                 # A reload must not close a client's idle keep-alive connection under it.
                 body.append("    option idle-close-on-response")
@@ -166,7 +184,25 @@ def harden(
                 f"    acl cookbook_idempotent_route path_reg -f {routes}",
                 "    http-request disable-l7-retry if !cookbook_safe_method !cookbook_keyed "
                 "!cookbook_idempotent_route",
+                "    # Serve's own proxy (the fallback, a new app's first seconds) answers a lost",
+                "    # replica with a plain-text 500; the apps' own 500s are JSON",
+                "    acl cookbook_via_serve_proxy srv_name -m reg "
+                "^(SERVE_PROXY_ACTOR-fallback|cookbook_fallback)",
+                "    http-response return status 503 content-type application/json "
+                f"file {lost_body} hdr Retry-After {RETRY_AFTER_S} if cookbook_via_serve_proxy "
+                "{ status 500 } { res.hdr(content-type) -m beg text/plain }",
                 *section[at + 1 :],
+            ]
+        elif head.startswith("backend ") and any(
+            ln.strip() == "http-reuse always" for ln in section
+        ):
+            # A request sent on a reused replica connection whose replica dies is answered by
+            # closing the client's connection without a word (HAProxy leaves the retry to the
+            # client, as for a stale keep-alive), never the 503 above. `safe` gives the first
+            # request of each client connection a connection of its own, so a client that
+            # opens one per write gets the 503; the reuse keeps its speed for keep-alive clients.
+            section = [
+                "    http-reuse safe" if ln.strip() == "http-reuse always" else ln for ln in section
             ]
         elif head == "backend default_backend" and fallback:
             # No app backend has this path (yet): Serve's own proxy decides (route or 404).

@@ -151,11 +151,6 @@ def apply_ingress_mode(mode: str | None = None, applications: Iterable[dict[str,
         # rotation on the first refusal (Ray's default waits for 3), so a replayed request's
         # next attempt goes to a live replica instead of exhausting its retries on the dead one.
         os.environ.setdefault("RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT", "1")
-        # Ray's "optimized" HAProxy config (a server-state file, listeners handed over with
-        # -x on reload) dropped the connection of a keyed write being replayed across the
-        # reload its replica's death triggers; off, a reload can refuse a new connection for a
-        # moment instead. The trade and its counts: ops/README.md, "HAProxy reloads".
-        os.environ.setdefault("RAY_SERVE_ENABLE_HAPROXY_OPTIMIZED_CONFIG", "0")
         # HAProxy threads beyond the machine's cores only contend (Ray's default is 4).
         os.environ.setdefault("RAY_SERVE_HAPROXY_NBTHREAD", str(min(4, os.cpu_count() or 1)))
         _own_files_and_ports()

@@ -51,6 +51,12 @@ def serve_http() -> Iterator[str]:
     # Test in the mode `make serve` ships (cluster/ingress_mode.py), with the idempotent
     # routes of serve_config.yaml's apps: the tests deploy them at the same prefixes.
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    # An ingress replica that stops (an app deleted after its module, a redeploy) stays open
+    # 30 s by default so that a load balancer in front can stop sending it requests; here
+    # HAProxy reloads without it in about a second and retries a refused connection, so 3 s
+    # keep that guarantee without 30 s per deleted app (set before Ray starts: the
+    # controller and the replicas read it; clusters the tests start inherit it).
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "3")
     metrics_port = free_port()
     os.environ["COOKBOOK_TEST_METRICS_PORT"] = str(metrics_port)
     start_ray(
@@ -84,9 +90,8 @@ def deploy(serve_http: str) -> Iterator[Callable[..., str]]:
         serve.run(app, name=name, route_prefix=route_prefix)
         if name not in deployed:
             deployed.append(name)
-        # HAProxy reloads when the app's replicas change; without Ray's listener hand-over
-        # (cluster/ingress_mode.py says why it is off) a reload can refuse a new connection
-        # for a moment. Wait until the app answers through the port before the test starts.
+        # Wait until the app answers through the port (HAProxy, or Serve's proxy behind it
+        # until HAProxy has reloaded with the app's replicas) before the test starts.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:

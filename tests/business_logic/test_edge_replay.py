@@ -21,6 +21,7 @@ import sqlite3
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import psutil
@@ -56,34 +57,50 @@ def url(deploy, sqlite_urls, slow_risk) -> str:
     return deploy(build_app(args), APP, PREFIX)
 
 
-def ingress_pids() -> list[int]:
-    """The pids of the app's live BusinessIngress replicas (named actors in Serve's namespace,
-    each asked for its pid)."""
+def ingress_replicas() -> dict[str, int]:
+    """The app's live BusinessIngress replicas, replica id -> pid (named actors in Serve's
+    namespace, each asked for its pid)."""
     import ray
 
-    pids = []
+    found = {}
+    prefix = f"SERVE_REPLICA::{APP}#BusinessIngress#"
     for actor in ray.util.list_named_actors(all_namespaces=True):
-        if not actor["name"].startswith(f"SERVE_REPLICA::{APP}#BusinessIngress#"):
+        if not actor["name"].startswith(prefix):
             continue
         try:
             handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
-            pids.append(ray.get(handle.__ray_call__.remote(lambda _: os.getpid()), timeout=10))
+            pid = ray.get(handle.__ray_call__.remote(lambda _: os.getpid()), timeout=10)
+            found[actor["name"].removeprefix(prefix)] = pid
         except (ray.exceptions.RayError, ValueError):
             continue  # died or being replaced
-    return pids
+    return found
+
+
+def ingress_pids() -> list[int]:
+    return list(ingress_replicas().values())
+
+
+def edge_routes_to(replica_ids: list[str]) -> bool:
+    """Whether HAProxy's live configuration sends the app's requests to these replicas
+    directly (until it reloads, Serve's own proxy behind it carries them)."""
+    files = Path(os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent
+    text = "".join(p.read_text() for p in files.glob("*/haproxy.cfg"))
+    return all(f"server SERVE_REPLICA_{APP}-BusinessIngress-{r} " in text for r in replica_ids)
 
 
 def wait_for_two_replicas(url: str) -> None:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        if len(ingress_pids()) == 2:
+        replicas = ingress_replicas()
+        if len(replicas) == 2 and edge_routes_to(list(replicas)):
+            time.sleep(1)  # the reload that wrote it, and its first health checks
             try:
                 if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
         time.sleep(1)
-    pytest.fail("BusinessIngress did not get back to 2 replicas")
+    pytest.fail("BusinessIngress did not get back to 2 replicas, both behind HAProxy")
 
 
 def holder(port: int) -> int:

@@ -11,6 +11,8 @@ import json
 import re
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,15 @@ from cluster.haproxy_edge import TemplateChanged, harden, real_binary, route_reg
 LAUNCH_ENV = {"PATH": "/usr/bin:/bin", "COOKBOOK_HAPROXY_PYTHON": sys.executable}
 
 
-def ray_config(tmp_path: Path, *, host: str = "127.0.0.1") -> str:
-    """What Ray's HAProxyManager writes for one app with one replica and the head's proxy."""
+def ray_config(
+    tmp_path: Path,
+    *,
+    host: str = "127.0.0.1",
+    ports: tuple[int, int, int, int, int] = (8000, 8404, 9101, 30001, 8501),
+) -> str:
+    """What Ray's HAProxyManager writes for one app with one replica and the head's proxy;
+    ``ports``: HTTP, stats, metrics, the replica's and Serve's fallback proxy's."""
+    http, stats, metrics, replica, fallback = ports
     from ray.serve._private.haproxy import (
         BackendConfig,
         HAProxyApi,
@@ -33,13 +42,13 @@ def ray_config(tmp_path: Path, *, host: str = "127.0.0.1") -> str:
     from ray.serve.config import HTTPOptions
 
     cfg = HAProxyConfig(
-        http_options=HTTPOptions(host=host, port=8000),
+        http_options=HTTPOptions(host=host, port=http),
         socket_path=str(tmp_path / "admin.sock"),
         server_state_base=str(tmp_path),
         server_state_file=str(tmp_path / "server-state"),
         metrics_socket_path=str(tmp_path / "metrics.sock"),
-        stats_port=8404,
-        metrics_port=9101,
+        stats_port=stats,
+        metrics_port=metrics,
         has_received_routes=True,
         has_received_servers=True,
     )
@@ -47,8 +56,10 @@ def ray_config(tmp_path: Path, *, host: str = "127.0.0.1") -> str:
         name="http-business",
         path_prefix="/business",
         app_name="business_logic",
-        servers=[ServerConfig(name="replica-1", host="127.0.0.1", port=30001)],
-        fallback_server=ServerConfig(name="SERVE_PROXY_ACTOR-fallback-n1", host=host, port=8501),
+        servers=[ServerConfig(name="replica-1", host="127.0.0.1", port=replica)],
+        fallback_server=ServerConfig(
+            name="SERVE_PROXY_ACTOR-fallback-n1", host=host, port=fallback
+        ),
     )
     api = HAProxyApi(
         cfg=cfg,
@@ -151,6 +162,130 @@ def test_the_real_haproxy_accepts_the_hardened_config(hardened: tuple[str, str, 
         [real_binary(), "-c", "-f", str(path)], capture_output=True, text=True, timeout=60
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+# A replica for the live test: any GET answers 200 (health checks, warm-up); a POST is read and
+# then held, as a replica holds a slow write, until the test kills the process.
+REPLICA = """
+import sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Replica(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        print("got the write", flush=True)
+        time.sleep(60)
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Replica).serve_forever()
+"""
+# Serve's own proxy as the fallback: a lost replica is its plain-text 500; an app's 500 is JSON.
+SERVE_PROXY = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Proxy(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def answer(self, status, kind, body):
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.answer(200, "text/plain", b"ok")
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path.endswith("/app-error"):
+            self.answer(500, "application/json", b'{"error": {"status": 500}}')
+        else:
+            self.answer(500, "text/plain", b"Internal Server Error")
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Proxy).serve_forever()
+"""
+
+
+def test_a_replica_lost_with_a_write_is_a_503_even_on_a_reused_connection(
+    tmp_path: Path,
+) -> None:
+    """The real HAProxy on the hardened config, in front of a stand-in replica and a stand-in
+    for Serve's proxy. Requests from other clients leave an idle
+    connection to the replica in HAProxy's pool; a POST (no Idempotency-Key) then reaches the
+    replica, which dies with it. The client gets the JSON 503, not a closed connection (which
+    is what Ray's ``http-reuse always`` answers when the POST rides a pooled connection)."""
+    import httpx
+
+    from cluster.ports import free_port
+
+    ports = (free_port(), free_port(), free_port(), free_port(), free_port())
+    text = harden(ray_config(tmp_path, ports=ports), files_dir=tmp_path)
+    assert "http-reuse always" not in text and "http-reuse safe" in text
+    (tmp_path / "live.cfg").write_text(text)
+    replica = subprocess.Popen(
+        [sys.executable, "-c", REPLICA, str(ports[3])], stdout=subprocess.PIPE, text=True
+    )
+    serve_proxy = None
+    proxy = subprocess.Popen(
+        [real_binary(), "-db", "-f", str(tmp_path / "live.cfg")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{ports[0]}/business/score"
+    try:
+        for _ in range(100):  # HAProxy up and the replica's health check passed
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        for _ in range(3):
+            assert httpx.get(url, timeout=5).status_code == 200  # pooled replica connections
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, url, json={"amount": 1}, timeout=30)
+            assert replica.stdout is not None
+            assert replica.stdout.readline().strip() == "got the write"
+            replica.kill()
+            r = answer.result()
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "1"
+        assert "Idempotency-Key" in r.json()["error"]["message"]
+        # The replica is down: Serve's proxy (the backup server, started only now so that
+        # nothing but the replica answered above) takes over. Its plain-text 500 for a lost
+        # replica becomes the same 503; an app's own JSON 500 passes as it is.
+        serve_proxy = subprocess.Popen([sys.executable, "-c", SERVE_PROXY, str(ports[4])])
+        r = httpx.post(url, json={"amount": 1}, timeout=30)
+        for _ in range(100):
+            if r.status_code == 503 and r.headers.get("content-type") == "application/json":
+                break
+            time.sleep(0.1)  # HAProxy has not marked the dead replica down yet
+            r = httpx.post(url, json={"amount": 1}, timeout=30)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert "Idempotency-Key" in r.json()["error"]["message"]
+        r = httpx.post(f"{url}/app-error", json={"amount": 1}, timeout=30)
+        assert r.status_code == 500 and r.json() == {"error": {"status": 500}}
+    finally:
+        for process in (proxy, replica, serve_proxy):
+            if process is None:
+                continue
+            process.kill()
+            process.wait(timeout=10)
 
 
 def test_a_moved_template_line_fails_loudly(tmp_path: Path) -> None:
