@@ -48,7 +48,7 @@ from patterns.multiplexing.chat import (
 )
 from patterns.multiplexing.deployments import ChatArgs, ChatModel, ForecastArgs, ForecastModels
 from patterns.multiplexing.forecast_service import ForecastRequest
-from patterns.multiplexing.ids import ID_PATTERN, MAX_ID_LENGTH, check_model_id
+from patterns.multiplexing.ids import ID_SCHEMA, check_model_id
 from patterns.multiplexing.openai_errors import (
     OpenAIError,
     install_openai_errors,
@@ -60,15 +60,12 @@ from patterns.multiplexing.tenants import BASE_TENANT
 BASE_MODEL_ALIAS = "smollm2-135m-instruct"
 
 MODEL_ID_HEADER = "serve_multiplexed_model_id"  # Serve's own header name
-# A model id as the document states it; check_model_id enforces it (422 with a sentence), so the
-# path parameter only documents it (FastAPI's own 422 would say less).
-_ID_SCHEMA = {"pattern": ID_PATTERN.pattern, "maxLength": MAX_ID_LENGTH}
 ModelId = Annotated[
     str,
     Path(
         description="A store's model id, e.g. store-0042.",
         examples=["store-0042"],
-        json_schema_extra=_ID_SCHEMA,
+        json_schema_extra=ID_SCHEMA,
     ),
 ]
 _ID_HEADER = {
@@ -78,7 +75,7 @@ _ID_HEADER = {
             "in": "header",
             "required": True,
             "description": "The store's model id (missing or malformed: 422).",
-            "schema": {"type": "string", **_ID_SCHEMA},
+            "schema": {"type": "string", **ID_SCHEMA},
             "example": "store-0042",
         }
     ]
@@ -355,7 +352,12 @@ class MultiplexIngress:
         summary="One chat tenant, in OpenAI's model shape",
         responses=openai_error_responses(400, 404, 503),
     )
-    async def chat_model(self, model: str) -> dict[str, Any]:
+    async def chat_model(
+        self,
+        model: Annotated[
+            str, Path(description="A chat tenant id, or base.", json_schema_extra=ID_SCHEMA)
+        ],
+    ) -> dict[str, Any]:
         if model != BASE_TENANT:
             self._openai_tenant(model, None)
         return self._model_card(model)

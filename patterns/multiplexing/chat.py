@@ -43,6 +43,7 @@ from core.model_store import ModelRef, ModelStore
 from core.timing import Timings
 from patterns.multiplexing.cache import ModelCache
 from patterns.multiplexing.catalog import ModelIndex
+from patterns.multiplexing.ids import ID_SCHEMA
 from patterns.multiplexing.openai_errors import OpenAIError, openai_error_body
 from patterns.multiplexing.tenants import BASE_TENANT
 
@@ -232,7 +233,8 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_document_refused(REFUSED_FIELDS))
 
-    model: str = Field(min_length=1, max_length=200)  # the tenant id (or "base")
+    # the tenant id (or the base model's name); checked by check_model_id, for its sentence
+    model: str = Field(min_length=1, json_schema_extra=ID_SCHEMA)
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool | None = None
     stream_options: StreamOptions | None = None

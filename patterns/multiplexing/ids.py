@@ -22,6 +22,9 @@ MAX_ID_LENGTH = 64
 # Lower-case letters, digits, '-' and '_', starting with a letter or digit: a single safe
 # path segment in any store, never '.', '/', '%' or whitespace.
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# The id as an OpenAPI document states it; check_model_id enforces it (a 4xx with a sentence),
+# so request models and path parameters only document it (pydantic's own error would say less).
+ID_SCHEMA = {"pattern": ID_PATTERN.pattern, "maxLength": MAX_ID_LENGTH}
 SLOT_SEPARATOR = "#"  # never valid inside an id, so "<id>#<slot>" cannot be forged
 
 

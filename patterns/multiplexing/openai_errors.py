@@ -183,6 +183,8 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
         message = f"Unrecognized request argument supplied: {param}."
     elif kind in _PYDANTIC_CODES:
         message = msg  # ours: a whole sentence already
+    elif kind == "string_pattern_mismatch" and ctx.get("pattern") == r"\S":
+        message = f"Invalid value for {param}: it is empty (whitespace only)."
     else:
         message = f"Invalid value for {param or 'the body'}: {msg.removeprefix('Value error, ')}."
     return OpenAIError(400, message, param=param, code=_PYDANTIC_CODES.get(kind))

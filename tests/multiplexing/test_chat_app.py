@@ -111,7 +111,7 @@ def test_tenant_from_the_header(url) -> None:
         (_ask("nobody-inc"), 404, "model", "There is no chat adapter 'nobody-inc'"),
         (_ask("../pirate-co"), 400, "model", "tenant id"),
         (_ask("x" * 80), 400, "model", "tenant id"),
-        (_ask("pirate-co", "   "), 400, "messages[0]", "empty"),
+        (_ask("pirate-co", "   "), 400, "messages[0].content", "empty"),
         ({"model": "pirate-co", "messages": []}, 400, "messages", "messages"),
         (_ask("pirate-co", max_tokens=201), 400, "max_tokens", "at most 200 tokens"),
         (_ask("pirate-co", max_tokens=0), 400, "max_tokens", "max_tokens"),
