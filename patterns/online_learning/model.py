@@ -90,7 +90,7 @@ def validate_rows(rows: Sequence[Sequence[Any]], n_features: int = N_FEATURES) -
             if abs(v) > MAX_ABS_FEATURE:
                 raise Unprocessable(
                     f"Row {i}, feature {j} is {v!r}; features are standardised, so values "
-                    f"beyond +/-{MAX_ABS_FEATURE:g} are refused as corrupt input."
+                    f"beyond +/-{MAX_ABS_FEATURE:,.0f} are refused as corrupt input."
                 )
             out[i, j] = float(v)
     return out

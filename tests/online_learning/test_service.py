@@ -86,7 +86,7 @@ def test_predict_names_the_version_and_records_each_row(make_service) -> None:
         ([[*ROW[:4], math.inf]], "finite number"),
         ([[*ROW[:4], "7"]], "finite number"),
         ([[*ROW[:4], True]], "finite number"),
-        ([[*ROW[:4], 1e300]], "beyond +/-1e6"),
+        ([[*ROW[:4], 1e300]], "beyond +/-1,000,000"),
     ],
 )
 def test_bad_rows_are_a_422_with_a_sentence(make_service, rows, needle) -> None:
