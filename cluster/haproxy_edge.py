@@ -20,12 +20,9 @@ cannot drop a guarantee silently):
 - **A lost replica is a 503 with Retry-After, not a bare 500.** Ray turns HAProxy's 502, 503
   and 504 into a plain-text 500. Here 502 (the replica died with the request) and 503 (no
   replica up) answer a JSON 503 with ``Retry-After`` in the apps' error shape, 504 a JSON 504.
-  Ray's backends share pooled replica connections (``http-reuse always``), and a write that
-  dies on a pooled connection gets no answer at all: HAProxy closes the client's connection,
-  leaving the retry to the client as for a stale keep-alive. The backends reuse ``safe``
-  instead: the first request of each client connection gets a replica connection of its own
-  and so the 503. A later request on a keep-alive connection can still meet the silent close
-  (its client cannot tell whether it ran either way; an ``Idempotency-Key`` makes it a replay).
+  A request that is never replayed goes through a copy of its app's backend that opens a
+  replica connection per request (``once_backend``): on Ray's pooled connections its loss
+  would close the client's connection without an answer.
 - **A new app's first requests are answered, not 404'd.** Serve reports an app RUNNING before
   HAProxy has reloaded with its route; a path no backend serves goes to Serve's own proxy
   (the fallback that Ray already keeps on the head node), which knows the route as soon as
@@ -147,8 +144,16 @@ def harden(
     if fallback is None:
         fallback = fallback_proxy(text)
 
+    sections = _sections(text)
+    once = {
+        sec[0].split()[1]
+        for sec in sections
+        if sec[0].startswith("backend ")
+        and any(ln.strip() == "http-reuse always" for ln in sec)
+        and any(ln.strip().startswith("server ") for ln in sec)
+    }
     out: list[str] = [MARK]
-    for section in _sections(text):
+    for section in sections:
         head = section[0].strip()
         if head == "defaults":
             body = [ln for ln in section if not ln.strip().startswith("errorfile ")]
@@ -175,6 +180,7 @@ def harden(
         elif head == "frontend prometheus" or head.startswith("listen stats"):
             section = _replace_one(section, r"^bind \*?:(\d+)$", rf"bind {admin_host}:\1", head)
         elif head == "frontend http_frontend":
+            section = route_writes_once(section, once)
             at = next(i for i, ln in enumerate(section) if ln.strip().startswith("bind "))
             section = [
                 *section[: at + 1],
@@ -193,17 +199,9 @@ def harden(
                 "{ status 500 } { res.hdr(content-type) -m beg text/plain }",
                 *section[at + 1 :],
             ]
-        elif head.startswith("backend ") and any(
-            ln.strip() == "http-reuse always" for ln in section
-        ):
-            # A request sent on a reused replica connection whose replica dies is answered by
-            # closing the client's connection without a word (HAProxy leaves the retry to the
-            # client, as for a stale keep-alive), never the 503 above. `safe` gives the first
-            # request of each client connection a connection of its own, so a client that
-            # opens one per write gets the 503; the reuse keeps its speed for keep-alive clients.
-            section = [
-                "    http-reuse safe" if ln.strip() == "http-reuse always" else ln for ln in section
-            ]
+        elif head.startswith("backend ") and head.split()[1] in once:
+            out.extend(section)
+            section = once_backend(section)
         elif head == "backend default_backend" and fallback:
             # No app backend has this path (yet): Serve's own proxy decides (route or 404).
             section = [
@@ -213,6 +211,59 @@ def harden(
             ]
         out.extend(section)
     return "\n".join(out) + "\n"
+
+
+# The requests the edge never sends twice (the frontend's ACLs, above): writes without a key.
+_NOT_REPLAYABLE = "!cookbook_safe_method !cookbook_keyed !cookbook_idempotent_route"
+ONCE_SUFFIX = "-once"
+
+
+def route_writes_once(frontend: list[str], once: set[str]) -> list[str]:
+    """Before Ray's ``use_backend B if <app>``, send the app's requests that are never
+    replayed to ``B-once`` (``once_backend``)."""
+    out = []
+    for line in frontend:
+        found = re.match(r"^(\s*)use_backend (\S+) if (.+)$", line)
+        if found and found.group(2) in once:
+            indent, backend, condition = found.groups()
+            if re.search(r"\|\||\bor\b", condition):
+                raise TemplateChanged(f"use_backend {backend}: a condition with 'or'")
+            out.append(
+                f"{indent}use_backend {backend}{ONCE_SUFFIX} if {condition} {_NOT_REPLAYABLE}"
+            )
+        out.append(line)
+    return out
+
+
+def once_backend(backend: list[str]) -> list[str]:
+    """A copy of an app's backend for requests that are never replayed, on a fresh replica
+    connection each (``option http-server-close``), its servers tracking the original's
+    health checks.
+
+    Why: Ray's backends pool replica connections (``http-reuse always``), and a request that
+    dies on a pooled connection and may not be retried gets no answer at all: HAProxy closes
+    the client's connection, leaving the retry to the client as for a stale keep-alive (any
+    reuse mode does this, for any request after a client connection's first). On a fresh
+    connection the same loss is a 502, which the errorfile makes the JSON 503. The requests
+    that are replayed keep the pool: HAProxy retries them instead."""
+    name = backend[0].split()[1]
+    out = [f"backend {name}{ONCE_SUFFIX}"]
+    for line in backend[1:]:
+        text = line.strip()
+        if text == "http-reuse always":
+            out.append("    # A write sent once: a replica connection of its own, so a lost")
+            out.append("    # replica is the 503, never a silently closed connection")
+            out.append("    option http-server-close")
+        elif text.startswith(("#", "option httpchk", "http-check ", "default-server ")):
+            continue  # Ray's comments; health comes from the tracked servers
+        elif text.startswith("server "):
+            parts = text.split()
+            server, address = parts[1], parts[2]
+            backup = " backup" if "backup" in parts[3:] else ""
+            out.append(f"    server {server} {address} track {name}/{server}{backup}")
+        else:
+            out.append(line)
+    return out
 
 
 def fallback_proxy(text: str) -> str | None:

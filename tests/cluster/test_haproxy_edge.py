@@ -132,6 +132,25 @@ def test_only_safe_requests_are_replayed(hardened: tuple[str, str, Path]) -> Non
     assert patterns == [r"^/business/model/?$", r"^/multiplex/models/[^/]+/predict/?$"]
 
 
+def test_writes_sent_once_get_a_replica_connection_of_their_own(
+    hardened: tuple[str, str, Path],
+) -> None:
+    _, text, _ = hardened
+    frontend = section(text, "frontend http_frontend").splitlines()
+    uses = [ln.strip() for ln in frontend if ln.strip().startswith("use_backend ")]
+    assert uses == [
+        "use_backend http-business-once if is_http-business !cookbook_safe_method "
+        "!cookbook_keyed !cookbook_idempotent_route",
+        "use_backend http-business if is_http-business",
+    ]
+    once = section(text, "backend http-business-once")
+    assert "option http-server-close" in once and "http-reuse" not in once
+    assert "server replica-1 127.0.0.1:30001 track http-business/replica-1\n" in once
+    assert "track http-business/SERVE_PROXY_ACTOR-fallback-n1 backup" in once
+    assert " check" not in once  # health is the tracked servers'
+    assert "http-reuse always" in section(text, "backend http-business")  # replays keep the pool
+
+
 def test_route_regex_matches_one_segment_per_parameter() -> None:
     rx = re.compile(route_regex("/multiplex/models/{model_id}/predict"))
     assert rx.match("/multiplex/models/store-7/predict")
@@ -164,8 +183,8 @@ def test_the_real_haproxy_accepts_the_hardened_config(hardened: tuple[str, str, 
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-# A replica for the live test: any GET answers 200 (health checks, warm-up); a POST is read and
-# then held, as a replica holds a slow write, until the test kills the process.
+# A replica for the live test: a GET or a POST answers 200 (health checks, warm-up); a POST to
+# .../hold is read and then held, as a replica holds a slow write, until the test kills it.
 REPLICA = """
 import sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -181,6 +200,8 @@ class Replica(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if not self.path.endswith("/hold"):
+            return self.do_GET()
         print("got the write", flush=True)
         time.sleep(60)
 
@@ -221,21 +242,21 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Proxy).serve_forever()
 """
 
 
-def test_a_replica_lost_with_a_write_is_a_503_even_on_a_reused_connection(
+def test_a_replica_lost_with_a_write_is_a_503_even_on_a_keep_alive_connection(
     tmp_path: Path,
 ) -> None:
     """The real HAProxy on the hardened config, in front of a stand-in replica and a stand-in
-    for Serve's proxy. Requests from other clients leave an idle
-    connection to the replica in HAProxy's pool; a POST (no Idempotency-Key) then reaches the
-    replica, which dies with it. The client gets the JSON 503, not a closed connection (which
-    is what Ray's ``http-reuse always`` answers when the POST rides a pooled connection)."""
+    for Serve's proxy. A keep-alive client's second POST (no Idempotency-Key) reaches the
+    replica, which dies with it. The client gets the JSON 503, not a closed connection: on
+    Ray's pooled replica connections (``http-reuse always``, any reuse mode) HAProxy closes the
+    client's connection without an answer, as it does for a stale keep-alive."""
     import httpx
 
     from cluster.ports import free_port
 
     ports = (free_port(), free_port(), free_port(), free_port(), free_port())
     text = harden(ray_config(tmp_path, ports=ports), files_dir=tmp_path)
-    assert "http-reuse always" not in text and "http-reuse safe" in text
+    assert "backend http-business-once" in text
     (tmp_path / "live.cfg").write_text(text)
     replica = subprocess.Popen(
         [sys.executable, "-c", REPLICA, str(ports[3])], stdout=subprocess.PIPE, text=True
@@ -257,8 +278,9 @@ def test_a_replica_lost_with_a_write_is_a_503_even_on_a_reused_connection(
             time.sleep(0.1)
         for _ in range(3):
             assert httpx.get(url, timeout=5).status_code == 200  # pooled replica connections
-        with ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(httpx.post, url, json={"amount": 1}, timeout=30)
+        with httpx.Client(timeout=30) as client, ThreadPoolExecutor(1) as pool:
+            assert client.post(url, json={"amount": 1}).status_code == 200
+            answer = pool.submit(client.post, f"{url}/hold", json={"amount": 1})
             assert replica.stdout is not None
             assert replica.stdout.readline().strip() == "got the write"
             replica.kill()
