@@ -63,6 +63,14 @@ LOST_MESSAGE = (
 TIMEOUT_MESSAGE = "The app did not answer in time."
 
 
+# The requests the edge never sends twice (ACLs of the HTTP frontend): writes without a key.
+_NOT_REPLAYABLE = "!cookbook_safe_method !cookbook_keyed !cookbook_idempotent_route"
+ONCE_SUFFIX = "-once"
+# Not in a once_backend copy: Ray's comments, its pooling, and health checks (the copy's servers
+# track the original's).
+_NOT_COPIED = ("#", "http-reuse ", "option httpchk", "http-check ", "default-server ")
+
+
 class TemplateChanged(RuntimeError):
     """Ray's HAProxy template no longer has a line this rewrite relies on."""
 
@@ -145,11 +153,12 @@ def harden(
         fallback = fallback_proxy(text)
 
     sections = _sections(text)
+    # Every app backend (one with replica servers) gets its once_backend copy.
     once = {
         sec[0].split()[1]
         for sec in sections
         if sec[0].startswith("backend ")
-        and any(ln.strip() == "http-reuse always" for ln in sec)
+        and sec[0].strip() != "backend default_backend"
         and any(ln.strip().startswith("server ") for ln in sec)
     }
     out: list[str] = [MARK]
@@ -188,8 +197,7 @@ def harden(
                 "    acl cookbook_safe_method method GET HEAD OPTIONS",
                 "    acl cookbook_keyed req.hdr(idempotency-key) -m found",
                 f"    acl cookbook_idempotent_route path_reg -f {routes}",
-                "    http-request disable-l7-retry if !cookbook_safe_method !cookbook_keyed "
-                "!cookbook_idempotent_route",
+                f"    http-request disable-l7-retry if {_NOT_REPLAYABLE}",
                 "    # Serve's own proxy (the fallback, a new app's first seconds) answers a lost",
                 "    # replica with a plain-text 500; the apps' own 500s are JSON",
                 "    acl cookbook_via_serve_proxy srv_name -m reg "
@@ -211,11 +219,6 @@ def harden(
             ]
         out.extend(section)
     return "\n".join(out) + "\n"
-
-
-# The requests the edge never sends twice (the frontend's ACLs, above): writes without a key.
-_NOT_REPLAYABLE = "!cookbook_safe_method !cookbook_keyed !cookbook_idempotent_route"
-ONCE_SUFFIX = "-once"
 
 
 def route_writes_once(frontend: list[str], once: set[str]) -> list[str]:
@@ -247,15 +250,16 @@ def once_backend(backend: list[str]) -> list[str]:
     connection the same loss is a 502, which the errorfile makes the JSON 503. The requests
     that are replayed keep the pool: HAProxy retries them instead."""
     name = backend[0].split()[1]
-    out = [f"backend {name}{ONCE_SUFFIX}"]
+    out = [
+        f"backend {name}{ONCE_SUFFIX}",
+        "    # A write sent once: a replica connection of its own, so a lost replica is the",
+        "    # 503, never a silently closed connection",
+        "    option http-server-close",
+    ]
     for line in backend[1:]:
         text = line.strip()
-        if text == "http-reuse always":
-            out.append("    # A write sent once: a replica connection of its own, so a lost")
-            out.append("    # replica is the 503, never a silently closed connection")
-            out.append("    option http-server-close")
-        elif text.startswith(("#", "option httpchk", "http-check ", "default-server ")):
-            continue  # Ray's comments; health comes from the tracked servers
+        if text.startswith(_NOT_COPIED):
+            continue
         elif text.startswith("server "):
             parts = text.split()
             server, address = parts[1], parts[2]

@@ -38,26 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from cluster.ports import free_port
+from tests.servers import wait_http_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTE = "/bench/healthz"
 GOAL = 0.40  # the shipped default at >= 40% of plain uvicorn's no-op req/s
 APP_GOAL = 2.0  # each app's req/s within the SLO: >= 2x the default proxy's
 APPS = ("ensemble", "business_logic", "online_learning", "multiplexing")
-
-
-def _wait_ready(url: str, timeout_s: float = 180.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} did not answer 200 within {timeout_s:g} s")
 
 
 def public_listeners(root_pid: int) -> list[str]:
@@ -92,7 +79,7 @@ def serve_child(port: int) -> int:
 
     with local_serve(num_cpus=2, port=port):
         serve.run(build(), name="bench", route_prefix="/bench")
-        _wait_ready(f"http://127.0.0.1:{port}{ROUTE}")
+        wait_http_ok(f"http://127.0.0.1:{port}{ROUTE}", 180)
         time.sleep(2)  # let HAProxy finish its reloads before load starts
         mode = os.environ.get("COOKBOOK_INGRESS_MODE", "haproxy")
         print("READY " + json.dumps({"mode": mode, "listen": public_listeners(os.getpid())}))
@@ -108,7 +95,7 @@ def _start(mode: str, port: int) -> tuple[subprocess.Popen, dict[str, Any]]:
                "127.0.0.1", "--port", str(port), "--log-level", "warning",
                "--no-access-log"]  # fmt: skip
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
-        _wait_ready(f"http://127.0.0.1:{port}/healthz")
+        wait_http_ok(f"http://127.0.0.1:{port}/healthz", 180)
         return proc, {"mode": "uvicorn", "listen": []}
     env["COOKBOOK_INGRESS_MODE"] = mode
     cmd = [sys.executable, "-m", "scripts.ingress_bench", "--child", str(port)]

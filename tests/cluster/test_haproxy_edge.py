@@ -253,6 +253,7 @@ def test_a_replica_lost_with_a_write_is_a_503_even_on_a_keep_alive_connection(
     import httpx
 
     from cluster.ports import free_port
+    from tests.servers import wait_http_ok
 
     ports = (free_port(), free_port(), free_port(), free_port(), free_port())
     text = harden(ray_config(tmp_path, ports=ports), files_dir=tmp_path)
@@ -269,13 +270,7 @@ def test_a_replica_lost_with_a_write_is_a_503_even_on_a_keep_alive_connection(
     )
     url = f"http://127.0.0.1:{ports[0]}/business/score"
     try:
-        for _ in range(100):  # HAProxy up and the replica's health check passed
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_http_ok(url)  # HAProxy up and the replica's health check passed
         for _ in range(3):
             assert httpx.get(url, timeout=5).status_code == 200  # pooled replica connections
         with httpx.Client(timeout=30) as client, ThreadPoolExecutor(1) as pool:
@@ -314,6 +309,14 @@ def test_a_moved_template_line_fails_loudly(tmp_path: Path) -> None:
     original = ray_config(tmp_path)
     with pytest.raises(TemplateChanged, match="retry-on"):
         harden(original.replace("retry-on ", "retry_on "), files_dir=tmp_path)
+    with pytest.raises(TemplateChanged, match="a condition with 'or'"):
+        harden(
+            original.replace(
+                "use_backend http-business if is_http-business",
+                "use_backend http-business if is_http-business or is_other",
+            ),
+            files_dir=tmp_path,
+        )
     with pytest.raises(TemplateChanged, match="listen stats"):
         harden(original.replace("bind *:8404", "bind 10.0.0.1:8404"), files_dir=tmp_path)
 
