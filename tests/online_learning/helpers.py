@@ -45,22 +45,30 @@ def wait_until_served(
 
 
 def wait_trained_on(url: str, played: dict[str, Any], timeout_s: float = 90.0) -> dict[str, Any]:
-    """Until the trainer has consumed the last event ``play`` had acknowledged, and every
-    ingress replica serves the champion it left: the next ``play`` then measures what the
-    model learned, not how fast the requests outran the trainer. Returns GET /model."""
-    last = played["acks"][-1]["offset"]
-    model = wait_for(
-        lambda: (
-            (m := httpx.get(f"{url}/model", timeout=30).json())["trainer"].get("consumed") == last
-            and m
-        ),
-        timeout_s,
-        0.25,
-        what=f"the trainer to consume up to offset {last}",
-    )
-    champion = model["pointer_history"][0]["version"]
+    """Until the trainer has finished the round that consumed the last event ``play`` had
+    acknowledged, and every ingress replica serves the champion it left: the next ``play``
+    then measures what the model learned, not how fast the requests outran the trainer.
+    Returns GET /model.
+
+    "Finished" is ``consumed`` at the offset *and* no round in flight: the trainer records
+    the offset once the version is durable, and promotes it a moment later."""
+    model = wait_trainer_done(url, played["acks"][-1]["offset"], timeout_s)
+    champion = model["trainer"]["champion"]
     wait_until_served(url, lambda v: v == champion, f"every replica on {champion}", 8, 60)
     return model
+
+
+def wait_trainer_done(url: str, last: str, timeout_s: float = 30.0) -> dict[str, Any]:
+    """GET /model once the trainer's round that consumed offset ``last`` has finished: the
+    trainer records the offset when the version is durable and promotes it a moment later,
+    so ``consumed`` alone can show the champion before the round's own promotion."""
+
+    def done() -> dict[str, Any] | None:
+        m = httpx.get(f"{url}/model", timeout=30).json()
+        t = m["trainer"]
+        return m if t.get("consumed") == last and t.get("in_batch") is None else None
+
+    return wait_for(done, timeout_s, 0.25, what=f"the trainer to finish up to offset {last}")
 
 
 def send_with_backoff(

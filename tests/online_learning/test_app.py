@@ -18,7 +18,7 @@ import pytest
 from patterns.online_learning.app import OnlineArgs, build_app
 from patterns.online_learning.bandit import ACTIONS, OfferSimulator
 from patterns.online_learning.stream import DriftingStream
-from tests.online_learning.helpers import play, wait_for, wait_trained_on
+from tests.online_learning.helpers import play, wait_for, wait_trained_on, wait_trainer_done
 
 APP, PREFIX = "online-test", "/online-test"
 STREAM = DriftingStream()
@@ -124,15 +124,7 @@ def test_it_learns_across_a_drift_and_every_replica_converges(url) -> None:
     after = play(url, STREAM, d + 900, 300)
     assert before["accuracy"] < 0.7, before["accuracy"]
     assert after["accuracy"] > 0.85, after["accuracy"]
-    last_offset = after["acks"][-1]["offset"]
-    model = wait_for(
-        lambda: (
-            (m := httpx.get(f"{url}/model", timeout=30).json())["trainer"].get("consumed")
-            == last_offset
-            and m
-        ),
-        what="the trainer to consume every acknowledged event",
-    )
+    model = wait_trainer_done(url, after["acks"][-1]["offset"])
     assert model["metrics_history"] and model["metrics_history"][-1]["decision"] in (
         "promote",
         "reject",

@@ -97,8 +97,9 @@ def test_sigkill_mid_batch_loses_nothing_and_applies_nothing_twice(app) -> None:
 
 
 def _consumed(app_name: str, offset: str) -> bool:
+    """The round that consumed ``offset`` has finished, its promotion included."""
     s = trainer_status(app_name)
-    return bool(s) and s["consumed"] == offset
+    return bool(s) and s["consumed"] == offset and s["in_batch"] is None
 
 
 def test_a_poisoned_model_that_got_live_is_rolled_back_by_live_labels(app) -> None:
