@@ -6,178 +6,41 @@
                  |                              --> member_mlp (PyTorch)   ---+
                  +--(copy, not awaited)--> challenger_xgb_v2 --> ShadowRecorder
 
-This module declares the args, wires the deployments and maps routes to the request flow
-(``VotingEnsemble`` in flow.py). Run: ``serve run patterns.ensemble.app:app`` (after
-``python -m patterns.ensemble.artifacts``). Knobs: config.yaml, equal to the defaults here.
+This module wires the deployments and maps routes to the request flow (``VotingEnsemble`` in
+flow.py, next to the args it is built from, ``EnsembleArgs``). Run: ``serve run
+patterns.ensemble.app:app`` (after ``python -m patterns.ensemble.artifacts``). Knobs:
+config.yaml, equal to ``EnsembleArgs``' defaults.
 """
 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI views need real
 # annotations (with string annotations `self` becomes a required query parameter).
-from typing import Annotated, Any
+from typing import Any
 
-import numpy as np
 from fastapi import Depends, FastAPI, Request, Response, Security
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, Field, Strict
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from core.apps import SURGE, coerce_args, default_app
-from core.errors import ModelNotFound
 from core.ingress import IDEMPOTENT, api_key_auth, install_ingress, request_id_of
-from core.model_store import ModelStore
-from core.openapi import (
-    JSON_BODY,
-    KEYED,
-    document_replica,
-    error_responses,
-    json_int,
-    schema_property,
-)
+from core.openapi import JSON_BODY, KEYED, document_replica, error_responses, schema_property
 from core.readiness import Readiness
-from core.resources import StageResources, resolve_actor_options, wants_gpu
+from core.resources import resolve_actor_options, wants_gpu
 from patterns.ensemble import ensemble_pb2, grpc_service
+from patterns.ensemble.artifacts import stored_report
 from patterns.ensemble.data import CLASS_NAMES, N_FEATURES, feature_names
 from patterns.ensemble.deployments import EnsembleMember
-from patterns.ensemble.flow import VotingEnsemble
+from patterns.ensemble.flow import EnsembleArgs, FeedbackRequest, PredictRequest, VotingEnsemble
 from patterns.ensemble.members import MemberSpec
 from patterns.ensemble.settings import KEY_HEADER, Access, load_access
-from patterns.ensemble.shadow import PromotionGate, ShadowRecorder
-from patterns.ensemble.voting import SelectionSpec, VotingMode
+from patterns.ensemble.shadow import ShadowRecorder
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 # The challenger is off the request path: its batches may wait longer to fill.
 CHALLENGER_BATCHING = {"max_batch_size": 32, "batch_wait_timeout_s": 0.01}
 
 
-# ------------------------------------------------------------------------------ args
-class ChallengerSpec(BaseModel):
-    member: MemberSpec | None = None
-    gate: PromotionGate = PromotionGate()
-    shadow_timeout_s: float = Field(default=5.0, gt=0)
-    # Shadow copies in flight per ingress replica; beyond this they are dropped (and counted),
-    # so a slow challenger can never pile up work behind live traffic.
-    max_in_flight: int = Field(default=64, ge=1)
-
-
-def _default_members() -> list[MemberSpec]:
-    return [
-        MemberSpec(name="logreg", family="sklearn", model="ensemble-logreg", version="v1"),
-        MemberSpec(name="xgb", family="xgboost", model="ensemble-xgb", version="v1", weight=1.5),
-        # a quarter GPU where there is one; placed on CPU (with a log line) where there is not
-        MemberSpec(
-            name="mlp",
-            family="torch",
-            model="ensemble-mlp",
-            version="v1",
-            resources=StageResources(num_cpus=0.1, num_gpus=0.25),
-        ),
-    ]
-
-
-def _default_challenger() -> ChallengerSpec:
-    member = MemberSpec(
-        name="xgb_v2",
-        family="xgboost",
-        model="ensemble-xgb",
-        version="v2",
-        resources=StageResources(num_cpus=0.05),
-    )
-    return ChallengerSpec(member=member)
-
-
-class EnsembleArgs(BaseModel):
-    members: list[MemberSpec] = Field(default_factory=_default_members, min_length=1)
-    voting: VotingMode = "soft"
-    deadline_ms: float = Field(default=250, gt=0)  # per request, for the whole fan-out
-    # a fan-out that missed its quorum only because members were late is sent again, each
-    # time with twice the deadline (250, 500, 1000 ms): a starved core, not a dead member
-    late_retries: int = Field(default=2, ge=0, le=3)
-    quorum: int = Field(default=2, ge=1)  # members that must answer for a vote
-    selection: SelectionSpec = SelectionSpec()
-    challenger: ChallengerSpec = Field(default_factory=_default_challenger)
-    max_instances: int = Field(default=64, ge=1)  # rows per request
-    # Largest |feature| accepted (422 beyond). Members compute in float32; near its limit
-    # (-3e38 in the tests) these models' standardisation overflows: logreg raises for its whole
-    # batch (shared with other requests) and the MLP answers NaN.
-    max_abs_feature: float = Field(default=1e30, gt=0, le=FLOAT32_MAX)
-    ingress_resources: StageResources = StageResources(num_cpus=0.1)
-    model_store_uri: str | None = None  # default: COOKBOOK_MODEL_STORE_URI
-
-
-def voting_ensemble(
-    args: EnsembleArgs,
-    members: dict[str, Any],
-    challenger: Any | None,
-    recorder: Any,
-    held_out: dict[str, Any] | None = None,
-) -> VotingEnsemble:
-    """The request flow for ``args``, over handles (or in-process stand-ins in tests)."""
-    ch = args.challenger.member if challenger is not None else None
-    return VotingEnsemble(
-        members=members,
-        weights={m.name: m.weight for m in [*args.members, *([ch] if ch else [])]},
-        recorder=recorder,
-        voting=args.voting,
-        deadline_ms=args.deadline_ms,
-        late_retries=args.late_retries,
-        quorum=args.quorum,
-        selection=args.selection,
-        max_instances=args.max_instances,
-        max_abs_feature=args.max_abs_feature,
-        challenger=challenger,
-        challenger_name=ch.name if ch else None,
-        shadow_timeout_s=args.challenger.shadow_timeout_s,
-        max_shadow_in_flight=args.challenger.max_in_flight,
-        held_out=held_out,
-    )
-
-
-def _stored_report(store_uri: str | None) -> dict[str, Any] | None:
-    """The held-out report artifacts.py stored (for the default args, which config.yaml
-    repeats); None when it is not there. (Defined above the ingress: Serve pickles the class
-    by value when it is decorated, with the module globals it uses that exist by then.)"""
-    import json
-
-    try:
-        files, ref = ModelStore.open(store_uri).read_verified("ensemble-report", "v1")
-    except ModelNotFound:
-        return None
-    return {"artifact": ref.public(), **json.loads(files["report.json"])}
-
-
 # ------------------------------------------------------------------------------ routes
-Feature = Annotated[float, Strict(), Field(allow_inf_nan=False)]
-
-
-# A row's length is checked by the flow (gRPC callers too), with a sentence naming the row; the
-# schema states the same number. How many rows, and how large a value, come from the args:
-# ``_document`` writes them into the served schema.
-Row = Annotated[
-    list[Feature], Field(json_schema_extra={"minItems": N_FEATURES, "maxItems": N_FEATURES})
-]
-
-
-class PredictRequest(BaseModel):
-    instances: list[Row] = Field(
-        min_length=1,
-        description=f"Rows of {N_FEATURES} numbers in the order of GET /schema. More rows "
-        "than maxItems: 413.",
-        examples=[[[17.99, 10.38, 122.8, 1001.0] + [0.1] * 26]],
-    )
-
-
-class FeedbackRequest(BaseModel):
-    prediction_id: str = Field(min_length=1, max_length=128)
-    # At most max_instances labels (checked by the flow, where the args are known).
-    labels: list[json_int(ge=0, le=1)] = Field(  # type: ignore[valid-type]
-        min_length=1,
-        description="1 = benign, 0 = malignant; one label per row of the prediction (a "
-        "recorded prediction with another number of rows: 422).",
-    )
-
-
 api = FastAPI(
     title="Ensemble",
     description="Voting ensemble over scikit-learn, XGBoost and PyTorch members, with a "
@@ -265,8 +128,8 @@ class EnsembleIngress:
         parsed = EnsembleArgs(**args)
         self.access = load_access()  # placeholder keys refused in production
         self.access.announce()  # open (development) or which keys, in the replica's log
-        self.ensemble = voting_ensemble(
-            parsed, members, challenger, recorder, _stored_report(parsed.model_store_uri)
+        self.ensemble = VotingEnsemble.from_args(
+            parsed, members, challenger, recorder, stored_report(parsed.model_store_uri)
         )
         self.readiness = Readiness("ensemble", self.model)
 
@@ -383,22 +246,15 @@ def _member_app(spec: MemberSpec, store_uri: str | None, prefix: str, **options:
     return deployment.bind(spec.model_dump(), store_uri, wants_gpu(actor))
 
 
-def build_app(args: EnsembleArgs) -> Application:
+def build_app(args: EnsembleArgs | dict[str, Any] | None = None) -> Application:
+    """The ensemble app for ``args`` (None: the defaults, which config.yaml repeats)."""
     args = coerce_args(args, EnsembleArgs)
-    names = [m.name for m in args.members]
-    if len(set(names)) != len(names):
-        raise ValueError(f"member names must be unique, got {names}")
-    if args.quorum > len(names):
-        raise ValueError(f"quorum {args.quorum} is larger than the roster ({len(names)})")
-    if args.selection.mode == "cascade" and args.selection.gate_member not in names:
-        raise ValueError(f"cascade gate {args.selection.gate_member!r} is not a member")
+    args.check_roster()  # ValueError naming the clash before anything is bound
     store_uri = args.model_store_uri
     members = {m.name: _member_app(m, store_uri, "member") for m in args.members}
     ch = args.challenger.member
     challenger = None
     if ch is not None:
-        if ch.name in names:
-            raise ValueError(f"the challenger's name {ch.name!r} is also a member's")
         challenger = _member_app(ch, store_uri, "challenger", user_config=CHALLENGER_BATCHING)
     recorder = ShadowRecorder.bind(
         args.challenger.gate.model_dump(), ch.name if ch else None, args.max_instances

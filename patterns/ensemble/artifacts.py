@@ -23,8 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import ModelNotFound
 from core.model_store import ModelStore
 from patterns.ensemble.data import load_split, seed_of
+from patterns.ensemble.flow import EnsembleArgs
 from patterns.ensemble.members import (
     SklearnMember,
     TorchMember,
@@ -54,19 +56,14 @@ def _accuracy(pred: np.ndarray, y: np.ndarray) -> float:
     return round(float((pred == y).mean()), 4)
 
 
-def default_args() -> Any:
-    """The app's default args (an ``EnsembleArgs``). Imported here, not at the top: the app
-    module imports Ray Serve, which training alone does not need."""
-    from patterns.ensemble.app import EnsembleArgs
-
+def default_args() -> EnsembleArgs:
+    """The app's default args (what ``serve run patterns.ensemble.app:app`` serves)."""
     return EnsembleArgs()
 
 
-def configured_args(path: Path = CONFIG) -> Any:
+def configured_args(path: Path = CONFIG) -> EnsembleArgs:
     """The ``args:`` of the ensemble application in ``path``, validated as ``EnsembleArgs``."""
     import yaml
-
-    from patterns.ensemble.app import EnsembleArgs
 
     doc = yaml.safe_load(path.read_text())
     apps = [a for a in doc["applications"] if a["import_path"].startswith("patterns.ensemble.")]
@@ -232,6 +229,17 @@ def ensure_artifacts(
     )
     _log(json.dumps(report, indent=2))
     return report
+
+
+def stored_report(store_uri: str | None = None) -> dict[str, Any] | None:
+    """The held-out report ``ensure_artifacts`` stored (for the default args, which
+    config.yaml repeats), with the artifact it came from; None when it is not there. The
+    ingress shows it in ``GET /model`` as ``held_out``."""
+    try:
+        files, ref = ModelStore.open(store_uri).read_verified(*REPORT)
+    except ModelNotFound:
+        return None
+    return {"artifact": ref.public(), **json.loads(files["report.json"])}
 
 
 def print_report(

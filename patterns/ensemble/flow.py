@@ -3,7 +3,9 @@ quorum, vote, answer; then a shadow copy to the challenger, off the request path
 
 ``VotingEnsemble`` is plain asyncio with its handles passed in: Serve's DeploymentHandles in
 the app (app.py), in-process objects with the same ``handle.method.remote(...)`` shape in the
-tests. It never imports Ray.
+tests. ``EnsembleArgs`` (the app's args: roster, voting, deadline, quorum, challenger and its
+promotion gate) and the HTTP request bodies are declared here too, so the flow, the training
+report (artifacts.py) and the tests read them without importing Ray; this module never does.
 
 Failure policy, in one place:
 - bad rows: 413 (too many) or 422 naming the row, column and feature; nothing is called;
@@ -24,14 +26,18 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import BaseModel, Field, Strict
 
 from core.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
+from core.openapi import json_int
 from core.resilience import gather_with_deadline, transient_failure
+from core.resources import StageResources
 from core.timing import Timings
 from patterns.ensemble.data import CLASS_NAMES, N_FEATURES, feature_names
+from patterns.ensemble.members import MemberSpec
 from patterns.ensemble.voting import SelectionSpec, VotingMode, cascade, uncertain_rows
 
 logger = logging.getLogger("patterns.ensemble.flow")
@@ -39,6 +45,121 @@ logger = logging.getLogger("patterns.ensemble.flow")
 PROMOTION_REFRESH_S = 1.0  # how often each ingress replica re-reads the promotion state
 PROMOTION_READ_TIMEOUT_S = 2.0  # one read of it; on timeout or error the last value stays
 PROMOTION_WARN_EVERY_S = 60.0  # at most one warning per replica this often when reads fail
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+# ------------------------------------------------------------------------------ args
+class PromotionGate(BaseModel):
+    """When may the challenger vote? All conditions must hold."""
+
+    min_samples: int = Field(default=50, ge=1)  # shadowed predictions seen
+    min_agreement: float = Field(default=0.9, ge=0, le=1)  # share agreeing with the ensemble
+    min_labeled: int = Field(default=20, ge=0)  # predictions with feedback labels
+    # challenger accuracy may trail the ensemble's by at most this much on labelled rows
+    max_accuracy_drop: float = Field(default=0.0, ge=0, le=1)
+    max_p95_latency_ms: float = Field(default=200.0, gt=0)
+
+
+class ChallengerSpec(BaseModel):
+    member: MemberSpec | None = None
+    gate: PromotionGate = PromotionGate()
+    shadow_timeout_s: float = Field(default=5.0, gt=0)
+    # Shadow copies in flight per ingress replica; beyond this they are dropped (and counted),
+    # so a slow challenger can never pile up work behind live traffic.
+    max_in_flight: int = Field(default=64, ge=1)
+
+
+def _default_members() -> list[MemberSpec]:
+    return [
+        MemberSpec(name="logreg", family="sklearn", model="ensemble-logreg", version="v1"),
+        MemberSpec(name="xgb", family="xgboost", model="ensemble-xgb", version="v1", weight=1.5),
+        # a quarter GPU where there is one; placed on CPU (with a log line) where there is not
+        MemberSpec(
+            name="mlp",
+            family="torch",
+            model="ensemble-mlp",
+            version="v1",
+            resources=StageResources(num_cpus=0.1, num_gpus=0.25),
+        ),
+    ]
+
+
+def _default_challenger() -> ChallengerSpec:
+    member = MemberSpec(
+        name="xgb_v2",
+        family="xgboost",
+        model="ensemble-xgb",
+        version="v2",
+        resources=StageResources(num_cpus=0.05),
+    )
+    return ChallengerSpec(member=member)
+
+
+class EnsembleArgs(BaseModel):
+    members: list[MemberSpec] = Field(default_factory=_default_members, min_length=1)
+    voting: VotingMode = "soft"
+    deadline_ms: float = Field(default=250, gt=0)  # per request, for the whole fan-out
+    # a fan-out that missed its quorum only because members were late is sent again, each
+    # time with twice the deadline (250, 500, 1000 ms): a starved core, not a dead member
+    late_retries: int = Field(default=2, ge=0, le=3)
+    quorum: int = Field(default=2, ge=1)  # members that must answer for a vote
+    selection: SelectionSpec = SelectionSpec()
+    challenger: ChallengerSpec = Field(default_factory=_default_challenger)
+    max_instances: int = Field(default=64, ge=1)  # rows per request
+    # Largest |feature| accepted (422 beyond). Members compute in float32; near its limit
+    # (-3e38 in the tests) these models' standardisation overflows: logreg raises for its whole
+    # batch (shared with other requests) and the MLP answers NaN.
+    max_abs_feature: float = Field(default=1e30, gt=0, le=FLOAT32_MAX)
+    ingress_resources: StageResources = StageResources(num_cpus=0.1)
+    model_store_uri: str | None = None  # default: COOKBOOK_MODEL_STORE_URI
+
+    def check_roster(self) -> None:
+        """ValueError for a roster the app cannot run: names shared, a quorum larger than the
+        roster, a cascade gate that is not a member (``build_app`` calls it)."""
+        names = [m.name for m in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"member names must be unique, got {names}")
+        if self.quorum > len(names):
+            raise ValueError(f"quorum {self.quorum} is larger than the roster ({len(names)})")
+        if self.selection.mode == "cascade" and self.selection.gate_member not in names:
+            raise ValueError(f"cascade gate {self.selection.gate_member!r} is not a member")
+        ch = self.challenger.member
+        if ch is not None and ch.name in names:
+            raise ValueError(f"the challenger's name {ch.name!r} is also a member's")
+
+
+# ------------------------------------------------------------------------------ request bodies
+Feature = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+
+
+# A row's length is checked by the flow (gRPC callers too), with a sentence naming the row; the
+# schema states the same number. How many rows, and how large a value, come from the args:
+# app.py's ``_document`` writes them into the served schema.
+Row = Annotated[
+    list[Feature], Field(json_schema_extra={"minItems": N_FEATURES, "maxItems": N_FEATURES})
+]
+
+
+class PredictRequest(BaseModel):
+    instances: list[Row] = Field(
+        min_length=1,
+        description=f"Rows of {N_FEATURES} numbers in the order of GET /schema. More rows "
+        "than maxItems: 413.",
+        examples=[[[17.99, 10.38, 122.8, 1001.0] + [0.1] * 26]],
+    )
+
+
+class FeedbackRequest(BaseModel):
+    prediction_id: str = Field(min_length=1, max_length=128)
+    # At most max_instances labels (checked by the flow, where the args are known).
+    labels: list[json_int(ge=0, le=1)] = Field(  # type: ignore[valid-type]
+        min_length=1,
+        description="1 = benign, 0 = malignant; one label per row of the prediction (a "
+        "recorded prediction with another number of rows: 422).",
+    )
+
+
+# ------------------------------------------------------------------------------ the flow
 
 
 def usable_proba(out: Any, n_rows: int) -> tuple[np.ndarray | None, str | None]:
@@ -117,6 +238,35 @@ class VotingEnsemble:
         self._promotion_warned_at = -math.inf
         self._shadow_tasks: set[asyncio.Task] = set()
         self.shadow_dropped = 0
+
+    @classmethod
+    def from_args(
+        cls,
+        args: EnsembleArgs,
+        members: Mapping[str, Any],
+        challenger: Any | None,
+        recorder: Any,
+        held_out: dict[str, Any] | None = None,
+    ) -> VotingEnsemble:
+        """The request flow for ``args``, over handles (or in-process stand-ins in tests)."""
+        ch = args.challenger.member if challenger is not None else None
+        return cls(
+            members=members,
+            weights={m.name: m.weight for m in [*args.members, *([ch] if ch else [])]},
+            recorder=recorder,
+            voting=args.voting,
+            deadline_ms=args.deadline_ms,
+            late_retries=args.late_retries,
+            quorum=args.quorum,
+            selection=args.selection,
+            max_instances=args.max_instances,
+            max_abs_feature=args.max_abs_feature,
+            challenger=challenger,
+            challenger_name=ch.name if ch else None,
+            shadow_timeout_s=args.challenger.shadow_timeout_s,
+            max_shadow_in_flight=args.challenger.max_in_flight,
+            held_out=held_out,
+        )
 
     # -- roster ------------------------------------------------------------------------
     def _challenger_promoted(self) -> bool:

@@ -15,21 +15,10 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
-from pydantic import BaseModel, Field
 from ray import serve
 
 from core.apps import SURGE
-
-
-class PromotionGate(BaseModel):
-    """When may the challenger vote? All conditions must hold."""
-
-    min_samples: int = Field(default=50, ge=1)  # shadowed predictions seen
-    min_agreement: float = Field(default=0.9, ge=0, le=1)  # share agreeing with the ensemble
-    min_labeled: int = Field(default=20, ge=0)  # predictions with feedback labels
-    # challenger accuracy may trail the ensemble's by at most this much on labelled rows
-    max_accuracy_drop: float = Field(default=0.0, ge=0, le=1)
-    max_p95_latency_ms: float = Field(default=200.0, gt=0)
+from patterns.ensemble.flow import PromotionGate
 
 
 @serve.deployment(

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from patterns.ensemble import client
-from patterns.ensemble.app import FLOAT32_MAX, EnsembleArgs, build_app
+from patterns.ensemble.app import build_app
 from patterns.ensemble.artifacts import ensure_artifacts
 from patterns.ensemble.data import N_FEATURES, load_split
+from patterns.ensemble.flow import FLOAT32_MAX, EnsembleArgs
 from patterns.ensemble.voting import aggregate
 
 PREFIX = "/ensemble-test"

@@ -11,10 +11,9 @@ import pytest
 
 from core.errors import Conflict, NotFound, PayloadTooLarge, ServiceUnavailable, Unprocessable
 from core.model_store import ModelStore
-from patterns.ensemble.app import FLOAT32_MAX, EnsembleArgs, voting_ensemble
 from patterns.ensemble.artifacts import ensure_artifacts, evaluate
 from patterns.ensemble.data import N_FEATURES, load_split
-from patterns.ensemble.flow import VotingEnsemble
+from patterns.ensemble.flow import FLOAT32_MAX, EnsembleArgs, VotingEnsemble
 from patterns.ensemble.members import Member
 from patterns.ensemble.shadow import ShadowRecorder
 from patterns.ensemble.voting import aggregate
@@ -44,7 +43,7 @@ def _flow(store: ModelStore, args: EnsembleArgs) -> VotingEnsemble:
     recorder = ShadowRecorder.func_or_class(
         args.challenger.gate.model_dump(), ch.name if ch else None, args.max_instances
     )
-    return voting_ensemble(args, members, challenger, LocalHandle(recorder))
+    return VotingEnsemble.from_args(args, members, challenger, LocalHandle(recorder))
 
 
 def _members(**faults: dict[str, float]) -> list[dict[str, Any]]:
@@ -318,7 +317,7 @@ def _flow_late_first(store: ModelStore, args: EnsembleArgs, late: dict[str, int]
         m.name: LocalHandle(_LateFirst(Member(m, store), late.get(m.name, 0))) for m in args.members
     }
     recorder = ShadowRecorder.func_or_class(args.challenger.gate.model_dump(), None, 64)
-    return voting_ensemble(args, members, None, LocalHandle(recorder))
+    return VotingEnsemble.from_args(args, members, None, LocalHandle(recorder))
 
 
 def test_a_quorum_missed_only_by_late_members_gets_the_fan_out_once_more(store, split) -> None:
@@ -362,5 +361,7 @@ def test_a_quorum_missed_by_a_lost_replica_is_tried_again_but_not_by_an_error(st
         for m in args.members
     }
     recorder = ShadowRecorder.func_or_class(args.challenger.gate.model_dump(), None, 64)
-    body = _predict(voting_ensemble(args, members, None, LocalHandle(recorder)), split.x_test[:2])
+    body = _predict(
+        VotingEnsemble.from_args(args, members, None, LocalHandle(recorder)), split.x_test[:2]
+    )
     assert not body["degraded"] and "fan_out_2" in body["timings_ms"]

@@ -20,9 +20,9 @@ from core.model_store import ModelStore
 from patterns.ensemble import ensemble_pb2 as pb
 from patterns.ensemble import ensemble_pb2_grpc as pb_grpc
 from patterns.ensemble import grpc_service
-from patterns.ensemble.app import EnsembleArgs, voting_ensemble
 from patterns.ensemble.artifacts import ensure_artifacts
 from patterns.ensemble.data import N_FEATURES, load_split
+from patterns.ensemble.flow import EnsembleArgs, VotingEnsemble
 from patterns.ensemble.grpc_client import request_of
 from patterns.ensemble.members import Member
 from patterns.ensemble.shadow import ShadowRecorder
@@ -68,7 +68,7 @@ def flow():
     args = EnsembleArgs(challenger={"member": None})
     members = {m.name: LocalHandle(Member(m, store)) for m in args.members}
     recorder = ShadowRecorder.func_or_class(args.challenger.gate.model_dump(), None)
-    return voting_ensemble(args, members, None, LocalHandle(recorder))
+    return VotingEnsemble.from_args(args, members, None, LocalHandle(recorder))
 
 
 class _Servicer(pb_grpc.EnsembleServiceServicer):
@@ -145,7 +145,7 @@ def test_no_quorum_is_unavailable(flow) -> None:
     )
     members = {m.name: LocalHandle(Member(m, store)) for m in args.members}
     recorder = ShadowRecorder.func_or_class(args.challenger.gate.model_dump(), None)
-    broken = voting_ensemble(args, members, None, LocalHandle(recorder))
+    broken = VotingEnsemble.from_args(args, members, None, LocalHandle(recorder))
     (err,) = _call(broken, [request_of([[1.0] * N_FEATURES])])
     assert err.code() == grpc.StatusCode.UNAVAILABLE
     assert "Only 0 of 3" in err.details() and "quorum is 2" in err.details()

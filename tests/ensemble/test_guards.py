@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from patterns.ensemble.app import EnsembleArgs, build_app, voting_ensemble
+from patterns.ensemble.app import build_app
 from patterns.ensemble.artifacts import configured_args
-from patterns.ensemble.flow import usable_proba
+from patterns.ensemble.flow import EnsembleArgs, VotingEnsemble, usable_proba
 from patterns.ensemble.members import MemberSpec
 from patterns.ensemble.shadow import ShadowRecorder
 
@@ -109,7 +109,7 @@ class _FakeRecorder:
 
 def _flow_reading(recorder: _FakeRecorder) -> Any:
     """The app's request flow with no members and a challenger that is never called."""
-    return voting_ensemble(EnsembleArgs(), {}, object(), recorder)
+    return VotingEnsemble.from_args(EnsembleArgs(), {}, object(), recorder)
 
 
 def test_promotion_state_is_read_in_the_background() -> None:
