@@ -1,6 +1,6 @@
 """What the deadline and the shadow copy do to the ensemble's latency, measured in one run.
 
-    python -m patterns.ensemble.benchmark [--requests 80] [--concurrency 4] [--slow-s 1.0]
+    python -m patterns.ensemble.bench.benchmark [--requests 80] [--concurrency 4] [--slow-s 1.0]
 
 Starts a local Ray + Serve, then runs two phases, each with two apps deployed side by side
 and requests alternating between them (so both see the same machine noise):
@@ -30,7 +30,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _args(**overrides: Any) -> Any:
-    from patterns.ensemble.app import EnsembleArgs
+    from patterns.ensemble.flow import EnsembleArgs
 
     base = EnsembleArgs().model_dump()
     base["selection"] = {**base["selection"], "mode": "all"}  # every row meets every member
@@ -39,7 +39,7 @@ def _args(**overrides: Any) -> Any:
 
 
 def _slow_members(delay_s: float) -> list[dict[str, Any]]:
-    from patterns.ensemble.app import EnsembleArgs
+    from patterns.ensemble.flow import EnsembleArgs
 
     out = []
     for m in EnsembleArgs().members:
