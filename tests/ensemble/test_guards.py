@@ -171,6 +171,17 @@ def test_builder_refuses_rosters_that_cannot_vote() -> None:
         build_app({"challenger": clash})
 
 
+def test_builder_without_args_builds_the_defaults() -> None:
+    """``build_app()`` (None) is the app config.yaml describes: args, a dict or nothing."""
+
+    def ingress_args(app: object) -> dict:
+        return app._bound_deployment.init_args[-1]  # type: ignore[attr-defined]
+
+    defaults = EnsembleArgs().model_dump()
+    assert ingress_args(build_app()) == ingress_args(build_app(None)) == defaults
+    assert ingress_args(build_app({})) == ingress_args(build_app(EnsembleArgs())) == defaults
+
+
 def test_readme_example_block_parses() -> None:
     """The README's example (checked against a live answer in test_app.py) is where the
     client writes it, and is a whole answer."""
