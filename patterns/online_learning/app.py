@@ -44,6 +44,11 @@ from core.settings import keys_required
 from patterns.online_learning.bandit import BanditParams
 from patterns.online_learning.deployments import INGRESS_DEPLOYMENT, BanditPolicy, OnlineTrainer
 from patterns.online_learning.feedback_log import open_log
+from patterns.online_learning.flow import (
+    FeedbackLimits,
+    LiveModel,
+    OnlineService,
+)
 from patterns.online_learning.learning import TrainerArgs
 from patterns.online_learning.model import BASELINE_VERSION, MODEL_NAME, validate_rows
 from patterns.online_learning.schemas import (
@@ -55,11 +60,6 @@ from patterns.online_learning.schemas import (
     PredictRequest,
     RewardRequest,
     RollbackRequest,
-)
-from patterns.online_learning.service import (
-    FeedbackLimits,
-    LiveModel,
-    OnlineService,
 )
 from patterns.online_learning.settings import (
     OnlineSettings,

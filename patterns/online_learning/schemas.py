@@ -1,7 +1,7 @@
 """The request bodies of the online-learning routes.
 
 FastAPI validates the shapes; rows, labels and rewards are checked by the service
-(``model.validate_rows``, service.py) with sentences that name the row or event, so their
+(``model.validate_rows``, flow.py) with sentences that name the row or event, so their
 schemas state the same limits (the same constants) without enforcing them twice. Limits that
 come from the app's args (rows per request, the bandit's context length) are written into the
 served document by ``app._document``."""

@@ -20,14 +20,14 @@ from core.errors import (
 from core.model_store import ModelStore
 from patterns.online_learning.artifacts import ensure_artifacts
 from patterns.online_learning.feedback_log import SqliteLog
-from patterns.online_learning.learning import LABELS_STREAM
-from patterns.online_learning.service import (
+from patterns.online_learning.flow import (
     FeedbackLimits,
     Gone,
     LiveModel,
     OnlineService,
     TokenBuckets,
 )
+from patterns.online_learning.learning import LABELS_STREAM
 from patterns.online_learning.stream import DriftingStream
 
 ROW = [0.5, -1.2, 0.3, 0.0, 1.1]
