@@ -47,12 +47,7 @@ from core.resilience import describe_error
 from core.resources import StageResources
 from core.timing import Timings
 from patterns.online_learning.bandit import CONTEXT_DIM, BanditParams
-from patterns.online_learning.feedback_log import (
-    Appended,
-    FeedbackLog,
-    open_log,
-    payload_digest,
-)
+from patterns.online_learning.feedback_log import Appended, FeedbackLog, open_log, payload_digest
 from patterns.online_learning.learning import LABELS_STREAM, TrainerArgs
 from patterns.online_learning.model import (
     BASELINE_VERSION,
