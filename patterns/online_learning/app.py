@@ -19,35 +19,27 @@ Run: ``make setup`` then ``serve run patterns.online_learning.app:app``. Knobs: 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI views need real
 # annotations (with string annotations `self` becomes a required query parameter).
 import asyncio
-import logging
 import os
-import threading
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Response, Security
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from core.apps import SURGE, coerce_args, default_app
-from core.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
 from core.ingress import IDEMPOTENT, api_key_auth, install_ingress
-from core.metrics import ModelMetrics
-from core.model_store import ModelStore
 from core.openapi import JSON_BODY, KEYED, document_replica, error_responses, schema_property
 from core.readiness import Readiness
-from core.resilience import describe_error
-from core.resources import StageResources, resolve_actor_options
+from core.resources import resolve_actor_options
 from core.settings import keys_required
-from patterns.online_learning.bandit import BanditParams
 from patterns.online_learning.deployments import INGRESS_DEPLOYMENT, BanditPolicy, OnlineTrainer
-from patterns.online_learning.feedback_log import open_log
-from patterns.online_learning.learning import TrainerArgs
-from patterns.online_learning.model import BASELINE_VERSION, MODEL_NAME, validate_rows
+from patterns.online_learning.flow import OnlineArgs, OnlineService, Remote
 from patterns.online_learning.schemas import (
+    CHOICE_LINKS,
     ID_PATTERN,
+    PREDICT_LINKS,
     ChooseRequest,
     FeedbackBatch,
     FeedbackEvent,
@@ -56,42 +48,7 @@ from patterns.online_learning.schemas import (
     RewardRequest,
     RollbackRequest,
 )
-from patterns.online_learning.service import (
-    FeedbackLimits,
-    LiveModel,
-    OnlineService,
-)
-from patterns.online_learning.settings import (
-    OnlineSettings,
-    load_admin_keys,
-    load_client_keys,
-)
-from patterns.online_learning.stream import CLASSES, N_FEATURES
-
-logger = logging.getLogger("patterns.online_learning")
-
-
-class BanditArgs(BaseModel):
-    params: BanditParams = BanditParams()
-    save_every_s: float = Field(default=1.0, gt=0, le=600)  # posterior saved this often
-    resources: StageResources = StageResources(num_cpus=0.05)
-
-
-class OnlineArgs(BaseModel):
-    # None: ONLINE_LOG_URL, else sqlite:///<repo>/artifacts/online_learning/feedback.db
-    log_url: str | None = None
-    model_store_uri: str | None = None  # default: COOKBOOK_MODEL_STORE_URI
-    trainer: TrainerArgs = TrainerArgs()
-    bandit: BanditArgs = BanditArgs()
-    limits: FeedbackLimits = FeedbackLimits()
-    max_rows: int = Field(default=64, ge=1, le=4096)  # rows per predict request
-    # Safety net under the broadcast nudge: each replica re-reads the pointer this often.
-    pointer_poll_s: float = Field(default=1.0, gt=0, le=60)
-    trainer_timeout_s: float = Field(default=5.0, gt=0)  # GET /model, POST /rollback
-    # None: autoscale 1..4 (the deployment's autoscaling_config); a number fixes the count.
-    ingress_replicas: int | None = Field(default=None, ge=1)
-    ingress_resources: StageResources = StageResources(num_cpus=0.05)
-    trainer_resources: StageResources = StageResources(num_cpus=0.1)
+from patterns.online_learning.settings import OnlineSettings, load_admin_keys, load_client_keys
 
 
 # ------------------------------------------------------------------------------ ingress
@@ -100,14 +57,6 @@ def _this_replica() -> Any:
     as ``self``). Replica state lives on it, never in module globals: Serve pickles the
     ingress class by value, so module state its code reads would be a copy."""
     return serve.get_replica_context().servable_object
-
-
-def _admin_keys() -> list[str]:
-    return _this_replica().admin_keys
-
-
-def _client_keys() -> list[str]:
-    return _this_replica().client_keys
 
 
 def _keys_required() -> bool:
@@ -131,7 +80,7 @@ def _document(doc: dict[str, Any]) -> None:
 
 
 def _health() -> dict[str, Any]:
-    return _this_replica().service.health()
+    return _this_replica().flow.health()
 
 
 api = FastAPI(
@@ -148,8 +97,8 @@ _key_header = APIKeyHeader(
     description="Admin key (rollback) or client key (feedback, rewards); required in "
     "production, open in development unless ONLINE_REQUIRE_KEYS=true.",
 )
-_admin_check = api_key_auth(_admin_keys, required=_keys_required)
-_client_check = api_key_auth(_client_keys, required=_keys_required)
+_admin_check = api_key_auth(lambda: _this_replica().admin_keys, required=_keys_required)
+_client_check = api_key_auth(lambda: _this_replica().client_keys, required=_keys_required)
 
 
 async def require_admin(presented: str | None = Security(_key_header)) -> str:
@@ -161,42 +110,19 @@ async def require_client(presented: str | None = Security(_key_header)) -> str:
 
 
 document_replica(api, _document, keys_required=_keys_required)
-# A feedback or reward write: unknown (404) or expired (410) id, a reused key or event id with
-# another body (409), a client over its rate (429), the log or trainer behind (503); a missing
-# (401) or wrong (403) client key where keys are required.
-FEEDBACK_ERRORS = error_responses(*JSON_BODY, *KEYED, 404, 409, 410, 429, 503)
-# OpenAPI links: where an answer's ids go next. Clients (and schemathesis's stateful phase)
-# follow them: a prediction's id to its feedback, a choice's id to its reward.
-PREDICT_LINKS: dict[int | str, dict[str, Any]] = {
-    200: {
-        "links": {
-            "FeedbackForTheFirstRow": {
-                "operationId": "feedback_feedback_post",
-                "requestBody": {"prediction_id": "$response.body#/predictions/0/prediction_id"},
-            }
-        }
-    }
-}
-CHOICE_LINKS: dict[int | str, dict[str, Any]] = {
-    200: {
-        "links": {
-            "RewardForTheChoice": {
-                "operationId": "bandit_reward_bandit_reward_post",
-                "requestBody": {"choice_id": "$response.body#/choice_id"},
-            }
-        }
-    }
+# A feedback or reward write: a repeat gets the first answer (200); unknown (404) or expired
+# (410) id, a reused key or event id with another body (409), a client over its rate (429),
+# the log or trainer behind (503); a missing (401) or wrong (403) client key where keys are
+# required.
+FEEDBACK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "A repeat of an event already logged: the first answer"},
+    **error_responses(*JSON_BODY, *KEYED, 404, 409, 410, 429, 503),
 }
 
 
-def _client(body_client: str | None, header_client: str | None) -> str:
-    return body_client or header_client or "anonymous"
-
-
-def _context(values: list[Any], dim: int) -> list[float]:
-    if len(values) != dim:
-        raise Unprocessable(f"context has {len(values)} numbers; the bandit takes {dim}.")
-    return validate_rows([values], dim)[0].tolist()
+def _remote(handle: DeploymentHandle) -> Remote:
+    """The flow's view of a deployment: ``(method, *args)`` -> that method's response."""
+    return lambda method, *args: getattr(handle, method).remote(*args)
 
 
 @serve.deployment(
@@ -218,26 +144,11 @@ class OnlineIngress:
         self, trainer: DeploymentHandle, bandit: DeploymentHandle, args: dict[str, Any]
     ) -> None:
         self.args = OnlineArgs(**args)
-        self.trainer, self.bandit = trainer, bandit
-        self.log = open_log(self.args.log_url or OnlineSettings().log_url)
-        self.store = ModelStore.open(self.args.model_store_uri)
-        self.live = LiveModel(self.store, self.log)
-        # The pointer, not the deploy-time config, says what to serve: a replica added by
-        # autoscaling an hour from now starts on the champion of that moment.
-        self.live.follow_pointer()
-        self.service = OnlineService(
-            self.log,
-            self.live,
-            self.args.limits,
-            holdout_every=self.args.trainer.gate.holdout_every,
-            observe=self._observe,
-        )
-        self._metrics: dict[str, ModelMetrics] = {}
+        self.flow = OnlineService.from_args(self.args, _remote(trainer), _remote(bandit))
+        self.live = self.flow.live
         self.admin_keys = load_admin_keys()  # placeholders refused in production
         self.client_keys = load_client_keys()
         self.keys_required = keys_required(OnlineSettings().require_keys)
-        self._stop = threading.Event()
-        threading.Thread(target=self._poll, name="pointer-poll", daemon=True).start()
         self.readiness = Readiness("online_learning", self.model)
 
     async def check_health(self) -> None:
@@ -245,24 +156,8 @@ class OnlineIngress:
         (core/readiness.py)."""
         await self.readiness.wait()
 
-    def _poll(self) -> None:
-        while not self._stop.wait(self.args.pointer_poll_s):
-            try:
-                self.live.follow_pointer()
-            except Exception:  # keep serving the loaded version; try again next poll
-                logger.debug("pointer poll failed", exc_info=True)
-
     def __del__(self) -> None:
-        self._stop.set()
-
-    def _observe(self, version: str, latency_s: float, rows: int) -> None:
-        """Prediction latency and rows per call, tagged with the version that answered."""
-        if version not in self._metrics:
-            if len(self._metrics) >= 8:  # versions change often: keep the newest few series
-                self._metrics.pop(next(iter(self._metrics)))
-            self._metrics[version] = ModelMetrics("online_learning", MODEL_NAME, version)
-        self._metrics[version].observe(latency_s)
-        self._metrics[version].observe_batch(rows)
+        self.live.stop()
 
     # -- control plane (DeploymentHandle callers) -------------------------------------------
     async def reload(self, version: str) -> str:
@@ -271,18 +166,6 @@ class OnlineIngress:
 
     def served_version(self) -> dict[str, Any]:
         return {"version": self.live.version, "switches": self.live.switches, "pid": os.getpid()}
-
-    async def _call(self, handle: DeploymentHandle, method: str, what: str, *args: Any) -> Any:
-        timeout = self.args.trainer_timeout_s
-        try:
-            return await asyncio.wait_for(getattr(handle, method).remote(*args), timeout)
-        except TimeoutError as exc:
-            raise ServiceUnavailable(
-                f"The {what} did not answer within {timeout:g}s (restarting?); retry shortly."
-            ) from exc
-        except Exception as exc:
-            why = describe_error(exc).removeprefix("error: ")
-            raise ServiceUnavailable(f"The {what} is unavailable ({why}); retry shortly.") from exc
 
     # -- routes ------------------------------------------------------------------------------
     # Repeats are harmless (a second prediction record that expires unused): the edge may retry.
@@ -293,20 +176,13 @@ class OnlineIngress:
         responses={**PREDICT_LINKS, **error_responses(*JSON_BODY, 404, 503)},
     )
     async def predict(self, body: PredictRequest) -> dict[str, Any]:
-        if len(body.instances) > self.args.max_rows:
-            raise Unprocessable(
-                f"{len(body.instances)} rows in one request; send at most {self.args.max_rows}."
-            )
-        return await self.service.predict(body.instances, body.version)
+        return await self.flow.predict(body.instances, body.version)
 
     @api.post(
         "/feedback",
         status_code=202,
         summary="The true label for one prediction",
-        responses={
-            200: {"description": "A repeat of an event already logged: the first answer"},
-            **FEEDBACK_ERRORS,
-        },
+        responses=FEEDBACK_RESPONSES,
     )
     async def feedback(
         self,
@@ -316,8 +192,8 @@ class OnlineIngress:
         idempotency_key: IdempotencyKey = None,
         key_id: str = Depends(require_client),
     ) -> dict[str, Any]:
-        client = _client(body.client_id, x_client_id)
-        status, acks = await self.service.feedback([body], client, idempotency_key)
+        client = body.client_id or x_client_id
+        status, acks = await self.flow.feedback([body], client, idempotency_key)
         response.status_code = status
         return acks[0]
 
@@ -325,10 +201,7 @@ class OnlineIngress:
         "/feedback/batch",
         status_code=202,
         summary="True labels for many predictions",
-        responses={
-            200: {"description": "A repeat of an event already logged: the first answer"},
-            **FEEDBACK_ERRORS,
-        },
+        responses=FEEDBACK_RESPONSES,
     )
     async def feedback_batch(
         self,
@@ -338,8 +211,8 @@ class OnlineIngress:
         idempotency_key: IdempotencyKey = None,
         key_id: str = Depends(require_client),
     ) -> dict[str, Any]:
-        client = _client(body.client_id, x_client_id)
-        status, acks = await self.service.feedback(body.events, client, idempotency_key)
+        client = body.client_id or x_client_id
+        status, acks = await self.flow.feedback(body.events, client, idempotency_key)
         response.status_code = status
         return {"acks": acks}
 
@@ -350,28 +223,7 @@ class OnlineIngress:
         responses=error_responses(503),
     )
     async def model(self) -> dict[str, Any]:
-        version = self.live.version
-        manifest, _ = await asyncio.to_thread(self.store.read_manifest, MODEL_NAME, str(version))
-        meta = manifest.get("metadata", {})
-        history = await asyncio.to_thread(self.log.champion_history, 20)
-        try:
-            trainer = await self._call(self.trainer, "status", "trainer")
-        except ServiceUnavailable as exc:
-            trainer = {"status": "unavailable", "message": exc.message}
-        return {
-            "model": MODEL_NAME,
-            "version": version,
-            "baseline_version": BASELINE_VERSION,
-            "features": [f"x{i}" for i in range(N_FEATURES)],
-            "classes": list(CLASSES),
-            "consumed_offsets": {"labels": meta.get("consumed", "0")},
-            "learned_events": meta.get("learned", 0),
-            "held_out_events": meta.get("held_out", 0),
-            "gate": meta.get("gate"),
-            "metrics_history": trainer.get("history") or meta.get("history", []),
-            "pointer_history": history,
-            "trainer": {k: v for k, v in trainer.items() if k != "history"},
-        }
+        return await self.flow.model_status()
 
     @api.post(
         "/rollback",
@@ -381,10 +233,7 @@ class OnlineIngress:
     async def rollback(
         self, body: RollbackRequest, key_id: str = Depends(require_admin)
     ) -> dict[str, Any]:
-        out = await self._call(self.trainer, "rollback", "trainer", body.to_version, body.reason)
-        if "error" in out:
-            raise (NotFound if body.to_version else Conflict)(out["error"])
-        await asyncio.to_thread(self.live.switch, out["champion"])
+        out = await self.flow.rollback(body.to_version, body.reason)
         return {**out, "by": key_id}
 
     # A repeat is harmless (another choice record, expiring unused): the edge may retry it.
@@ -395,18 +244,13 @@ class OnlineIngress:
         responses={**CHOICE_LINKS, **error_responses(*JSON_BODY, 503)},
     )
     async def bandit_choose(self, body: ChooseRequest) -> dict[str, Any]:
-        dim = self.args.bandit.params.context_dim
-        row = _context(body.context, dim)
-        return await self._call(self.bandit, "choose", "bandit policy", row)
+        return await self.flow.choose(body.context)
 
     @api.post(
         "/bandit/reward",
         status_code=202,
         summary="The reward a choice earned",
-        responses={
-            200: {"description": "A repeat of an event already logged: the first answer"},
-            **FEEDBACK_ERRORS,
-        },
+        responses=FEEDBACK_RESPONSES,
     )
     async def bandit_reward(
         self,
@@ -416,8 +260,8 @@ class OnlineIngress:
         idempotency_key: IdempotencyKey = None,
         key_id: str = Depends(require_client),
     ) -> dict[str, Any]:
-        client = _client(body.client_id, x_client_id)
-        status, ack = await self.service.reward(
+        client = body.client_id or x_client_id
+        status, ack = await self.flow.reward(
             body.event_id, body.choice_id, body.reward, client, idempotency_key
         )
         response.status_code = status
@@ -430,7 +274,7 @@ class OnlineIngress:
         responses=error_responses(503),
     )
     async def bandit_state(self) -> dict[str, Any]:
-        return await self._call(self.bandit, "state", "bandit policy")
+        return await self.flow.bandit_state()
 
 
 # ------------------------------------------------------------------------------ builder

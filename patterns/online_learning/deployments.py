@@ -24,9 +24,9 @@ from core.model_store import ModelStore
 from core.settings import get_settings
 from patterns.online_learning.bandit import BANDIT_NAME, BanditParams, LinearThompsonSampler
 from patterns.online_learning.feedback_log import START, open_log
+from patterns.online_learning.flow import REWARDS_STREAM
 from patterns.online_learning.learning import Trainer, TrainerArgs
 from patterns.online_learning.model import drop_versions
-from patterns.online_learning.service import REWARDS_STREAM
 from patterns.online_learning.settings import OnlineSettings
 
 logger = logging.getLogger("patterns.online_learning")

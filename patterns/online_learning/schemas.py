@@ -1,7 +1,7 @@
 """The request bodies of the online-learning routes.
 
 FastAPI validates the shapes; rows, labels and rewards are checked by the service
-(``model.validate_rows``, service.py) with sentences that name the row or event, so their
+(``model.validate_rows``, flow.py) with sentences that name the row or event, so their
 schemas state the same limits (the same constants) without enforcing them twice. Limits that
 come from the app's args (rows per request, the bandit's context length) are written into the
 served document by ``app._document``."""
@@ -23,6 +23,28 @@ Label = JsonInt  # 1 or 1.0, never true
 # What validate_rows accepts: finite numbers (not booleans) within +/-MAX_ABS_FEATURE.
 _NUMBER = {"type": "number", "minimum": -MAX_ABS_FEATURE, "maximum": MAX_ABS_FEATURE}
 _ROW = {"type": "array", "items": _NUMBER, "minItems": N_FEATURES, "maxItems": N_FEATURES}
+# OpenAPI links: where an answer's ids go next. Clients (and schemathesis's stateful phase)
+# follow them: a prediction's id to its feedback, a choice's id to its reward.
+PREDICT_LINKS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "links": {
+            "FeedbackForTheFirstRow": {
+                "operationId": "feedback_feedback_post",
+                "requestBody": {"prediction_id": "$response.body#/predictions/0/prediction_id"},
+            }
+        }
+    }
+}
+CHOICE_LINKS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "links": {
+            "RewardForTheChoice": {
+                "operationId": "bandit_reward_bandit_reward_post",
+                "requestBody": {"choice_id": "$response.body#/choice_id"},
+            }
+        }
+    }
+}
 
 
 class PredictRequest(BaseModel):

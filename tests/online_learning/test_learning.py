@@ -240,7 +240,7 @@ def test_a_fresh_log_is_read_from_the_start_even_if_the_store_has_learned(world,
 def test_a_pointer_to_a_version_the_store_lacks_falls_back_to_what_exists(world) -> None:
     """A wiped model store under a kept log: replicas serve the baseline instead of crashing
     at start, and the trainer moves the pointer to a version that exists."""
-    from patterns.online_learning.service import LiveModel
+    from patterns.online_learning.flow import LiveModel
 
     store, log = world
     log.set_champion("v000050", "from a store that was wiped")

@@ -12,7 +12,10 @@ Failure policy, written once:
 - backpressure: one client beyond its rate gets ``429``, a replica with too many log writes
   in flight or a trainer too far behind answers ``503``; both say when to retry, and memory
   stays bounded (at most ``max_writes_in_flight`` batches wait per replica);
-- the log failing is a 503 too: retrying with the same event ids is always safe.
+- the log failing is a 503 too: retrying with the same event ids is always safe;
+- the trainer or the bandit policy not answering within ``call_timeout_s`` (or failing) is a
+  503 for the routes that need it (rollback, bandit choices and state); ``GET /model`` still
+  answers, with the trainer reported unavailable.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -38,10 +41,14 @@ from core.errors import (
     TooManyRequests,
     Unprocessable,
 )
+from core.metrics import ModelMetrics
 from core.model_store import ModelStore
+from core.resilience import describe_error
+from core.resources import StageResources
 from core.timing import Timings
-from patterns.online_learning.feedback_log import Appended, FeedbackLog, payload_digest
-from patterns.online_learning.learning import LABELS_STREAM
+from patterns.online_learning.bandit import CONTEXT_DIM, BanditParams
+from patterns.online_learning.feedback_log import Appended, FeedbackLog, open_log, payload_digest
+from patterns.online_learning.learning import LABELS_STREAM, TrainerArgs
 from patterns.online_learning.model import (
     BASELINE_VERSION,
     MODEL_NAME,
@@ -49,13 +56,17 @@ from patterns.online_learning.model import (
     probability_of_one,
     validate_rows,
 )
-from patterns.online_learning.stream import CLASSES
+from patterns.online_learning.settings import OnlineSettings
+from patterns.online_learning.stream import CLASSES, N_FEATURES
 
 logger = logging.getLogger("patterns.online_learning")
 REWARDS_STREAM = "rewards"
 # Idempotency-Key -> the digest of the body it was first used with: one entry per key in the
 # log itself (the log's unique event id is the guarantee, shared by every replica and restart).
 KEYS_STREAM = "idempotency_keys"
+# A call to another deployment: (method name, *args) -> its answer (a DeploymentHandle's
+# ``getattr(handle, method).remote(*args)`` in the app; a plain coroutine in the tests).
+Remote = Callable[..., Awaitable[Any]]
 
 
 class Gone(HTTPError):
@@ -76,6 +87,31 @@ class FeedbackLimits(BaseModel):
     max_writes_in_flight: int = Field(default=32, ge=1)
     # Events logged but not yet learned; beyond this the trainer is too far behind: 503.
     max_backlog: int = Field(default=100_000, ge=1)
+
+
+class BanditArgs(BaseModel):
+    params: BanditParams = BanditParams()
+    save_every_s: float = Field(default=1.0, gt=0, le=600)  # posterior saved this often
+    resources: StageResources = StageResources(num_cpus=0.05)
+
+
+class OnlineArgs(BaseModel):
+    """The app's args (``build_app`` in app.py; config.yaml's ``args`` block)."""
+
+    # None: ONLINE_LOG_URL, else sqlite:///<repo>/artifacts/online_learning/feedback.db
+    log_url: str | None = None
+    model_store_uri: str | None = None  # default: COOKBOOK_MODEL_STORE_URI
+    trainer: TrainerArgs = TrainerArgs()
+    bandit: BanditArgs = BanditArgs()
+    limits: FeedbackLimits = FeedbackLimits()
+    max_rows: int = Field(default=64, ge=1, le=4096)  # rows per predict request
+    # Safety net under the broadcast nudge: each replica re-reads the pointer this often.
+    pointer_poll_s: float = Field(default=1.0, gt=0, le=60)
+    trainer_timeout_s: float = Field(default=5.0, gt=0)  # GET /model, POST /rollback
+    # None: autoscale 2..4 (the deployment's autoscaling_config); a number fixes the count.
+    ingress_replicas: int | None = Field(default=None, ge=1)
+    ingress_resources: StageResources = StageResources(num_cpus=0.05)
+    trainer_resources: StageResources = StageResources(num_cpus=0.1)
 
 
 class TokenBuckets:
@@ -116,6 +152,7 @@ class LiveModel:
         self.switches = 0
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, Any] = OrderedDict()  # pinned versions (frozen baseline)
+        self._stop = threading.Event()
 
     @property
     def version(self) -> str | None:
@@ -132,6 +169,23 @@ class LiveModel:
         except ModelNotFound:
             logger.warning("champion %s is not in the model store; serving the baseline", version)
             return self.switch(BASELINE_VERSION) if self.current is None else str(self.version)
+
+    def poll(self, every_s: float) -> None:
+        """Re-read the pointer every ``every_s`` in a daemon thread: the safety net under the
+        trainer's nudge (a replica that missed a broadcast catches up within one poll)."""
+        threading.Thread(
+            target=self._poll, args=(every_s,), name="pointer-poll", daemon=True
+        ).start()
+
+    def _poll(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                self.follow_pointer()
+            except Exception:  # keep serving the loaded version; try again next poll
+                logger.debug("pointer poll failed", exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()
 
     def switch(self, version: str) -> str:
         """Blocking: load ``version`` unless it is the one served."""
@@ -161,7 +215,28 @@ class LiveModel:
         return self._cache[version]
 
 
+class VersionMetrics:
+    """Prediction latency and rows per call, one series per version that answered. Versions
+    change often, so only the newest ``keep`` series are kept."""
+
+    def __init__(self, app: str, keep: int = 8) -> None:
+        self.app, self.keep = app, keep
+        self._series: dict[str, ModelMetrics] = {}
+
+    def observe(self, version: str, latency_s: float, rows: int) -> None:
+        if version not in self._series:
+            if len(self._series) >= self.keep:
+                self._series.pop(next(iter(self._series)))
+            self._series[version] = ModelMetrics(self.app, MODEL_NAME, version)
+        self._series[version].observe(latency_s)
+        self._series[version].observe_batch(rows)
+
+
 class OnlineService:
+    """The routes' work. The app passes its args: ``max_rows`` per predict request (None: no
+    limit), the bandit's ``context_dim``, and how long the ``trainer`` and ``bandit`` calls may
+    take (``call_timeout_s``)."""
+
     def __init__(
         self,
         log: FeedbackLog,
@@ -171,10 +246,17 @@ class OnlineService:
         holdout_every: int,
         clock: Callable[[], float] = time.time,
         observe: Callable[[str, float, int], None] | None = None,
+        max_rows: int | None = None,
+        context_dim: int = CONTEXT_DIM,
+        trainer: Remote | None = None,
+        bandit: Remote | None = None,
+        call_timeout_s: float = 5.0,
     ) -> None:
         self.log, self.live, self.limits = log, live, limits
         self.holdout_every = holdout_every
         self.clock = clock
+        self.max_rows, self.context_dim = max_rows, context_dim
+        self.trainer, self.bandit, self.call_timeout_s = trainer, bandit, call_timeout_s
         # (version, model latency s, rows) after each predict: the ingress feeds its metrics
         self.observe = observe or (lambda version, latency_s, rows: None)
         self.buckets = TokenBuckets(
@@ -184,6 +266,29 @@ class OnlineService:
         self._queued: dict[str, list[tuple[list[Any], asyncio.Future[list[Any]]]]] = {}
         self._writers: dict[str, asyncio.Task[None]] = {}
         self._backlog = (0, 0.0)  # (events, when read)
+
+    @classmethod
+    def from_args(cls, args: OnlineArgs, trainer: Remote, bandit: Remote) -> OnlineService:
+        """One ingress replica's flow: the log (``log_url``, else ONLINE_LOG_URL), the champion
+        the pointer names, re-read every ``pointer_poll_s``, and the trainer and bandit calls."""
+        log = open_log(args.log_url or OnlineSettings().log_url)
+        live = LiveModel(ModelStore.open(args.model_store_uri), log)
+        # The pointer, not the deploy-time config, says what to serve: a replica added by
+        # autoscaling an hour from now starts on the champion of that moment.
+        live.follow_pointer()
+        live.poll(args.pointer_poll_s)
+        return cls(
+            log,
+            live,
+            args.limits,
+            holdout_every=args.trainer.gate.holdout_every,
+            observe=VersionMetrics("online_learning").observe,
+            max_rows=args.max_rows,
+            context_dim=args.bandit.params.context_dim,
+            trainer=trainer,
+            bandit=bandit,
+            call_timeout_s=args.trainer_timeout_s,
+        )
 
     async def _io(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         """A blocking log call off the event loop; the log failing is a 503, not a 500."""
@@ -198,8 +303,26 @@ class OnlineService:
                 "retries are safe: the same event ids are never logged twice."
             ) from exc
 
+    async def _call(self, remote: Remote | None, what: str, method: str, *args: Any) -> Any:
+        """One call to the trainer or the bandit policy; no answer in time, or a failure, is a
+        503 that says what happened."""
+        timeout = self.call_timeout_s
+        try:
+            if remote is None:
+                raise RuntimeError(f"no {what} is connected")
+            return await asyncio.wait_for(remote(method, *args), timeout)
+        except TimeoutError as exc:
+            raise ServiceUnavailable(
+                f"The {what} did not answer within {timeout:g}s (restarting?); retry shortly."
+            ) from exc
+        except Exception as exc:
+            why = describe_error(exc).removeprefix("error: ")
+            raise ServiceUnavailable(f"The {what} is unavailable ({why}); retry shortly.") from exc
+
     # -------------------------------------------------------------------- predict
     async def predict(self, rows: list[list[Any]], version: str | None = None) -> dict[str, Any]:
+        if self.max_rows is not None and len(rows) > self.max_rows:
+            raise Unprocessable(f"{len(rows)} rows in one request; send at most {self.max_rows}.")
         t = Timings()
         x = validate_rows(rows)
         with t.stage("model"):
@@ -337,10 +460,12 @@ class OnlineService:
         return float(claim.acked_at)
 
     async def feedback(
-        self, events: list[Any], client: str, idempotency_key: str | None = None
+        self, events: list[Any], client: str | None, idempotency_key: str | None = None
     ) -> tuple[int, list[dict[str, Any]]]:
         """Log labels for earlier predictions. Returns (HTTP status, one ack per event).
-        With an ``idempotency_key`` a repeat of the request gets the first answer."""
+        With an ``idempotency_key`` a repeat of the request gets the first answer. ``client``
+        (rate limits, the log): the body's ``client_id`` or X-Client-ID; None is "anonymous"."""
+        client = client or "anonymous"
         for i, ev in enumerate(events):
             if ev.label not in CLASSES:
                 raise Unprocessable(
@@ -420,9 +545,11 @@ class OnlineService:
         event_id: str,
         choice_id: str,
         reward: float,
-        client: str,
+        client: str | None,
         idempotency_key: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
+        """Log the reward a bandit choice earned, as ``feedback`` logs a label."""
+        client = client or "anonymous"
         if not (0.0 <= reward <= 1.0) or not np.isfinite(reward):
             raise Unprocessable(f"reward {reward!r} is out of range; rewards are in [0, 1].")
         self._admit(client, 1)
@@ -443,6 +570,55 @@ class OnlineService:
         ack = acks[0]
         ack.pop("use", None)
         return status, ack
+
+    async def choose(self, context: list[Any]) -> dict[str, Any]:
+        """The bandit's action for one context of ``context_dim`` finite numbers."""
+        if len(context) != self.context_dim:
+            raise Unprocessable(
+                f"context has {len(context)} numbers; the bandit takes {self.context_dim}."
+            )
+        row = validate_rows([context], self.context_dim)[0].tolist()
+        return await self._call(self.bandit, "bandit policy", "choose", row)
+
+    async def bandit_state(self) -> dict[str, Any]:
+        return await self._call(self.bandit, "bandit policy", "state")
+
+    # -------------------------------------------------------------------- model and rollback
+    async def model_status(self) -> dict[str, Any]:
+        """The served version with what it learned (its manifest), the pointer's history and
+        the trainer's status; a trainer that does not answer is reported, the rest still is."""
+        version = self.live.version
+        store = self.live.store
+        manifest, _ = await asyncio.to_thread(store.read_manifest, MODEL_NAME, str(version))
+        meta = manifest.get("metadata", {})
+        history = await asyncio.to_thread(self.log.champion_history, 20)
+        try:
+            trainer = await self._call(self.trainer, "trainer", "status")
+        except ServiceUnavailable as exc:
+            trainer = {"status": "unavailable", "message": exc.message}
+        return {
+            "model": MODEL_NAME,
+            "version": version,
+            "baseline_version": BASELINE_VERSION,
+            "features": [f"x{i}" for i in range(N_FEATURES)],
+            "classes": list(CLASSES),
+            "consumed_offsets": {"labels": meta.get("consumed", "0")},
+            "learned_events": meta.get("learned", 0),
+            "held_out_events": meta.get("held_out", 0),
+            "gate": meta.get("gate"),
+            "metrics_history": trainer.get("history") or meta.get("history", []),
+            "pointer_history": history,
+            "trainer": {k: v for k, v in trainer.items() if k != "history"},
+        }
+
+    async def rollback(self, to_version: str | None, reason: str) -> dict[str, Any]:
+        """The trainer moves the pointer back (to ``to_version``, or the previous champion);
+        this replica switches at once, the others on the trainer's nudge or their next poll."""
+        out = await self._call(self.trainer, "trainer", "rollback", to_version, reason)
+        if "error" in out:
+            raise (NotFound if to_version else Conflict)(out["error"])
+        await asyncio.to_thread(self.live.switch, out["champion"])
+        return out
 
     def health(self) -> dict[str, Any]:
         return {"model_version": self.live.version, "writes_in_flight": self.writes_in_flight}

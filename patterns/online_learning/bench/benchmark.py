@@ -1,6 +1,6 @@
 """Figures for the online-learning pattern, measured end to end over HTTP.
 
-    python -m patterns.online_learning.benchmark [--out artifacts/online_learning/bench]
+    python -m patterns.online_learning.bench.benchmark [--out artifacts/online_learning/bench]
         [--events 8000] [--freshness 40] [--ingest 4000] [--bandit 1500]
 
 Starts a local Ray + Serve, deploys the app (default args) on a fresh model store and SQLite

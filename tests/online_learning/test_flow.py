@@ -1,4 +1,5 @@
-"""The ingress's request flow without Serve: bad input, joins, idempotency, backpressure."""
+"""The ingress's request flow without Serve: bad input, joins, idempotency, backpressure, and
+the calls to the trainer and the bandit policy (fakes here, deployment handles in the app)."""
 
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ from core.errors import (
 from core.model_store import ModelStore
 from patterns.online_learning.artifacts import ensure_artifacts
 from patterns.online_learning.feedback_log import SqliteLog
-from patterns.online_learning.learning import LABELS_STREAM
-from patterns.online_learning.service import (
+from patterns.online_learning.flow import (
     FeedbackLimits,
     Gone,
     LiveModel,
     OnlineService,
     TokenBuckets,
 )
+from patterns.online_learning.learning import LABELS_STREAM
+from patterns.online_learning.model import MODEL_NAME
 from patterns.online_learning.stream import DriftingStream
 
 ROW = [0.5, -1.2, 0.3, 0.0, 1.1]
@@ -47,14 +49,19 @@ def make_service(tmp_path, baseline):
     log = SqliteLog(tmp_path / "log.db")
     now = [time.time()]  # the log stamps records with the real clock; tests move this one
 
-    def make(**limits) -> OnlineService:
+    def make(flow_args: dict | None = None, **limits) -> OnlineService:
         live = LiveModel(store, log)
         live.follow_pointer()
         return OnlineService(
-            log, live, FeedbackLimits(**limits), holdout_every=5, clock=lambda: now[0]
+            log,
+            live,
+            FeedbackLimits(**limits),
+            holdout_every=5,
+            clock=lambda: now[0],
+            **(flow_args or {}),
         )
 
-    make.log, make.now = log, now
+    make.log, make.now, make.store = log, now, store
     yield make
     log.close()
 
@@ -258,3 +265,99 @@ def test_an_idempotency_key_answers_a_repeat_with_the_first_answer(make_service)
     assert retry[0] == 202 and retry[1][0]["status"] == "logged"
     assert run(svc.feedback([fb("k-3", pids[2])], "c", "key-3")) == retry
     assert make_service.log.backlog(LABELS_STREAM) == 2
+
+
+class FakeDeployment:
+    """A trainer or bandit policy as the flow sees it: ``(method, *args)`` -> an answer."""
+
+    def __init__(self, answers: dict, delay_s: float = 0.0) -> None:
+        self.answers, self.delay_s, self.calls = answers, delay_s, []
+
+    async def __call__(self, method: str, *args):
+        self.calls.append((method, *args))
+        await asyncio.sleep(self.delay_s)
+        answer = self.answers[method]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def test_more_rows_than_max_rows_is_a_422(make_service) -> None:
+    svc = make_service({"max_rows": 2})
+    with pytest.raises(Unprocessable, match="3 rows in one request; send at most 2"):
+        run(svc.predict([ROW, ROW, ROW]))
+    assert len(run(svc.predict([ROW, ROW]))["predictions"]) == 2
+
+
+def test_a_bandit_choice_checks_the_context_then_asks_the_policy(make_service) -> None:
+    bandit = FakeDeployment({"choose": {"action": "bundle"}, "state": {"plays": 0}})
+    svc = make_service({"bandit": bandit, "context_dim": 3})
+    with pytest.raises(Unprocessable, match="context has 2 numbers; the bandit takes 3"):
+        run(svc.choose([1.0, 2.0]))
+    with pytest.raises(Unprocessable):
+        run(svc.choose([1.0, math.inf, 0.0]))
+    assert bandit.calls == []  # refused before the policy is asked
+    assert run(svc.choose([1, -0.5, 0.25])) == {"action": "bundle"}
+    assert run(svc.bandit_state()) == {"plays": 0}
+    assert bandit.calls == [("choose", [1.0, -0.5, 0.25]), ("state",)]
+
+
+def test_a_trainer_or_policy_that_does_not_answer_is_a_503_and_the_model_still_reports(
+    make_service,
+) -> None:
+    slow = FakeDeployment({"status": {}, "state": {}}, delay_s=5)
+    broken = FakeDeployment({"status": RuntimeError("replica died"), "choose": OSError("gone")})
+    svc = make_service({"trainer": slow, "bandit": slow, "call_timeout_s": 0.05})
+    with pytest.raises(ServiceUnavailable, match=r"bandit policy did not answer within 0\.05s"):
+        run(svc.bandit_state())
+    status = run(svc.model_status())  # served on: the trainer reported, not a 503
+    assert status["version"] == "v000001" and status["trainer"]["status"] == "unavailable"
+    assert "did not answer" in status["trainer"]["message"]
+    svc = make_service({"trainer": broken, "bandit": broken})
+    with pytest.raises(ServiceUnavailable, match="The bandit policy is unavailable"):
+        run(svc.choose([0.0, 0.0, 0.0]))
+    assert "replica died" in run(svc.model_status())["trainer"]["message"]
+    with pytest.raises(ServiceUnavailable, match="The trainer is unavailable"):
+        run(make_service().rollback(None, "no trainer connected"))
+
+
+def test_model_status_is_the_served_version_and_the_trainers_history(make_service) -> None:
+    trainer = FakeDeployment({"status": {"status": "ok", "history": [{"round": 1}]}})
+    status = run(make_service({"trainer": trainer}).model_status())
+    assert (status["version"], status["baseline_version"]) == ("v000001", "v000001")
+    assert status["consumed_offsets"] == {"labels": "0"}
+    assert status["metrics_history"] == [{"round": 1}]
+    assert status["trainer"] == {"status": "ok"}
+
+
+def test_rollback_refusals_name_the_case_and_a_rollback_switches_this_replica(
+    make_service,
+) -> None:
+    refused = FakeDeployment({"rollback": {"error": "nothing to roll back to"}})
+    svc = make_service({"trainer": refused})
+    with pytest.raises(NotFound, match="nothing to roll back to"):
+        run(svc.rollback("v000009", "pinned"))
+    with pytest.raises(Conflict, match="nothing to roll back to"):
+        run(svc.rollback(None, "previous"))
+    assert refused.calls == [("rollback", "v000009", "pinned"), ("rollback", None, "previous")]
+    clf, _ = make_service.store.load_sklearn(MODEL_NAME, "v000001")
+    make_service.store.save_sklearn(MODEL_NAME, "v000002", clf, {"consumed": "7"})
+    done = FakeDeployment({"rollback": {"champion": "v000002", "from": "v000001"}})
+    svc = make_service({"trainer": done})
+    assert run(svc.rollback("v000002", "back")) == {"champion": "v000002", "from": "v000001"}
+    assert svc.live.version == "v000002" and svc.live.current[2] == "7"
+
+
+def test_the_pointer_poll_follows_a_move_without_a_nudge(make_service) -> None:
+    svc = make_service()
+    clf, _ = make_service.store.load_sklearn(MODEL_NAME, "v000001")
+    make_service.store.save_sklearn(MODEL_NAME, "v000002", clf, {"consumed": "3"})
+    svc.live.poll(0.02)
+    try:
+        make_service.log.set_champion("v000002", "promoted")
+        deadline = time.monotonic() + 5
+        while svc.live.version != "v000002" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert svc.live.version == "v000002"
+    finally:
+        svc.live.stop()
