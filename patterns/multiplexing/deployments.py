@@ -218,3 +218,32 @@ class ChatModel:
             "prewarmed": self.prewarmed,
             **self.engine.stats(),
         }
+
+
+# ------------------------------------------------------------------------------ handles
+class HandleForecasters:
+    """``flow.Forecasters`` over the ForecastModels handle. The id travels as the handle's
+    ``multiplexed_model_id``, never as a header for the proxy to route by (ray#65976)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def forecast(self, serve_id: str, payload: dict[str, Any]) -> Any:
+        return self.handle.options(multiplexed_model_id=serve_id).forecast.remote(payload)
+
+    def stats(self) -> Any:
+        return self.handle.broadcast("stats").results_async()
+
+
+class HandleChat:
+    """``flow.Chat`` over the ChatModel handle: a stream of items, routed by tenant."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def stream(self, tenant: str, payload: dict[str, Any]) -> Any:
+        handle = self.handle.options(stream=True, multiplexed_model_id=tenant)
+        return handle.stream.remote(payload)
+
+    def stats(self) -> Any:
+        return self.handle.broadcast("stats").results_async()

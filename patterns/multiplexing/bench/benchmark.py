@@ -1,8 +1,8 @@
 """What multiplexing buys, measured: cache hit rate and latency over 1,000 forecasters under
 Zipf traffic, and the chat's speed and the memory one shared base model saves.
 
-    python -m patterns.multiplexing.benchmark [forecast] [--serve] [--requests 3000]
-    python -m patterns.multiplexing.benchmark chat [--device auto|cpu|cuda] [--tokens 64]
+    python -m patterns.multiplexing.bench.benchmark [forecast] [--serve] [--requests 3000]
+    python -m patterns.multiplexing.bench.benchmark chat [--device auto|cpu|cuda] [--tokens 64]
 
 forecast (about a minute; ``--serve`` adds about two more):
 1. LRU hit rate of the replica cache for Zipf(s) traffic over the 1,000 ids, per cache size,
