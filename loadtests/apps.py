@@ -65,9 +65,9 @@ def _routes(api: FastAPI, state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------- monolith
 def monolith_app() -> FastAPI:
-    """The pattern's own monolith (``patterns.pipeline.monolith``): the study measures what the
-    pipeline README measures."""
-    from patterns.pipeline.monolith import create_app
+    """The pattern's own monolith (``patterns.pipeline.bench.monolith``): the study measures
+    what the pipeline README measures."""
+    from patterns.pipeline.bench.monolith import create_app
 
     return create_app()
 

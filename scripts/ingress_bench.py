@@ -15,7 +15,7 @@ forecasters (a Zipf trace over 1,000 store ids), each with its own ``client.samp
 those apps per mode, modes alternating per round; per app and mode, the best req/s at
 ``--levels`` in flight whose p95 is within ``--slo-ms``.
 
-The load comes from ``patterns.pipeline.loadgen``: client processes with raw keep-alive
+The load comes from ``patterns.pipeline.bench.loadgen``: client processes with raw keep-alive
 HTTP/1.1 connections (Python httpx in one process caps near 1,000-1,500 req/s). On a 2-core
 box they share the cores with the servers: compare ratios measured in one run.
 
@@ -128,7 +128,7 @@ def _spread(values: list[float]) -> str:
 
 def noop(args: argparse.Namespace) -> None:
     """Part 1: the three servers up at once, measured in turn, ``rounds`` times."""
-    from patterns.pipeline.loadgen import Request, run_load
+    from patterns.pipeline.bench.loadgen import Request, run_load
 
     levels = [int(c) for c in args.concurrency.split(",")]
     arms = ["uvicorn", "default", "haproxy"]
@@ -177,7 +177,7 @@ def noop(args: argparse.Namespace) -> None:
 
 def app_requests(app: str, n: int = 300) -> list[Any]:
     """``n`` of the app's own sample requests as raw load-generator requests."""
-    from patterns.pipeline.loadgen import Request
+    from patterns.pipeline.bench.loadgen import Request
     from reliability.load import sample_requests
 
     make = sample_requests(app)
@@ -194,7 +194,7 @@ def app_requests(app: str, n: int = 300) -> list[Any]:
 
 def apps(args: argparse.Namespace) -> None:
     """Part 2: each app's own requests on a cluster per mode, modes alternating per round."""
-    from patterns.pipeline.loadgen import run_load
+    from patterns.pipeline.bench.loadgen import run_load
     from reliability.chaos import artifact_env, cluster_config, ensure_artifacts
     from tests.servers import ServeCluster
 
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return serve_child(args.child)
 
-    from patterns.pipeline.loadgen import machine
+    from patterns.pipeline.bench.loadgen import machine
 
     print(f"machine: {machine()}", flush=True)
     parts = set(args.parts.split(","))

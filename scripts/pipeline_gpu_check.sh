@@ -77,10 +77,10 @@ if [ "$what" != bench ]; then
 fi
 if [ "$what" != tests ]; then
     if [ "$serve" = yes ]; then
-        step "gpu_bench" 480 bench.txt "$py" -m patterns.pipeline.gpu_bench
+        step "gpu_bench" 480 bench.txt "$py" -m patterns.pipeline.bench.gpu_bench
     else
         echo "ray[serve] does not import here: in-process rows only" | tee -a "$out/bench.txt"
-        step "gpu_bench, no HTTP" 240 bench.txt "$py" -m patterns.pipeline.gpu_bench \
+        step "gpu_bench, no HTTP" 240 bench.txt "$py" -m patterns.pipeline.bench.gpu_bench \
             --sections ceiling,models
     fi
 fi

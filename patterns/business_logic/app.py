@@ -9,7 +9,7 @@
                                    -> score -> business rules -> approve | review | decline
 
 This module declares the args, wires the two deployments and maps routes to the request flow
-(``Scorer`` in scoring.py). Run: ``python -m patterns.business_logic.artifacts``, then
+(``Scorer`` in flow.py). Run: ``python -m patterns.business_logic.artifacts``, then
 ``serve run patterns.business_logic.app:app --route-prefix /business`` (and the risk service,
 ``python -m patterns.business_logic.risk_service``). Knobs: config.yaml, equal to the defaults.
 """
@@ -41,11 +41,11 @@ from core.resources import StageResources, resolve_actor_options
 from core.settings import keys_required
 from patterns.business_logic.deployments import FraudModel
 from patterns.business_logic.features import FeaturePolicy, open_feature_store
+from patterns.business_logic.flow import MIN_AMOUNT_EUR, Scorer, ScoreRequest
 from patterns.business_logic.model import MODEL_VERSION
 from patterns.business_logic.records import RecordStore
 from patterns.business_logic.risk_client import RiskServiceClient
 from patterns.business_logic.rules import DecisionRules
-from patterns.business_logic.scoring import MIN_AMOUNT_EUR, Scorer, ScoreRequest
 from patterns.business_logic.settings import BusinessSettings, load_api_keys
 
 
@@ -238,7 +238,7 @@ class BusinessIngress:
 
 
 # ------------------------------------------------------------------------------ builder
-def build_app(args: BusinessArgs) -> Application:
+def build_app(args: BusinessArgs | dict[str, Any] | None = None) -> Application:
     args = coerce_args(args, BusinessArgs)
     model = FraudModel.options(
         ray_actor_options=resolve_actor_options(args.model_resources, "business_logic/model")

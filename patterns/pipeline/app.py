@@ -266,7 +266,7 @@ def _model_stage(cls: Any, spec: ModelSpec, args: PipelineArgs, stage: str) -> A
     )
 
 
-def build_app(args: PipelineArgs | dict[str, Any]) -> Application:
+def build_app(args: PipelineArgs | dict[str, Any] | None = None) -> Application:
     args = coerce_args(args, PipelineArgs)
     if args.topology == "fused":
         ingress = PipelineIngress.options(

@@ -1,6 +1,6 @@
 """All three models in one process: the monolith the Serve pipeline is compared with.
 
-``artifacts.py`` measures quality with it and ``benchmark.py`` uses it as the raw-PyTorch
+``artifacts.py`` measures quality with it and ``bench/benchmark.py`` uses it as the raw-PyTorch
 baseline. The Serve stages (``stages.py``) call the same functions (``run_detector``,
 ``read_digits``, the classifiers), so both paths read a scene the same way, on CPU or CUDA:
 ``x`` and the models on one device, and every tensor made here on that device too.

@@ -1,7 +1,7 @@
 """The client's load-test requests are valid payments (the Locust harness replays them)."""
 
 from patterns.business_logic.client import PAYMENTS, sample_request
-from patterns.business_logic.scoring import ScoreRequest
+from patterns.business_logic.flow import ScoreRequest
 
 
 def test_sample_requests_are_valid_and_varied() -> None:

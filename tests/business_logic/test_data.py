@@ -19,6 +19,7 @@ from patterns.business_logic.features import (
     SQLiteFeatureStore,
     open_feature_store,
 )
+from patterns.business_logic.flow import Scorer, ScoreRequest
 from patterns.business_logic.records import (
     DatabaseUnavailable,
     RecordStore,
@@ -26,7 +27,6 @@ from patterns.business_logic.records import (
 )
 from patterns.business_logic.risk_client import RiskServiceClient
 from patterns.business_logic.rules import DecisionRules
-from patterns.business_logic.scoring import Scorer, ScoreRequest
 from patterns.business_logic.seed import MISSING_FEATURES, STALE_FEATURES
 
 INJECTIONS = [

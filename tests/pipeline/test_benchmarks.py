@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from patterns.pipeline.loadgen import CpuMeter, Request, process_tree, run_load
+from patterns.pipeline.bench.loadgen import CpuMeter, Request, process_tree, run_load
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,7 +67,7 @@ def test_gpu_bench_in_process_rows_run_quick_on_cpu() -> None:
     """The ceiling (decode on another process feeding the models) and the models-only rows
     of ``gpu_bench`` in their quick size: a table with a number in each row."""
     out = subprocess.run(
-        [sys.executable, "-m", "patterns.pipeline.gpu_bench", "--quick",
+        [sys.executable, "-m", "patterns.pipeline.bench.gpu_bench", "--quick",
          "--sections", "ceiling,models", "--duration", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=180,
     )  # fmt: skip

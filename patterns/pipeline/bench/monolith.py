@@ -4,7 +4,7 @@ What the Serve profiles are measured against (``benchmark.py``, issue 12): the o
 serve these models, ``uvicorn --workers N`` with every request decoded and read in the worker
 that took it, one request at a time, no batching, no hops.
 
-    uvicorn --factory patterns.pipeline.monolith:create_app --workers 2 --port 8001
+    uvicorn --factory patterns.pipeline.bench.monolith:create_app --workers 2 --port 8001
     curl -s --data-binary @scene.png -H 'Content-Type: image/png' localhost:8001/pipeline/read
 
 Same routes under the same prefix as the Serve app (``/pipeline/read``, ``/pipeline/model``),

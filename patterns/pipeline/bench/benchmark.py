@@ -1,13 +1,13 @@
 """Batching on vs off, fused vs split vs a plain monolith, and what each hop costs: one run.
 
-    python -m patterns.pipeline.benchmark                      # ~5 min on 2 shared cores
-    python -m patterns.pipeline.benchmark --ingress haproxy    # HAProxy + direct ingress
-    python -m patterns.pipeline.benchmark --topology split --concurrency 32 --duration 15
+    python -m patterns.pipeline.bench.benchmark                      # ~5 min on 2 shared cores
+    python -m patterns.pipeline.bench.benchmark --ingress haproxy    # HAProxy + direct ingress
+    python -m patterns.pipeline.bench.benchmark --topology split --concurrency 32 --duration 15
 
 Starts its own local Ray + Serve (HTTP on a free loopback port) in the ingress mode under
 test (``--ingress``, default ``COOKBOOK_INGRESS_MODE`` or ``haproxy``, the shipped mode;
 Serve reads it when the cluster starts, so one mode per run), and drives it with
-``patterns.pipeline.loadgen`` (several client processes, raw keep-alive HTTP) sending held-out
+``patterns.pipeline.bench.loadgen`` (several client processes, raw keep-alive HTTP) sending held-out
 scenes as PNG bodies. Every comparison is side by side in this one run: the variants are
 deployed together and measured in alternating rounds, so a change in the machine's load hits
 both.
@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from cluster.ports import free_port
-from patterns.pipeline.loadgen import (
+from patterns.pipeline.bench.loadgen import (
     CpuMeter,
     LoadResult,
     Request,
@@ -58,7 +58,7 @@ from patterns.pipeline.loadgen import (
 )
 from patterns.pipeline.scenes import scene_png
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]  # the repo: the monolith runs from here
 STAGES = ("preprocess", "detector", "scene_classifier", "digit_classifier", "business_rules")
 GOALS = {"batching": 1.3, "monolith": 0.6, "hop_ms": 2.0}
 
@@ -108,7 +108,7 @@ def wait_ready(url: str, png: bytes, timeout_s: float = 300.0, answers: int = 4)
 
 def start_monolith(port: int, workers: int) -> subprocess.Popen:
     cmd = [
-        sys.executable, "-m", "uvicorn", "--factory", "patterns.pipeline.monolith:create_app",
+        sys.executable, "-m", "uvicorn", "--factory", "patterns.pipeline.bench.monolith:create_app",
         "--workers", str(workers), "--host", "127.0.0.1", "--port", str(port),
         "--log-level", "warning", "--no-access-log",
     ]  # fmt: skip

@@ -1,6 +1,6 @@
 """What splitting the I/O-bound ingress from the compute-bound model buys, in one run.
 
-    python -m patterns.business_logic.benchmark [--seconds 5] [--concurrency 32]
+    python -m patterns.business_logic.bench.benchmark [--seconds 5] [--concurrency 32]
 
 1. split (ingress + batched model deployment) vs the same logic in one deployment, at equal
    CPU: each design gets two replica processes and 1.0 logical CPU in total;
@@ -36,8 +36,8 @@ from cluster.local import free_port
 from patterns.business_logic.app import BusinessArgs, BusinessIngress, build_scorer
 from patterns.business_logic.client import sample_request
 from patterns.business_logic.deployments import FraudModel
+from patterns.business_logic.flow import ScoreRequest
 from patterns.business_logic.model import MODEL_NAME
-from patterns.business_logic.scoring import ScoreRequest
 
 
 @serve.deployment

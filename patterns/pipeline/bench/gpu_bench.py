@@ -1,9 +1,9 @@
 """The issue 12 table for the current code, on one GPU node: ceiling, models, HTTP.
 
-    python -m patterns.pipeline.gpu_bench            # one H100/H200, 16 cores: ~6-7 minutes
-    python -m patterns.pipeline.gpu_bench --quick    # CPU-only box: small sizes, one replica
+    python -m patterns.pipeline.bench.gpu_bench            # one H100/H200, 16 cores: ~6-7 minutes
+    python -m patterns.pipeline.bench.gpu_bench --quick    # CPU-only box: small sizes, one replica
                                                      # per deployment, ~4 minutes
-    python -m patterns.pipeline.gpu_bench --sections ceiling,models   # no Ray at all
+    python -m patterns.pipeline.bench.gpu_bench --sections ceiling,models   # no Ray at all
 
 Rows, each with img/s (one image per request through HTTP):
 
@@ -11,7 +11,7 @@ Rows, each with img/s (one image per request through HTTP):
    fed by PNG decoding (``preprocess.prepare``, as the app decodes) on N processes.
 2. ``models``: the three models alone on images already on the GPU, batch 1/16/64/256
    (what batching can buy at most).
-3. ``http``: through HTTP with ``patterns.pipeline.loadgen`` (several client processes):
+3. ``http``: through HTTP with ``patterns.pipeline.bench.loadgen`` (several client processes):
    the shipped local profile (config.yaml) in both ingress modes at c=8/64/256; the GPU
    profile (config.gpu.yaml) in HAProxy mode at the same levels; and the GPU profile with
    batching off (``max_batch_size: 1``, same replicas) at c=64. Each ingress mode runs in its
@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[3]  # the repo: the children run from here
+PATTERN = Path(__file__).resolve().parents[1]  # patterns/pipeline: its config files
 GOALS = {"ceiling": 0.6, "batching": 2.0}
 
 
@@ -204,14 +204,14 @@ def http_child(
     from ray.serve._private import api as serve_api
 
     from patterns.pipeline.app import PipelineArgs
-    from patterns.pipeline.benchmark import (
+    from patterns.pipeline.bench.benchmark import (
         batching_off,
         bodies,
         free_port,
         requests_for,
         wait_ready,
     )
-    from patterns.pipeline.loadgen import run_load
+    from patterns.pipeline.bench.loadgen import run_load
 
     pngs = bodies()
     port = free_port()
@@ -222,7 +222,7 @@ def http_child(
     try:
         client = serve_api.serve_start(http_options={"host": "127.0.0.1", "port": port})
         for cell in plan:
-            path = HERE / cell["config"]
+            path = PATTERN / cell["config"]
             update = None
             if cell.get("batching") == "off":
                 import yaml
@@ -256,7 +256,7 @@ def http_rows(
 ) -> list[dict]:
     rows = []
     for mode, cells in plan.items():
-        cmd = [sys.executable, "-m", "patterns.pipeline.gpu_bench", "--child", mode,
+        cmd = [sys.executable, "-m", "patterns.pipeline.bench.gpu_bench", "--child", mode,
                "--plan", json.dumps(cells), "--duration", str(duration),
                "--processes", str(processes)] + (["--quick"] if quick else [])  # fmt: skip
         print(f"[http] {mode} ingress: {[c['label'] for c in cells]} ...", flush=True)
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return http_child(args.child, json.loads(args.plan), duration, processes, args.quick)
 
-    from patterns.pipeline.loadgen import machine
+    from patterns.pipeline.bench.loadgen import machine
 
     sections = set(args.sections.split(","))
     levels = [4, 8] if args.quick else [8, 64, 256]

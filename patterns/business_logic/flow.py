@@ -52,7 +52,7 @@ from patterns.business_logic.records import (
 from patterns.business_logic.risk_client import RiskServiceClient, RiskSignal
 from patterns.business_logic.rules import DecisionRules, decide
 
-logger = logging.getLogger("patterns.business_logic.scoring")
+logger = logging.getLogger("patterns.business_logic.flow")
 
 ModelCall = Callable[[list[float]], Awaitable[tuple[float, str]]]
 

@@ -7,7 +7,7 @@ its CPU on sockets, not on building requests or parsing JSON (a sample of answer
 by the caller, after the run). All processes start together, warm up, then count only the
 answers that complete inside the same measured window.
 
-    from patterns.pipeline.loadgen import Request, run_load
+    from patterns.pipeline.bench.loadgen import Request, run_load
     result = run_load("http://127.0.0.1:8000", [Request("GET", "/healthz")], concurrency=32)
 
 Python's httpx in one process tops out near 1,000-1,500 requests/s on one core, which is
