@@ -59,7 +59,7 @@ serve-config: deps
 	$(PY) -m scripts.build_serve_config
 
 bench: setup
-	@for b in patterns/*/benchmark.py; do \
+	@for b in patterns/*/bench/benchmark.py; do \
 		echo "== $$b"; $(PY) -m $$(echo $${b%.py} | tr / .) || exit 1; \
 	done
 

@@ -35,7 +35,9 @@ def start_ray(num_cpus: float, *, applications: Iterable[dict[str, Any]] = (), *
     init.setdefault("include_dashboard", False)
     for attempt in (1, 2):
         try:
-            ray.init(num_cpus=int(num_cpus), _node_ip_address="127.0.0.1", **init)
+            # address="local": always a cluster of our own, never one a stale
+            # /tmp/ray/ray_current_cluster (a `ray start` killed without `ray stop`) names.
+            ray.init(address="local", num_cpus=int(num_cpus), _node_ip_address="127.0.0.1", **init)
             return mode
         except Exception as exc:  # "The current node timed out during startup": a busy box
             ray.shutdown()

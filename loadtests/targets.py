@@ -150,6 +150,7 @@ def run_serve(port: int, cpus: int, topology: str | None, replicas_log: str | No
 
     config = ServeDeploySchema.model_validate(raw)
     ray.init(
+        address="local",  # a cluster of its own, whatever /tmp/ray names
         num_cpus=cpus,
         include_dashboard=False,
         log_to_driver=False,

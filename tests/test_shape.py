@@ -1,5 +1,10 @@
 """One shape for every pattern: config agrees with code, no import circles, a copy runs.
 
+- Every pattern has the same files: ``flow.py`` (its request flow in a plain class, no Ray),
+  ``app.py`` (at most 300 lines, ``build_app(args: <Args> | dict | None = None)``),
+  ``deployments.py``, ``artifacts.py``, ``client.py``, ``config.yaml``, ``requirements.txt``,
+  ``README.md``, and its measurement code in ``bench/`` (``bench/benchmark.py``).
+
 - Every value a pattern's ``config.yaml`` sets (its ``args`` and its deployments' options) equals
   what ``serve run patterns.<name>.app:app`` uses, so the two ways to start a pattern behave the
   same. The code side is read the way ``serve build`` reads it.
@@ -62,6 +67,65 @@ def _differences(configured: Any, default: Any, where: str) -> list[str]:
             [] if float(configured) == float(default) else [f"{where}: {configured} vs {default}"]
         )
     return [] if configured == default else [f"{where}: {configured!r} vs {default!r}"]
+
+
+SHAPE_FILES = (
+    "flow.py",
+    "app.py",
+    "deployments.py",
+    "artifacts.py",
+    "client.py",
+    "config.yaml",
+    "requirements.txt",
+    "README.md",
+    "bench/__init__.py",
+    "bench/benchmark.py",
+)
+MEASUREMENT = ("benchmark", "bench_", "_bench", "loadgen", "monolith")
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+def test_every_pattern_has_the_one_shape(name: str) -> None:
+    here = ROOT / "patterns" / name
+    missing = [f for f in SHAPE_FILES if not (here / f).is_file()]
+    assert not missing, f"patterns/{name} lacks {missing}"
+    stray = [p.name for p in here.glob("*.py") if any(m in p.stem for m in MEASUREMENT)]
+    assert not stray, f"measurement code outside patterns/{name}/bench/: {stray}"
+    lines = len((here / "app.py").read_text().splitlines())
+    assert lines <= 300, f"patterns/{name}/app.py is {lines} lines (at most 300)"
+    # the flow is plain Python: no Ray anywhere in what flow.py imports at its top
+    tree = ast.parse((here / "flow.py").read_text())
+    top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+    names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in names if m.split(".")[0] == "ray"], (name, names)
+    # one builder signature: build_app(args: <Args> | dict[str, Any] | None = None)
+    fn = next(
+        n
+        for n in ast.parse((here / "app.py").read_text()).body
+        if isinstance(n, ast.FunctionDef) and n.name == "build_app"
+    )
+    (arg,) = fn.args.args
+    assert arg.arg == "args" and fn.args.defaults and ast.unparse(fn.args.defaults[0]) == "None"
+    assert ast.unparse(arg.annotation).endswith("| dict[str, Any] | None"), ast.unparse(
+        arg.annotation
+    )
+
+
+def test_core_reads_in_one_sitting() -> None:
+    """core/ is what a copied pattern needs; cluster and proxy plumbing lives in cluster/."""
+    lines = sum(len(p.read_text().splitlines()) for p in (ROOT / "core").glob("*.py"))
+    assert lines <= 1_800, f"core/ is {lines} lines"
+    for p in (ROOT / "core").glob("*.py"):
+        tree = ast.parse(p.read_text())
+        for n in ast.walk(tree):
+            mods = []
+            if isinstance(n, ast.ImportFrom):
+                mods = [n.module or ""]
+            elif isinstance(n, ast.Import):
+                mods = [a.name for a in n.names]
+            bad = [m for m in mods if m.split(".")[0] in ("patterns", "cluster")]
+            assert not bad, f"{p.name} imports {bad}"
 
 
 @pytest.mark.parametrize("name", PATTERNS)
