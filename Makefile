@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: setup deps artifacts serve test chaos lint format bench loadtest serve-config clean
+.PHONY: setup deps artifacts serve serve-cluster test chaos lint format bench loadtest serve-config clean
 
 setup: deps artifacts
 
@@ -32,6 +32,11 @@ artifacts: deps
 
 serve: setup
 	$(PY) -m scripts.serve_all
+
+# The same apps on three raylets on this machine (head, accelerator and general nodes): model
+# stages on the accelerator node, ingresses and I/O elsewhere; prints where each replica landed.
+serve-cluster: setup
+	$(PY) -m scripts.serve_all --nodes 3
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

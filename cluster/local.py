@@ -20,7 +20,10 @@ from typing import Any
 
 from cluster.ports import free_port
 
-__all__ = ["free_port", "local_serve", "start_ray"]
+__all__ = ["free_port", "local_serve", "start_ray", "start_ray_nodes"]
+
+# The kinds of the nodes of a local multi-node cluster, head first (core.resources).
+NODE_KINDS = ("general", "accelerator", "general")
 
 
 def start_ray(num_cpus: float, *, applications: Iterable[dict[str, Any]] = (), **init: Any) -> str:
@@ -44,6 +47,82 @@ def start_ray(num_cpus: float, *, applications: Iterable[dict[str, Any]] = (), *
             if attempt == 2 or "timed out during startup" not in str(exc):
                 raise
     raise AssertionError("unreachable")
+
+
+def start_ray_nodes(
+    num_cpus: float,
+    nodes: int = 3,
+    *,
+    applications: Iterable[dict[str, Any]] = (),
+    **init: Any,
+) -> Any:
+    """A cluster of ``nodes`` raylets on loopback, each with ``num_cpus`` and a node-kind label
+    (``NODE_KINDS``: the head and the third node ``general``, the second ``accelerator``), and
+    this process connected to it as the driver. Returns the ``ray.cluster_utils.Cluster``, whose
+    ``remove_node`` takes a node away as a lost machine would, and whose ``shutdown`` stops it.
+
+    Ray's own multi-node test harness: every node is a real raylet with its own workers, object
+    store and health checks, on one machine. ``init`` goes to the head node (dashboard, say)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from cluster.ingress_mode import apply_ingress_mode
+    from core.resources import NODE_KIND_LABEL
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Loopback stays loopback: Ray otherwise rewrites 127.0.0.1 in a node's GCS address to the
+    # machine's routable address, where this GCS does not listen. (`ray start --address`
+    # refuses to run with it off; the in-process harness below does not need that command.)
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    mode = apply_ingress_mode(applications=applications)
+    kinds = [NODE_KINDS[i % len(NODE_KINDS)] for i in range(nodes)]
+    common = {"num_cpus": int(num_cpus), "node_ip_address": "127.0.0.1"}
+    namespace = init.pop("namespace", None)
+    head = {**common, "labels": {NODE_KIND_LABEL: kinds[0]}, **init}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    for kind in kinds[1:]:
+        cluster.add_node(**common, labels={NODE_KIND_LABEL: kind})
+    ray.init(address=cluster.address, _node_ip_address="127.0.0.1", namespace=namespace)
+    cluster.ingress_mode = mode
+    cluster.kinds = kinds
+    return cluster
+
+
+def raylet_pids(cluster: Any) -> list[tuple[str, int]]:
+    """(node kind, raylet pid) of each node of a ``start_ray_nodes`` cluster, head first: what
+    to SIGKILL, with the workers below it, to lose that node as a machine would."""
+    from ray._private import ray_constants
+
+    nodes = [cluster.head_node, *cluster.worker_nodes]
+    return [
+        (kind, node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+        for kind, node in zip(cluster.kinds, nodes, strict=True)
+    ]
+
+
+def placement() -> dict[str, dict[str, list[str]]]:
+    """Where each Serve replica runs: {app: {deployment: [node kind of each live replica]}}.
+    Call it from the driver; a node without the label reads ``unlabelled``."""
+    import ray
+    from ray.util.state import list_actors
+
+    from core.resources import NODE_KIND_LABEL
+
+    kinds = {
+        n["NodeID"]: (n.get("Labels") or {}).get(NODE_KIND_LABEL, "unlabelled")
+        for n in ray.nodes()
+        if n["Alive"]
+    }
+    out: dict[str, dict[str, list[str]]] = {}
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, detail=True):
+        name = actor.name or ""
+        if not name.startswith("SERVE_REPLICA::"):
+            continue
+        app, deployment = name.removeprefix("SERVE_REPLICA::").split("#")[:2]
+        kind = kinds.get(actor.node_id, "gone")
+        out.setdefault(app, {}).setdefault(deployment, []).append(kind)
+    return {app: {d: sorted(k) for d, k in sorted(ds.items())} for app, ds in sorted(out.items())}
 
 
 @contextmanager

@@ -5,6 +5,12 @@ built, ``resolve_actor_options`` turns that into Ray ``ray_actor_options``; on a
 no GPU a GPU request becomes a CPU placement instead of a replica that waits forever for a
 GPU. The choice is logged once per stage, so an operator can see why a replica landed where
 it did.
+
+On a cluster of several node kinds, a stage also says where it belongs: ``node_kind``
+(``accelerator`` for model stages, ``general`` for ingresses and I/O; by default, accelerator
+exactly when it asks for a GPU). It becomes a Ray label selector on ``NODE_KIND_LABEL`` with
+a fallback to any node, so the same config places stages on a labelled multi-node cluster and
+still runs on one unlabelled node, or on the survivors when the accelerator node is gone.
 """
 
 from __future__ import annotations
@@ -12,13 +18,17 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from core.settings import get_settings
 
 logger = logging.getLogger("core.resources")
+
+# The node label every node of a multi-node cluster carries (`ray start --labels`, the
+# RayService's worker groups): accelerator nodes run the models, general nodes the rest.
+NODE_KIND_LABEL = "cookbook.io/node-kind"
 
 
 class StageResources(BaseModel):
@@ -31,6 +41,9 @@ class StageResources(BaseModel):
     # CPUs to ask for instead when num_gpus cannot be honoured (None: keep num_cpus).
     cpu_fallback_num_cpus: float | None = Field(default=None, ge=0)
     memory_mb: int | None = Field(default=None, gt=0)
+    # Where the replica prefers to run (None: "accelerator" if it asks for a GPU, else
+    # "general"); "any" places it without a preference.
+    node_kind: Literal["accelerator", "general", "any"] | None = None
 
 
 def _local_gpu_count() -> int:
@@ -83,6 +96,13 @@ def resolve_actor_options(
             res.num_gpus,
             options["num_cpus"],
         )
+    kind = res.node_kind or ("accelerator" if res.num_gpus > 0 else "general")
+    if kind != "any":
+        # A preference, not a requirement: the fallback (any node) keeps one unlabelled
+        # node working, and moves a replica to a survivor when its node kind is gone.
+        want = "accelerator" if kind == "accelerator" else "!accelerator"
+        options["label_selector"] = {NODE_KIND_LABEL: want}
+        options["fallback_strategy"] = [{"label_selector": {}}]
     return options
 
 

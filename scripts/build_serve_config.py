@@ -98,6 +98,35 @@ def _secret_env(name: str, key: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": "serve-cookbook", "key": key}}}
 
 
+def _worker_group(
+    name: str,
+    kind: str,
+    image: str,
+    env: list[dict[str, Any]],
+    *,
+    cpus: int,
+    memory: str,
+    gpus: int,
+) -> dict[str, Any]:
+    """One KubeRay worker group whose nodes carry the node-kind label."""
+    from core.resources import NODE_KIND_LABEL
+
+    params = {"num-cpus": str(cpus), "labels": f"{NODE_KIND_LABEL}={kind}"}
+    limits: dict[str, str] = {"cpu": str(cpus), "memory": memory}
+    if gpus:
+        params["num-gpus"] = str(gpus)
+        limits["nvidia.com/gpu"] = str(gpus)
+    container = {"name": "ray-worker", "image": image, "resources": {"limits": limits}}
+    return {
+        "groupName": name,
+        "replicas": 1,
+        "minReplicas": 1,
+        "maxReplicas": 4,
+        "rayStartParams": params,
+        "template": {"spec": {"containers": [{**container, "env": env}]}},
+    }
+
+
 def render_rayservice() -> str:
     """The ``gpu`` profile as a KubeRay RayService (GPU worker group; code from an image).
 
@@ -170,33 +199,12 @@ def render_rayservice() -> str:
                         }
                     },
                 },
+                # Node kinds (core.resources.NODE_KIND_LABEL): model stages prefer the
+                # accelerator group, ingresses and I/O the general one; each falls back to
+                # any node, so a group scaled to zero slows the app down, never stops it.
                 "workerGroupSpecs": [
-                    {
-                        "groupName": "gpu",
-                        "replicas": 1,
-                        "minReplicas": 1,
-                        "maxReplicas": 4,
-                        # What configs/gpu.yaml is sized for: 16 CPUs and one GPU per node.
-                        "rayStartParams": {"num-cpus": "16", "num-gpus": "1"},
-                        "template": {
-                            "spec": {
-                                "containers": [
-                                    {
-                                        "name": "ray-worker",
-                                        "image": image,
-                                        "resources": {
-                                            "limits": {
-                                                "cpu": "16",
-                                                "memory": "64Gi",
-                                                "nvidia.com/gpu": "1",
-                                            }
-                                        },
-                                        "env": env,
-                                    }
-                                ]
-                            }
-                        },
-                    }
+                    _worker_group("gpu", "accelerator", image, env, cpus=16, memory="64Gi", gpus=1),
+                    _worker_group("cpu", "general", image, env, cpus=4, memory="8Gi", gpus=0),
                 ],
             },
         },

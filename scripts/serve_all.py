@@ -5,6 +5,12 @@ cluster down on the way out. This is ``make serve``; it is ``serve run serve_con
 loopback-only cluster, a readiness wait and the URL list.
 
     python -m scripts.serve_all [--config serve_config.yaml] [--num-cpus N] [--exit-when-ready]
+                                [--nodes 3]
+
+``--nodes 3`` (``make serve-cluster``) runs the same config on three raylets on loopback, a head
+and a general node and an accelerator node (``cluster.local.start_ray_nodes``): model stages
+prefer the accelerator node, ingresses and I/O the others (``core.resources``), and the ready
+message prints where every replica landed.
 """
 
 from __future__ import annotations
@@ -49,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     # minimum replicas; the rest is headroom for a rolling update, which starts an app's new
     # replicas beside the old ones (max_surge_percent) and would wait forever without room.
     parser.add_argument("--num-cpus", type=float, default=2.0 * (os.cpu_count() or 2))
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="raylets on this machine (3: head, accelerator and general nodes; CPUs each)",
+    )
     parser.add_argument("--timeout-s", type=float, default=600.0)
     parser.add_argument("--port", type=int, help="HTTP port (default: the config's, 8000)")
     parser.add_argument("--dashboard-port", type=int, default=8265)
@@ -79,18 +91,22 @@ def main(argv: list[str] | None = None) -> int:
     from ray.serve.scripts import run as serve_run_cli
 
     from cluster.ingress_mode import DEFAULT_MODE, stop_haproxy
-    from cluster.local import start_ray
+    from cluster.local import placement, raylet_pids, start_ray, start_ray_nodes
 
     mode = os.environ.get("COOKBOOK_INGRESS_MODE", DEFAULT_MODE)
+    nodes = f"{args.nodes} nodes of " if args.nodes > 1 else ""
     print(
-        f"[serve] starting a local Ray cluster on 127.0.0.1 ({args.num_cpus:g} CPUs, "
+        f"[serve] starting a local Ray cluster on 127.0.0.1 ({nodes}{args.num_cpus:g} CPUs, "
         f"ingress: {mode})",
         flush=True,
     )
     # The ingress mode (cluster/ingress_mode.py: HAProxy with the edge by default; the
     # config's idempotent routes are the ones it may replay); Ray's processes inherit it.
-    start_ray(
+    start = start_ray if args.nodes <= 1 else start_ray_nodes
+    extra = {} if args.nodes <= 1 else {"nodes": args.nodes}
+    started = start(
         args.num_cpus,
+        **extra,
         applications=apps,
         # The dashboard is what `serve status`, `serve deploy` and `serve config` talk to
         # (http://127.0.0.1:8265), bound to loopback: an open dashboard runs any job anyone
@@ -124,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(psutil.Error):
                 child.kill()
         ray.shutdown()
+        if args.nodes > 1:
+            with contextlib.suppress(Exception):
+                started.shutdown()
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, shutdown)
@@ -160,6 +179,16 @@ def main(argv: list[str] | None = None) -> int:
         for app in apps:
             url = base + app["route_prefix"]
             print(f"  {app['name']:<16} {url}   (docs: {url}/docs)", flush=True)
+        if args.nodes > 1:
+            nodes = "; ".join(
+                f"{kind}{' (head)' if i == 0 else ''} raylet pid {pid}"
+                for i, (kind, pid) in enumerate(raylet_pids(started))
+            )
+            print(f"[serve] nodes: {nodes}", flush=True)
+            print("[serve] placement (deployment: node kind of each replica):", flush=True)
+            for app_name, deployments in placement().items():
+                for deployment, kinds in deployments.items():
+                    print(f"  {app_name}/{deployment}: {', '.join(kinds)}", flush=True)
         if args.exit_when_ready:
             import httpx
 
@@ -187,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                 proc.terminate()
             serve.shutdown()
             ray.shutdown()
+            if args.nodes > 1:
+                started.shutdown()
             return 0 if ok else 1
         print("[serve] Ctrl-C to stop", flush=True)
         while True:

@@ -61,7 +61,8 @@ class ForecastArgs(BaseModel):
     # How many replicas one hot id may live on (1: Serve's default, one copy per id).
     hot_slots: int = Field(default=2, ge=1, le=16)
     request_timeout_s: float = Field(default=10.0, gt=0, le=120)
-    resources: StageResources = StageResources(num_cpus=0.1)
+    # The models live where the models go: the accelerator node of a multi-node cluster.
+    resources: StageResources = StageResources(num_cpus=0.1, node_kind="accelerator")
 
     @field_validator("hot_model_ids")
     @classmethod

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from core.resources import StageResources, resolve_actor_options, torch_device
+from core.resources import NODE_KIND_LABEL, StageResources, resolve_actor_options, torch_device
 from core.settings import REPO_ROOT, CoreSettings, require_real_secret
 
 
@@ -32,14 +32,42 @@ def test_gpu_fraction_falls_back_to_cpu_and_says_so(caplog) -> None:
     res = StageResources(num_cpus=0.1, num_gpus=0.5, cpu_fallback_num_cpus=0.25)
     with caplog.at_level(logging.WARNING, logger="core.resources"):
         opts = resolve_actor_options(res, "detector", gpus_available=0)
-    assert opts == {"num_cpus": 0.25}
+    assert opts["num_cpus"] == 0.25 and "num_gpus" not in opts
+    # still a model stage: it prefers the accelerator node even where it runs on CPU
+    assert opts["label_selector"] == {NODE_KIND_LABEL: "accelerator"}
     assert "no GPU" in caplog.text and "detector" in caplog.text
 
 
 def test_gpu_fraction_kept_on_gpu_cluster() -> None:
     res = StageResources(num_cpus=0.1, num_gpus=0.25, memory_mb=512)
     opts = resolve_actor_options(res, "classifier", gpus_available=1)
-    assert opts == {"num_cpus": 0.1, "num_gpus": 0.25, "memory": 512 * 1024 * 1024}
+    assert opts == {
+        "num_cpus": 0.1,
+        "num_gpus": 0.25,
+        "memory": 512 * 1024 * 1024,
+        "label_selector": {NODE_KIND_LABEL: "accelerator"},
+        "fallback_strategy": [{"label_selector": {}}],
+    }
+
+
+def test_node_kind_is_a_preference_with_a_fallback_to_any_node() -> None:
+    from ray._private.label_utils import validate_fallback_strategy, validate_label_selector
+
+    ingress = resolve_actor_options(StageResources(num_cpus=0.1), "ingress", gpus_available=0)
+    assert ingress["label_selector"] == {NODE_KIND_LABEL: "!accelerator"}
+    model = resolve_actor_options(
+        StageResources(num_cpus=0.1, node_kind="accelerator"), "forecasters", gpus_available=0
+    )
+    assert model["label_selector"] == {NODE_KIND_LABEL: "accelerator"}
+    for opts in (ingress, model):
+        # Ray's own checks, the ones `serve deploy` runs
+        assert validate_label_selector(opts["label_selector"]) is None
+        assert validate_fallback_strategy(opts["fallback_strategy"]) is None
+        assert opts["fallback_strategy"] == [{"label_selector": {}}]  # any node will do
+    free = resolve_actor_options(StageResources(node_kind="any"), "x", gpus_available=0)
+    assert "label_selector" not in free and "fallback_strategy" not in free
+    with pytest.raises(ValueError):
+        StageResources(node_kind="gpu")
 
 
 def test_accelerator_setting_forces_cpu(monkeypatch) -> None:

@@ -170,7 +170,11 @@ def test_generated_gpu_profile_and_rayservice_carry_it() -> None:
         g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
         if g["groupName"] == "gpu"
     ]  # fmt: skip
-    assert group["rayStartParams"] == {"num-cpus": str(GPU_NODE["CPU"]), "num-gpus": "1"}
+    assert group["rayStartParams"] == {
+        "num-cpus": str(GPU_NODE["CPU"]),
+        "num-gpus": "1",
+        "labels": "cookbook.io/node-kind=accelerator",  # where the model stages go
+    }
     (container,) = group["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     env = {e["name"]: e.get("value") for e in container["env"]}
