@@ -49,6 +49,20 @@ def start_ray(num_cpus: float, *, applications: Iterable[dict[str, Any]] = (), *
     raise AssertionError("unreachable")
 
 
+def multinode_environment() -> None:
+    """What ``start_ray_nodes`` needs in the environment, set before ``import ray`` (Ray reads
+    both when it is imported):
+
+    - loopback stays loopback: Ray otherwise rewrites 127.0.0.1 in a node's GCS address to the
+      machine's routable address, where this GCS does not listen (``ray start --address``
+      refuses to run with this off; the in-process harness does not use that command);
+    - token authentication, as every Ray 2.60 cluster has, also for the nodes' own clients.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def start_ray_nodes(
     num_cpus: float,
     nodes: int = 3,
@@ -62,19 +76,15 @@ def start_ray_nodes(
     ``remove_node`` takes a node away as a lost machine would, and whose ``shutdown`` stops it.
 
     Ray's own multi-node test harness: every node is a real raylet with its own workers, object
-    store and health checks, on one machine. ``init`` goes to the head node (dashboard, say)."""
+    store and health checks, on one machine. ``init`` goes to the head node (dashboard, say).
+    Call ``multinode_environment()`` before anything imports ray."""
     import ray
     from ray.cluster_utils import Cluster
 
     from cluster.ingress_mode import apply_ingress_mode
     from core.resources import NODE_KIND_LABEL
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Loopback stays loopback: Ray otherwise rewrites 127.0.0.1 in a node's GCS address to the
-    # machine's routable address, where this GCS does not listen. (`ray start --address`
-    # refuses to run with it off; the in-process harness below does not need that command.)
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    multinode_environment()
     mode = apply_ingress_mode(applications=applications)
     kinds = [NODE_KINDS[i % len(NODE_KINDS)] for i in range(nodes)]
     common = {"num_cpus": int(num_cpus), "node_ip_address": "127.0.0.1"}
@@ -85,7 +95,6 @@ def start_ray_nodes(
         cluster.add_node(**common, labels={NODE_KIND_LABEL: kind})
     ray.init(address=cluster.address, _node_ip_address="127.0.0.1", namespace=namespace)
     cluster.ingress_mode = mode
-    cluster.kinds = kinds
     return cluster
 
 
@@ -94,10 +103,16 @@ def raylet_pids(cluster: Any) -> list[tuple[str, int]]:
     to SIGKILL, with the workers below it, to lose that node as a machine would."""
     from ray._private import ray_constants
 
+    from core.resources import NODE_KIND_LABEL
+
+    # worker_nodes is a set: read each node's kind from its own labels, not the start order
     nodes = [cluster.head_node, *cluster.worker_nodes]
     return [
-        (kind, node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
-        for kind, node in zip(cluster.kinds, nodes, strict=True)
+        (
+            (node._ray_params.labels or {}).get(NODE_KIND_LABEL, "unlabelled"),
+            node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid,
+        )
+        for node in nodes
     ]
 
 

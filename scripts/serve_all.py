@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         with os.fdopen(fd, "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
 
+    if args.nodes > 1:
+        from cluster.local import multinode_environment
+
+        multinode_environment()  # before ray is imported
     import ray
     from ray import serve
     from ray.serve.scripts import run as serve_run_cli

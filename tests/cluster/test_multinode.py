@@ -89,6 +89,17 @@ def cluster(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _replicas_in(procs: list[psutil.Process]) -> list[str]:
+    """The Serve replicas among ``procs`` (Ray titles a replica's process after it)."""
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            title = " ".join(p.cmdline())
+            if "ServeReplica:" in title:
+                out.append(title.split("ServeReplica:", 1)[1].split()[0])
+    return sorted(out)
+
+
 def _ready_lines(log: Path) -> tuple[dict[str, int], dict[str, list[str]]]:
     """The raylet pid of each node (kind -> pid, the non-head general node as 'general'),
     and the placement the ready message printed (deployment -> node kinds)."""
@@ -120,6 +131,7 @@ def test_losing_a_node_under_load_fails_at_most_one_percent_as_503s(cluster) -> 
     nodes, _ = _ready_lines(cluster["log"])
     raylet = psutil.Process(nodes["general"])
     doomed = [raylet, *raylet.children(recursive=True)]
+    assert _replicas_in(doomed) == ["multiplexing:MultiplexIngress"], _replicas_in(doomed)
     with Load(cluster["base"], ["multiplexing"], concurrency=4, timeout_s=30) as load:
         assert load.wait_ok("multiplexing", 10, 60)
         load.window()
@@ -161,3 +173,32 @@ def _running(dashboard: str, deployment: str) -> int | None:
     app = status["applications"].get("multiplexing") or {}
     states = (app.get("deployments", {}).get(deployment) or {}).get("replica_states") or {}
     return states.get("RUNNING")
+
+
+def test_losing_the_accelerator_node_degrades_to_503s_then_the_models_move(cluster) -> None:
+    """The only node of its kind is gone: the forecasters' fallback (any node) starts them on
+    the general nodes. Until they answer, a forecast is a 503 with Retry-After, never a 500."""
+    nodes, _ = _ready_lines(cluster["log"])
+    raylet = psutil.Process(nodes["accelerator"])
+    doomed = [raylet, *raylet.children(recursive=True)]
+    assert _replicas_in(doomed) == ["multiplexing:ForecastModels"] * 2, _replicas_in(doomed)
+    with Load(cluster["base"], ["multiplexing"], concurrency=4, timeout_s=30) as load:
+        assert load.wait_ok("multiplexing", 10, 60)
+        load.window()
+        t_kill = load.now()
+        for p in doomed:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and load.recovered_after("multiplexing", t_kill) is None:
+            time.sleep(2)
+        time.sleep(5)
+        during = load.window()["multiplexing"]
+        back = load.recovered_after("multiplexing", t_kill)
+    print(f"accelerator node loss: {during.as_dict()}; traffic back {back} s after the kill")
+    assert during.other == 0, during.as_dict()  # every failure a 503 + Retry-After
+    assert back is not None and back <= 60, during.as_dict()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and _running(cluster["dashboard"], "ForecastModels") != 2:
+        time.sleep(2)
+    assert _running(cluster["dashboard"], "ForecastModels") == 2
