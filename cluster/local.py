@@ -85,7 +85,7 @@ def start_ray_nodes(
     from core.resources import NODE_KIND_LABEL
 
     multinode_environment()
-    mode = apply_ingress_mode(applications=applications)
+    apply_ingress_mode(applications=applications)
     kinds = [NODE_KINDS[i % len(NODE_KINDS)] for i in range(nodes)]
     common = {"num_cpus": int(num_cpus), "node_ip_address": "127.0.0.1"}
     namespace = init.pop("namespace", None)
@@ -94,7 +94,6 @@ def start_ray_nodes(
     for kind in kinds[1:]:
         cluster.add_node(**common, labels={NODE_KIND_LABEL: kind})
     ray.init(address=cluster.address, _node_ip_address="127.0.0.1", namespace=namespace)
-    cluster.ingress_mode = mode
     return cluster
 
 

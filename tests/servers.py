@@ -368,6 +368,7 @@ class ServeCluster:
         num_cpus: int = 4,
         timeout_s: float = 420.0,
         env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
     ) -> None:
         import yaml
 
@@ -385,6 +386,7 @@ class ServeCluster:
         self.num_cpus = num_cpus
         self.timeout_s = timeout_s
         self.env = dict(env or {})
+        self.extra_args = list(extra_args or [])  # more serve_all flags (--nodes 3, say)
         self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
@@ -416,6 +418,7 @@ class ServeCluster:
             str(self.num_cpus),
             "--timeout-s",
             str(self.timeout_s),
+            *self.extra_args,
         ]
         self._log = self.log_file.open("w")
         self.proc = subprocess.Popen(
@@ -427,7 +430,7 @@ class ServeCluster:
             start_new_session=True,  # its own process group: stop() takes Ray down with it
         )
         deadline = time.monotonic() + self.timeout_s + 60
-        while "[serve] ready:" not in self.log_file.read_text():
+        while "[serve] Ctrl-C to stop" not in self.log_file.read_text():  # all printed
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 tail = self.log_tail()
                 self.stop()

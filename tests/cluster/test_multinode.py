@@ -18,11 +18,7 @@ with a fallback (``core.resources``).
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,62 +27,32 @@ import psutil
 import pytest
 import yaml
 
-from cluster.ports import free_port
+from reliability.faults import Cluster
 from reliability.load import Load
-from tests.servers import wait_http_ok
+from tests.servers import ServeCluster, wait_http_ok
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _config(port: int) -> dict:
+def _config() -> dict:
     config = yaml.safe_load((ROOT / "patterns" / "multiplexing" / "config.yaml").read_text())
     (app,) = config["applications"]
     app["args"]["chat"]["enabled"] = False
     app["deployments"] = [d for d in app["deployments"] if d["name"] != "ChatModel"]
-    config["http_options"] = {"host": "127.0.0.1", "port": port}
     return config
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("multinode")
-    port, dashboard = free_port(), free_port()
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(_config(port), sort_keys=False))
-    log = tmp / "serve.log"
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "scripts.serve_all", "--nodes", "3", "--num-cpus", "3"),
-            *("--config", str(path), "--dashboard-port", str(dashboard)),
-        ],
-        cwd=ROOT,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+def cluster():
+    server = ServeCluster(_config(), num_cpus=3, timeout_s=600, extra_args=["--nodes", "3"])
+    server.start()
     try:
-        deadline = time.monotonic() + 600
-        while "[serve] Ctrl-C to stop" not in log.read_text():
-            assert proc.poll() is None, log.read_text()[-4000:]
-            assert time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(1)
-        base = f"http://127.0.0.1:{port}"
-        wait_http_ok(base + "/multiplex/healthz", 120)
-        yield {
-            "base": base,
-            "log": log,
-            "proc": proc,
-            "dashboard": f"http://127.0.0.1:{dashboard}",
-        }
+        wait_http_ok(server.http_url + "/multiplex/healthz", 120)
+        yield server
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        server.stop()
 
 
 def _replicas_in(procs: list[psutil.Process]) -> list[str]:
@@ -115,12 +81,12 @@ def _ready_lines(log: Path) -> tuple[dict[str, int], dict[str, list[str]]]:
 
 
 def test_model_stages_run_on_the_accelerator_node_and_ingresses_elsewhere(cluster) -> None:
-    nodes, placed = _ready_lines(cluster["log"])
+    nodes, placed = _ready_lines(cluster.log_file)
     assert set(nodes) == {"general-head", "accelerator", "general"}, nodes
     assert placed["ForecastModels"] == ["accelerator", "accelerator"], placed
     assert placed["MultiplexIngress"] == ["general", "general"], placed
     r = httpx.post(
-        cluster["base"] + "/multiplex/models/store-0007/predict",
+        cluster.http_url + "/multiplex/models/store-0007/predict",
         json={"horizon_days": 3},
         timeout=30,
     )
@@ -128,11 +94,11 @@ def test_model_stages_run_on_the_accelerator_node_and_ingresses_elsewhere(cluste
 
 
 def test_losing_a_node_under_load_fails_at_most_one_percent_as_503s(cluster) -> None:
-    nodes, _ = _ready_lines(cluster["log"])
+    nodes, _ = _ready_lines(cluster.log_file)
     raylet = psutil.Process(nodes["general"])
     doomed = [raylet, *raylet.children(recursive=True)]
     assert _replicas_in(doomed) == ["multiplexing:MultiplexIngress"], _replicas_in(doomed)
-    with Load(cluster["base"], ["multiplexing"], concurrency=4, timeout_s=30) as load:
+    with Load(cluster.http_url, ["multiplexing"], concurrency=4, timeout_s=30) as load:
         assert load.wait_ok("multiplexing", 10, 60)
         load.window()
         t_kill = load.now()
@@ -151,54 +117,13 @@ def test_losing_a_node_under_load_fails_at_most_one_percent_as_503s(cluster) -> 
     running = None
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        running = _running(cluster["dashboard"], "MultiplexIngress")
+        running = _running(cluster, "MultiplexIngress")
         if running == 2:
             break
         time.sleep(2)
     assert running == 2, f"MultiplexIngress RUNNING replicas: {running}"
 
 
-def _running(dashboard: str, deployment: str) -> int | None:
-    """RUNNING replicas of a multiplexing deployment, from `serve status` (the operator's CLI)."""
-    out = subprocess.run(
-        [str(Path(sys.executable).parent / "serve"), "status", "-a", dashboard],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "RAY_AUTH_MODE": "token"},
-    )
-    if out.returncode != 0:
-        return None
-    status = yaml.safe_load(out.stdout)
-    app = status["applications"].get("multiplexing") or {}
-    states = (app.get("deployments", {}).get(deployment) or {}).get("replica_states") or {}
-    return states.get("RUNNING")
-
-
-def test_losing_the_accelerator_node_degrades_to_503s_then_the_models_move(cluster) -> None:
-    """The only node of its kind is gone: the forecasters' fallback (any node) starts them on
-    the general nodes. Until they answer, a forecast is a 503 with Retry-After, never a 500."""
-    nodes, _ = _ready_lines(cluster["log"])
-    raylet = psutil.Process(nodes["accelerator"])
-    doomed = [raylet, *raylet.children(recursive=True)]
-    assert _replicas_in(doomed) == ["multiplexing:ForecastModels"] * 2, _replicas_in(doomed)
-    with Load(cluster["base"], ["multiplexing"], concurrency=4, timeout_s=30) as load:
-        assert load.wait_ok("multiplexing", 10, 60)
-        load.window()
-        t_kill = load.now()
-        for p in doomed:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and load.recovered_after("multiplexing", t_kill) is None:
-            time.sleep(2)
-        time.sleep(5)
-        during = load.window()["multiplexing"]
-        back = load.recovered_after("multiplexing", t_kill)
-    print(f"accelerator node loss: {during.as_dict()}; traffic back {back} s after the kill")
-    assert during.other == 0, during.as_dict()  # every failure a 503 + Retry-After
-    assert back is not None and back <= 60, during.as_dict()
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and _running(cluster["dashboard"], "ForecastModels") != 2:
-        time.sleep(2)
-    assert _running(cluster["dashboard"], "ForecastModels") == 2
+def _running(cluster: ServeCluster, deployment: str) -> int:
+    """RUNNING replicas of a multiplexing deployment (Serve's details, as `serve status`)."""
+    return len(Cluster(cluster.dashboard_url).replicas("multiplexing", deployment))
