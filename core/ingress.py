@@ -111,11 +111,22 @@ class _EdgeMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         started = False
         overflow = False  # body went over the limit while the app was reading it
+        declared = headers.get("content-length")
+        # Whether the client has sent its whole body (None: no body is coming).
+        body_done = declared in (None, "0") and "transfer-encoding" not in headers
 
         async def send_raw(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                if not body_done and not overflow:
+                    # An answer before the body is read (a 4xx on the declared size, a route
+                    # that ignores its body): read the rest first, as Kestrel does, so the
+                    # connection stays reusable. A proxy in front (HAProxy) otherwise closes it
+                    # under a client about to send its next request.
+                    await drain()
+                if overflow or not body_done:
+                    message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
                 if self.echo_request_id:
                     message["headers"] = [
                         *message.get("headers", []),
@@ -132,26 +143,36 @@ class _EdgeMiddleware:
         async def reply(status: int, message: str) -> None:
             await _json_error(status, message, request_id)(scope, receive, send_raw)
 
-        declared = headers.get("content-length")
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received, overflow, body_done
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
+                if received > self.max_body_bytes:
+                    overflow = True
+                    raise _BodyTooLarge
+            elif message["type"] == "http.disconnect":
+                body_done = True
+            return message
+
+        async def drain() -> None:
+            try:
+                while not body_done and not overflow:
+                    await receive_limited()
+            except _BodyTooLarge:
+                pass
+
         if declared is not None:
             if not declared.isdigit():
                 await reply(400, "Content-Length must be a whole number of bytes.")
                 return
             if int(declared) > self.max_body_bytes:
+                overflow = True  # not read: the answer closes the connection
                 await reply(413, self._too_large(int(declared)))
                 return
-
-        received = 0
-
-        async def receive_limited() -> Message:
-            nonlocal received, overflow
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    overflow = True
-                    raise _BodyTooLarge
-            return message
 
         try:
             await self.app(scope, receive_limited, send_app)
