@@ -265,20 +265,18 @@ def _copy_pattern(name: str, dest: Path) -> None:
     shutil.copytree(ROOT / "patterns" / name, dest / "patterns" / name, ignore=ignore)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", PATTERNS)
-def test_a_copied_pattern_runs_with_serve_run(name: str, tmp_path: Path) -> None:
-    """What a team does: copy core/ and one pattern, `serve run` it, send its sample request.
+# Copies run side by side, each on a Ray cluster of its own: most of a copy's minute is Ray and
+# its replicas starting, which on 2 cores overlaps well with another copy's waiting.
+COPIES_AT_ONCE = 3
 
-    The copy points COOKBOOK_MODEL_STORE_URI at the repo's model store (how a copy shares a
-    store, and it saves retraining the pipeline for minutes), then runs the pattern's own
-    ``python -m patterns.<name>.artifacts`` there, as its README says: models already in the
-    store are kept, anything else (seeded databases, say) is built inside the copy.
-    """
+
+def _run_copy(name: str, tmp: Path) -> str | dict[str, Any]:
+    """Copy core/ and ``patterns/<name>/`` into ``tmp``, build its artifacts, ``serve run`` it
+    and send its sample request: the answer's JSON, or why there was none."""
     from tests.conftest import free_port
 
-    dest = tmp_path / "myrepo"
-    dest.mkdir()
+    dest = tmp / "myrepo"
+    dest.mkdir(parents=True)
     _copy_pattern(name, dest)
     assert not (dest / "scripts").exists() and not (dest / "tests").exists()
     port = free_port()
@@ -296,7 +294,8 @@ def test_a_copied_pattern_runs_with_serve_run(name: str, tmp_path: Path) -> None
         text=True,
         timeout=600,
     )
-    assert built.returncode == 0, (built.stdout + built.stderr)[-3000:]
+    if built.returncode != 0:
+        return "artifacts failed: " + (built.stdout + built.stderr)[-3000:]
     # `serve run patterns.<name>.app:app` always listens on :8000; the same import path in a
     # one-app config chooses a free port, so the test never collides with a running cluster.
     run_config = {
@@ -311,42 +310,72 @@ def test_a_copied_pattern_runs_with_serve_run(name: str, tmp_path: Path) -> None
     }
     (dest / "run.yaml").write_text(yaml.safe_dump(run_config))
     serve_bin = Path(sys.executable).parent / "serve"
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [str(serve_bin), "run", "run.yaml"],
-        cwd=dest,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        client = importlib.import_module(f"patterns.{name}.client")
-        request = client.sample_request(0)
-        url = f"http://127.0.0.1:{port}{request['path']}"
-        kwargs = {k: request[k] for k in ("json", "headers", "files") if k in request}
-        if "data" in request or "content" in request:  # raw bytes (an image, say)
-            kwargs["content"] = request.get("content", request.get("data"))
-        deadline = time.monotonic() + 300
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                r = httpx.request(request["method"], url, timeout=30, **kwargs)
-                if r.status_code == 200:
-                    break
-                last = f"{r.status_code} {r.text[:300]}"
-            except httpx.HTTPError as exc:
-                last = repr(exc)
-            time.sleep(2)
-        else:
-            pytest.fail(f"no 200 from the copied {name}: {last}")
-        body = r.json()
-        assert "timings_ms" in body and "total" in body["timings_ms"], body
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
+    log_path = tmp / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [str(serve_bin), "run", "run.yaml"],
+            cwd=dest,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+            client = importlib.import_module(f"patterns.{name}.client")
+            request = client.sample_request(0)
+            url = f"http://127.0.0.1:{port}{request['path']}"
+            kwargs = {k: request[k] for k in ("json", "headers", "files") if k in request}
+            if "data" in request or "content" in request:  # raw bytes (an image, say)
+                kwargs["content"] = request.get("content", request.get("data"))
+            deadline = time.monotonic() + 420
+            last = "no answer yet"
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    return "serve run exited: " + log_path.read_text()[-3000:]
+                try:
+                    r = httpx.request(request["method"], url, timeout=30, **kwargs)
+                    if r.status_code == 200:
+                        return r.json()
+                    last = f"{r.status_code} {r.text[:300]}"
+                except httpx.HTTPError as exc:
+                    last = repr(exc)
+                time.sleep(2)
+            return f"no 200 from the copied {name}: {last}\n" + log_path.read_text()[-3000:]
+        finally:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def copies(request, tmp_path_factory) -> dict[str, str | dict[str, Any]]:
+    """Every copy this session's tests ask for, run side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = sorted(
+        {
+            item.callspec.params["name"]
+            for item in request.session.items
+            if item.originalname == "test_a_copied_pattern_runs_with_serve_run"
+        }
+    )
+    with ThreadPoolExecutor(COPIES_AT_ONCE) as pool:
+        runs = {n: pool.submit(_run_copy, n, tmp_path_factory.mktemp(f"copy-{n}")) for n in names}
+        return {n: run.result() for n, run in runs.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PATTERNS)
+def test_a_copied_pattern_runs_with_serve_run(name: str, copies) -> None:
+    """What a team does: copy core/ and one pattern, `serve run` it, send its sample request.
+
+    The copy points COOKBOOK_MODEL_STORE_URI at the repo's model store (how a copy shares a
+    store, and it saves retraining the pipeline for minutes), then runs the pattern's own
+    ``python -m patterns.<name>.artifacts`` there, as its README says: models already in the
+    store are kept, anything else (seeded databases, say) is built inside the copy.
+    """
+    body = copies[name]
+    assert isinstance(body, dict), body
+    assert "timings_ms" in body and "total" in body["timings_ms"], body

@@ -1,6 +1,9 @@
-"""A private model store with the 1,000 forecasters, built fresh for the test session (~3 s)."""
+"""A private model store with the 1,000 forecasters, built fresh for the test session (~3 s),
+and one chat app shared by the chat modules."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 
@@ -38,8 +41,17 @@ def wait_until_served(url: str, timeout_s: float = 60.0) -> str:
         time.sleep(0.2)
 
 
-def deploy_chat(deploy, app: str, prefix: str) -> str:
-    """The multiplexing app with its chat, short answers (a CPU box), no hot forecasters."""
+CHAT_APP = "multiplexing-chat-test"
+CHAT_PREFIX = "/multiplex-chat-test"
+
+
+@pytest.fixture(scope="package")
+def chat_url(serve_http: str) -> Iterator[str]:
+    """The multiplexing app with its chat, short answers (a CPU box), no hot forecasters: one
+    app for every chat module (its base model loads once, about half a minute), deleted when
+    tests/multiplexing ends. The modules read the replica's counters as differences."""
+    from ray import serve
+
     from patterns.multiplexing.app import MultiplexArgs, build_app
     from patterns.multiplexing.artifacts import ensure_artifacts
 
@@ -48,7 +60,11 @@ def deploy_chat(deploy, app: str, prefix: str) -> str:
         forecast={"hot_model_ids": []},
         chat={"limits": {"max_prompt_tokens": 200, "max_tokens": 200, "default_max_tokens": 48}},
     )
-    return wait_until_served(deploy(build_app(args), app, prefix))
+    serve.run(build_app(args), name=CHAT_APP, route_prefix=CHAT_PREFIX)
+    try:
+        yield wait_until_served(serve_http + CHAT_PREFIX)
+    finally:
+        serve.delete(CHAT_APP)
 
 
 def chat_stats(app: str) -> dict:

@@ -1,7 +1,7 @@
 """The chat under Serve: one base model replica, two tenants' adapters, real generations.
 
 Uses the default model store (the adapters take about a minute to train the first time; `make
-test` builds them before the suite). The replica loads the base model once for the module.
+test` builds them before the suite). The replica loads the base model once for both chat modules.
 """
 
 import json
@@ -11,19 +11,18 @@ import httpx
 import pytest
 
 from patterns.multiplexing.tenants import TENANT_MARKERS
-from tests.multiplexing.conftest import chat_stats, deploy_chat
+from tests.multiplexing.conftest import CHAT_APP, chat_stats
 
 pytestmark = pytest.mark.slow
 
-PREFIX = "/multiplex-chat-test"
-APP = "multiplexing-chat-test"
+APP = CHAT_APP
 HEADER = "serve_multiplexed_model_id"
 QUESTION = "What is the tallest mountain in the world?"
 
 
 @pytest.fixture(scope="module")
-def url(deploy) -> str:
-    return deploy_chat(deploy, APP, PREFIX)
+def url(chat_url) -> str:
+    return chat_url  # tests/multiplexing/conftest.py: one chat app for the chat modules
 
 
 def _chat(url: str, body: dict, headers=None, timeout=120) -> httpx.Response:

@@ -13,18 +13,17 @@ import openai
 import pytest
 
 from patterns.multiplexing.tenants import TENANT_MARKERS
-from tests.multiplexing.conftest import chat_stats, deploy_chat
+from tests.multiplexing.conftest import CHAT_APP, chat_stats
 
 pytestmark = pytest.mark.slow
 
-PREFIX = "/multiplex-sdk-test"
-APP = "multiplexing-sdk-test"
+APP = CHAT_APP
 QUESTION = "What is the tallest mountain in the world?"
 
 
 @pytest.fixture(scope="module")
-def url(deploy) -> str:
-    return deploy_chat(deploy, APP, PREFIX)
+def url(chat_url) -> str:
+    return chat_url  # tests/multiplexing/conftest.py: one chat app for the chat modules
 
 
 @pytest.fixture(scope="module")
