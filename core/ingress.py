@@ -6,9 +6,8 @@
 - a request body limit: 413 before the handler reads an oversized body;
 - JSON errors for every 4xx/5xx: ``{"error": {"status", "message", "request_id"}}`` with a
   sentence a person can act on and never a traceback;
-- ``GET /healthz``: liveness plus whatever the pattern's ``health`` callable reports.
-  Keep dependency checks out of it: a database outage is not a reason for Serve to restart
-  the replica (that is a restart storm); report dependencies as fields instead.
+- ``GET /healthz``: liveness plus what the pattern's ``health`` callable reports. Report
+  dependencies as fields: a database outage is no reason for Serve to restart the replica.
 
 ``api_key_auth(keys)`` is a FastAPI dependency: 401 without a key, 403 with a wrong one,
 compared in constant time.

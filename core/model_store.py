@@ -19,13 +19,11 @@ import hashlib
 import io
 import json
 import re
-import tempfile
 import time
 import uuid
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -114,13 +112,6 @@ class ModelStore:
         )
 
     @classmethod
-    def from_settings(cls) -> ModelStore:
-        from core.settings import get_settings
-
-        s = get_settings()
-        return cls(s.model_store_uri, s.model_store_options)
-
-    @classmethod
     def open(
         cls, uri: str | None = None, storage_options: Mapping[str, Any] | None = None
     ) -> ModelStore:
@@ -129,7 +120,12 @@ class ModelStore:
         Every pattern's args carry an optional ``model_store_uri``; this is the one place that
         turns it into a store.
         """
-        return cls(uri, storage_options) if uri else cls.from_settings()
+        if uri:
+            return cls(uri, storage_options)
+        from core.settings import get_settings
+
+        s = get_settings()
+        return cls(s.model_store_uri, s.model_store_options)
 
     def __repr__(self) -> str:
         return f"ModelStore({self.root_uri!r})"
@@ -278,23 +274,6 @@ class ModelStore:
             check_not_pickle(filename, data)
             out[filename] = data
         return out, self._ref(manifest, raw)
-
-    def fetch(
-        self, name: str, version: str = "latest", dest: Path | None = None
-    ) -> tuple[Path, ModelRef]:
-        """A verified local copy of a version, for loaders that need a path.
-
-        Written to ``dest`` (created if needed) or a fresh temp dir the caller owns.
-        """
-        files, ref = self.read_verified(name, version)
-        if dest is None:
-            local = Path(tempfile.mkdtemp(prefix=f"model-{ref.name}-{ref.version}-"))
-        else:
-            local = Path(dest)
-            local.mkdir(parents=True, exist_ok=True)
-        for filename, data in files.items():
-            (local / filename).write_bytes(data)
-        return local, ref
 
     # ------------------------------------------------------------------ torch (safetensors)
     def save_torch(

@@ -7,10 +7,8 @@ A route lists the errors it can give, so generated clients and schema fuzzers
 
     @api.post("/score", responses=error_responses(*JSON_BODY, *KEYED, 404, 503))
 
-``error_responses`` adds nothing by itself: name every code the route can give
-(``JSON_BODY`` and ``KEYED`` hold the ones that come with a JSON body and with a key).
-FastAPI's own 422 entry (validation) is replaced by ours, since the ingress answers validation
-errors with the same error body, not FastAPI's ``detail`` list.
+Name every code the route can give (``JSON_BODY`` and ``KEYED`` hold those that come with a
+JSON body and with a key); FastAPI's own 422 entry is replaced by ours (the same error body).
 
 ``document_replica(api, edit, keys_required)`` makes the document a replica serves say what that
 replica enforces: limits that come from the app's args (rows per request, the bandit's context
@@ -110,14 +108,6 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
-def merge_extra(*parts: dict[str, Any]) -> dict[str, Any]:
-    """Several ``openapi_extra`` dicts as one (say, ``IDEMPOTENT`` and a request body)."""
-    out: dict[str, Any] = {}
-    for part in parts:
-        out.update(part)
-    return out
-
-
 def schema_property(doc: dict[str, Any], model: str, field: str) -> dict[str, Any]:
     """The JSON Schema of ``model.field`` in an OpenAPI ``doc`` (the non-null branch of an
     optional field), to write the limits the code enforces into."""
@@ -126,14 +116,6 @@ def schema_property(doc: dict[str, Any], model: str, field: str) -> dict[str, An
         if branch.get("type") != "null":
             return branch
     return prop
-
-
-def operation_parameter(doc: dict[str, Any], path: str, method: str, name: str) -> dict[str, Any]:
-    """The schema of parameter ``name`` of ``method path`` in ``doc``."""
-    for param in doc["paths"][path][method]["parameters"]:
-        if param["name"] == name:
-            return param["schema"]
-    raise KeyError(f"{method.upper()} {path} has no parameter {name!r}")
 
 
 def drop_security(doc: dict[str, Any]) -> None:
@@ -153,7 +135,7 @@ def document_replica(
     """Serve ``app``'s OpenAPI document as this replica enforces it.
 
     ``edit(doc)`` writes the limits read from the replica's args into the document (with
-    ``schema_property`` and ``operation_parameter``); ``keys_required()`` says whether the keyed
+    ``schema_property``); ``keys_required()`` says whether the keyed
     routes need a key here (false: ``drop_security``). Both run when the document is asked
     for, inside the replica, so they read the replica's own args and environment; outside a
     replica they must fall back to the defaults. Call it once, before ``@serve.ingress(app)``.

@@ -2,22 +2,19 @@
 
 Serve marks a replica ready when its constructor returns and its first health check passes. An
 ingress whose handles have never been used is not ready by then: the first calls through a new
-handle wait for the router to learn the replicas, and a request with a 250 ms fan-out deadline
-fails in that wait (the ensemble answered 503 for about 30 s after each start). So each ingress
-gives ``Readiness`` one real call through its handles (its ``GET /model``, a sample request)
-and makes its ``check_health`` wait for it:
+handle wait for the router to learn the replicas, and a fan-out with a short deadline fails in
+that wait. So each ingress gives ``Readiness`` one real call through its handles and makes its
+``check_health`` wait for it:
 
     self.readiness = Readiness("ensemble", self.model)
 
     async def check_health(self) -> None:
         await self.readiness.wait()
 
-The first health check (the one Serve runs before it sends the replica any traffic) waits until
-the call has succeeded once, retrying while downstream replicas start; later checks return at
-once. A warm-up still failing after ``timeout_s`` (a dependency that is down, not starting) is
-logged and the replica reports ready anyway: it can answer, with the 503 its route gives while
-that dependency is down, and failing the check would only have Serve restart it in a loop. For
-the same reason a warm replica never turns unhealthy because a dependency is down.
+The first health check (run before the replica gets traffic) waits until the call has
+succeeded once, retrying while downstream replicas start. A warm-up still failing after
+``timeout_s`` (a dependency down, not starting) is logged and the replica reports ready anyway:
+it answers its route's 503, where a failed check would only have Serve restart it in a loop.
 """
 
 from __future__ import annotations

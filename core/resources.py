@@ -1,16 +1,13 @@
 """Resource profiles: ask for a GPU fraction, get a CPU placement where there is no GPU.
 
-A stage states what it wants (``StageResources``) in the pattern's config. When the app is
-built, ``resolve_actor_options`` turns that into Ray ``ray_actor_options``; on a cluster with
-no GPU a GPU request becomes a CPU placement instead of a replica that waits forever for a
-GPU. The choice is logged once per stage, so an operator can see why a replica landed where
-it did.
+A stage states what it wants (``StageResources``) in the pattern's config; when the app is
+built, ``resolve_actor_options`` turns it into Ray ``ray_actor_options``. Where the cluster has
+no GPU, a GPU request becomes a CPU placement (logged), not a replica waiting forever.
 
-On a cluster of several node kinds, a stage also says where it belongs: ``node_kind``
-(``accelerator`` for model stages, ``general`` for ingresses and I/O; by default, accelerator
-exactly when it asks for a GPU). It becomes a Ray label selector on ``NODE_KIND_LABEL`` with
-a fallback to any node, so the same config places stages on a labelled multi-node cluster and
-still runs on one unlabelled node, or on the survivors when the accelerator node is gone.
+A stage also says which kind of node it prefers (``node_kind``: ``accelerator`` for models,
+``general`` for ingresses and I/O). That becomes a Ray label selector on ``NODE_KIND_LABEL``
+with a fallback to any node: the same config places stages on a labelled multi-node cluster,
+runs on one unlabelled node, and moves to the survivors when the accelerator node is gone.
 """
 
 from __future__ import annotations

@@ -403,7 +403,7 @@ def _business_app(
     from patterns.business_logic.app import BusinessArgs, build_app
     from patterns.business_logic.artifacts import ensure_model
 
-    ensure_model(ModelStore.from_settings())
+    ensure_model(ModelStore.open())
     args = BusinessArgs(
         database_url=database_url,
         feature_store_url=feature_store_url,

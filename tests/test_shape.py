@@ -115,7 +115,7 @@ def test_every_pattern_has_the_one_shape(name: str) -> None:
 def test_core_reads_in_one_sitting() -> None:
     """core/ is what a copied pattern needs; cluster and proxy plumbing lives in cluster/."""
     lines = sum(len(p.read_text().splitlines()) for p in (ROOT / "core").glob("*.py"))
-    assert lines <= 1_800, f"core/ is {lines} lines"
+    assert lines <= 1_600, f"core/ is {lines} lines"
     for p in (ROOT / "core").glob("*.py"):
         tree = ast.parse(p.read_text())
         for n in ast.walk(tree):

@@ -32,8 +32,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
-from core.resilience import CircuitBreaker, CircuitOpenError, describe_error
+from core.resilience import describe_error
 from core.timing import Timings
+from patterns.business_logic.breaker import CircuitBreaker, CircuitOpenError
 from patterns.business_logic.features import (
     FeaturePolicy,
     FeatureStore,

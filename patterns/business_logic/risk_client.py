@@ -20,7 +20,12 @@ from typing import Annotated, Any
 import httpx
 from pydantic import BaseModel, Field, ValidationError
 
-from core.resilience import CircuitBreaker, CircuitOpenError, RetryBudget, retry_async
+from patterns.business_logic.breaker import (
+    CircuitBreaker,
+    CircuitOpenError,
+    RetryBudget,
+    retry_async,
+)
 from patterns.business_logic.model import DEFAULT_SIGNAL
 
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def model_ready() -> None:
     from core.model_store import ModelStore
 
-    ensure_model(ModelStore.from_settings())
+    ensure_model(ModelStore.open())
 
 
 @pytest.fixture(scope="module")

@@ -175,13 +175,6 @@ def test_version_without_manifest_is_invisible(store: ModelStore, tmp_path) -> N
     assert not store.exists("m", "v1")
 
 
-def test_fetch_gives_verified_local_copy(store: ModelStore, tmp_path) -> None:
-    store.save_files("m", "v1", {"model.json": b'{"a": 1}', "vocab.json": b"[]"}, "json")
-    local, ref = store.fetch("m", dest=tmp_path / "local")
-    assert sorted(p.name for p in local.iterdir()) == ["model.json", "vocab.json"]
-    assert ref.uri.endswith("/m/v1")
-
-
 def test_s3_store_against_a_local_s3_server() -> None:
     """s3:// through moto's S3-compatible server on loopback (no cloud, no network)."""
     pytest.importorskip("s3fs")

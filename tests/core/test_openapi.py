@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from core.errors import NotFound
 from core.ingress import install_ingress
-from core.openapi import ERROR_DESCRIPTIONS, ErrorBody, error_responses, merge_extra
+from core.openapi import ERROR_DESCRIPTIONS, ErrorBody, error_responses
 
 
 def test_each_code_gets_the_error_body_a_description_and_its_headers():
@@ -26,13 +26,6 @@ def test_each_code_gets_the_error_body_a_description_and_its_headers():
 def test_refuses_a_status_that_is_not_an_error():
     with pytest.raises(ValueError, match="not an error status"):
         error_responses(200)
-
-
-def test_merge_extra_joins_openapi_extras():
-    assert merge_extra({"x-idempotent": True}, {"requestBody": {}}) == {
-        "x-idempotent": True,
-        "requestBody": {},
-    }
 
 
 class _Item(BaseModel):

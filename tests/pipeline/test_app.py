@@ -348,7 +348,7 @@ def test_detector_from_a_checkpoint_uri(client, deploy, tmp_path_factory) -> Non
 
     from core.model_store import ModelStore
 
-    state, _ = ModelStore.from_settings().load_torch("pipeline-detector", "v1")
+    state, _ = ModelStore.open().load_torch("pipeline-detector", "v1")
     path = tmp_path_factory.mktemp("ckpt") / "detector.safetensors"
     save_file(state, str(path))
     args = PipelineArgs(detector={"weights": path.as_uri()})

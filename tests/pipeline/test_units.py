@@ -184,7 +184,7 @@ def test_rule_accepts_only_cross_checked_confident_reads() -> None:
 @pytest.fixture(scope="module")
 def store() -> ModelStore:
     artifacts.ensure_artifacts()
-    return ModelStore.from_settings()
+    return ModelStore.open()
 
 
 def test_checkpoint_uri_loads_the_same_weights(store: ModelStore, tmp_path) -> None:
