@@ -35,8 +35,10 @@ serve: setup
 
 # The same apps on three raylets on this machine (head, accelerator and general nodes): model
 # stages on the accelerator node, ingresses and I/O elsewhere; prints where each replica landed.
+# GCS_REDIS=127.0.0.1:6379 keeps the GCS's tables in that Redis (GCS fault tolerance): a GCS
+# that dies is started again 5 s later and reloads the cluster from it.
 serve-cluster: setup
-	$(PY) -m scripts.serve_all --nodes 3
+	$(PY) -m scripts.serve_all --nodes 3 $(if $(GCS_REDIS),--gcs-redis $(GCS_REDIS))
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -20,7 +20,7 @@ from typing import Any
 
 from cluster.ports import free_port
 
-__all__ = ["free_port", "local_serve", "start_ray", "start_ray_nodes"]
+__all__ = ["free_port", "local_serve", "restart_gcs", "start_ray", "start_ray_nodes"]
 
 # The kinds of the nodes of a local multi-node cluster, head first (core.resources).
 NODE_KINDS = ("general", "accelerator", "general")
@@ -68,6 +68,7 @@ def start_ray_nodes(
     nodes: int = 3,
     *,
     applications: Iterable[dict[str, Any]] = (),
+    gcs_redis: str | None = None,
     **init: Any,
 ) -> Any:
     """A cluster of ``nodes`` raylets on loopback, each with ``num_cpus`` and a node-kind label
@@ -77,7 +78,11 @@ def start_ray_nodes(
 
     Ray's own multi-node test harness: every node is a real raylet with its own workers, object
     store and health checks, on one machine. ``init`` goes to the head node (dashboard, say).
-    Call ``multinode_environment()`` before anything imports ray."""
+    Call ``multinode_environment()`` before anything imports ray.
+
+    ``gcs_redis`` (``host:port``) turns on GCS fault tolerance as KubeRay does: the GCS keeps
+    the cluster's tables in that Redis (under a namespace of this cluster's own), so a GCS
+    started again (``restart_gcs``) finds every node, actor and Serve application it had."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -85,6 +90,13 @@ def start_ray_nodes(
     from core.resources import NODE_KIND_LABEL
 
     multinode_environment()
+    if gcs_redis:
+        import uuid
+
+        # Read when the head node starts (ray._private.node); the namespace keeps two
+        # clusters on one Redis (or a stale one from an earlier run) apart.
+        os.environ["RAY_REDIS_ADDRESS"] = gcs_redis
+        os.environ["RAY_external_storage_namespace"] = f"cookbook-{uuid.uuid4().hex[:12]}"  # noqa: SIM112
     apply_ingress_mode(applications=applications)
     kinds = [NODE_KINDS[i % len(NODE_KINDS)] for i in range(nodes)]
     common = {"num_cpus": int(num_cpus), "node_ip_address": "127.0.0.1"}
@@ -113,6 +125,30 @@ def raylet_pids(cluster: Any) -> list[tuple[str, int]]:
         )
         for node in nodes
     ]
+
+
+def gcs_pid(cluster: Any) -> int | None:
+    """The head's GCS server process id, or None once it has exited."""
+    from ray._private import ray_constants
+
+    procs = cluster.head_node.all_processes.get(ray_constants.PROCESS_TYPE_GCS_SERVER) or []
+    if not procs or procs[0].process.poll() is not None:
+        return None
+    return int(procs[0].process.pid)
+
+
+def restart_gcs(cluster: Any) -> float:
+    """Start the head's GCS server again after it died, on the same port (what KubeRay does
+    when it restarts the head container); returns the seconds it took to answer. With fault
+    tolerance (``gcs_redis``) it reloads the cluster from Redis and the raylets, workers and
+    drivers reconnect; without, it would start empty, so do not call it then."""
+    import time
+
+    head = cluster.head_node
+    head.kill_gcs_server(check_alive=False)  # forget the dead process and its address
+    t0 = time.monotonic()
+    head.start_gcs_server()
+    return time.monotonic() - t0
 
 
 def placement() -> dict[str, dict[str, list[str]]]:

@@ -11,6 +11,13 @@ loopback-only cluster, a readiness wait and the URL list.
 and a general node and an accelerator node (``cluster.local.start_ray_nodes``): model stages
 prefer the accelerator node, ingresses and I/O the others (``core.resources``), and the ready
 message prints where every replica landed.
+
+``--gcs-redis HOST:PORT`` (with ``--nodes``) keeps the GCS's tables in that Redis (GCS fault
+tolerance, as KubeRay's ``gcsFaultToleranceOptions``), and this process plays the part of the
+container runtime that restarts a dead head: when the GCS server exits it is started again
+after ``--gcs-restart-after`` seconds, and reloads the cluster from Redis. Without
+``--gcs-redis`` a dead GCS is reported, not restarted: the raylets give up on it after
+``gcs_rpc_server_reconnect_timeout_s`` (60 s) and take every replica with them.
 """
 
 from __future__ import annotations
@@ -61,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="raylets on this machine (3: head, accelerator and general nodes; CPUs each)",
     )
+    parser.add_argument(
+        "--gcs-redis", metavar="HOST:PORT", help="GCS fault tolerance on this Redis (--nodes)"
+    )
+    parser.add_argument(
+        "--gcs-restart-after",
+        type=float,
+        default=5.0,
+        help="seconds a dead GCS stays down before it is started again (with --gcs-redis)",
+    )
     parser.add_argument("--timeout-s", type=float, default=600.0)
     parser.add_argument("--port", type=int, help="HTTP port (default: the config's, 8000)")
     parser.add_argument("--dashboard-port", type=int, default=8265)
@@ -86,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         with os.fdopen(fd, "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
 
+    if args.gcs_redis and args.nodes < 2:
+        parser.error("--gcs-redis needs --nodes (a head this process can restart the GCS on)")
     if args.nodes > 1:
         from cluster.local import multinode_environment
 
@@ -95,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     from ray.serve.scripts import run as serve_run_cli
 
     from cluster.ingress_mode import DEFAULT_MODE, stop_haproxy
-    from cluster.local import placement, raylet_pids, start_ray, start_ray_nodes
+    from cluster.local import (
+        placement,
+        raylet_pids,
+        start_ray,
+        start_ray_nodes,
+    )
 
     mode = os.environ.get("COOKBOOK_INGRESS_MODE", DEFAULT_MODE)
     nodes = f"{args.nodes} nodes of " if args.nodes > 1 else ""
@@ -107,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     # The ingress mode (cluster/ingress_mode.py: HAProxy with the edge by default; the
     # config's idempotent routes are the ones it may replay); Ray's processes inherit it.
     start = start_ray if args.nodes <= 1 else start_ray_nodes
-    extra = {} if args.nodes <= 1 else {"nodes": args.nodes}
+    extra = {} if args.nodes <= 1 else {"nodes": args.nodes, "gcs_redis": args.gcs_redis}
     started = start(
         args.num_cpus,
         **extra,
@@ -224,11 +247,37 @@ def main(argv: list[str] | None = None) -> int:
                 started.shutdown()
             return 0 if ok else 1
         print("[serve] Ctrl-C to stop", flush=True)
+        if args.nodes > 1:
+            watch_gcs(started, args.gcs_redis, args.gcs_restart_after)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         shutdown()
     return 0
+
+
+def watch_gcs(cluster: Any, redis: str | None, restart_after_s: float) -> None:
+    """Forever: when the head's GCS server exits, say so; with fault tolerance, start it again
+    ``restart_after_s`` later (the head's restart, on a real cluster) and say when it is back."""
+    from cluster.local import gcs_pid, restart_gcs
+
+    print(f"[serve] GCS pid {gcs_pid(cluster)}", flush=True)
+    while True:
+        time.sleep(0.5)
+        if gcs_pid(cluster) is not None:
+            continue
+        if not redis:
+            print(
+                "[serve] the GCS server exited; without fault tolerance (--gcs-redis) it "
+                "cannot come back: the raylets give up after 60 s, and every replica with them",
+                flush=True,
+            )
+            while True:
+                time.sleep(3600)
+        print(f"[serve] the GCS server exited; starting it again in {restart_after_s:g} s")
+        time.sleep(restart_after_s)
+        took = restart_gcs(cluster)
+        print(f"[serve] GCS back from Redis ({took:.1f} s to start), pid {gcs_pid(cluster)}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ with a fallback (``core.resources``).
 
 - The forecasters (a model stage) land on the accelerator node, the ingress replicas on the
   other two, from config alone.
+- The head's GCS server is SIGKILLed under load (GCS fault tolerance on the suite's Redis):
+  the replicas keep answering while it is down, it comes back from Redis, a deploy works.
 - The ``general`` worker node is SIGKILLed (its raylet and every worker under it, as a machine
   that dies) while clients send forecasts. Counted: no 500, no dropped connection; a request
   the edge could not replay may be a 503 with Retry-After, at most 1% of them; traffic answers
@@ -29,7 +31,7 @@ import yaml
 
 from reliability.faults import Cluster
 from reliability.load import Load
-from tests.servers import ServeCluster, wait_http_ok
+from tests.servers import RedisServer, ServeCluster, wait_http_ok
 
 pytestmark = pytest.mark.slow
 
@@ -46,13 +48,21 @@ def _config() -> dict:
 
 @pytest.fixture(scope="module")
 def cluster():
-    server = ServeCluster(_config(), num_cpus=3, timeout_s=600, extra_args=["--nodes", "3"])
+    extra = ["--nodes", "3"]
+    redis = None
+    with contextlib.suppress(pytest.skip.Exception):  # no redis-server: no GCS fault tolerance
+        redis = RedisServer()  # the GCS's own, as KubeRay's gcsFaultToleranceOptions point to
+        redis.start()
+        extra += ["--gcs-redis", f"127.0.0.1:{redis.port}"]
+    server = ServeCluster(_config(), num_cpus=3, timeout_s=600, extra_args=extra)
     server.start()
     try:
         wait_http_ok(server.http_url + "/multiplex/healthz", 120)
         yield server
     finally:
         server.stop()
+        if redis is not None:
+            redis.stop()
 
 
 def _replicas_in(procs: list[psutil.Process]) -> list[str]:
@@ -91,6 +101,41 @@ def test_model_stages_run_on_the_accelerator_node_and_ingresses_elsewhere(cluste
         timeout=30,
     )
     assert r.status_code == 200 and len(r.json()["dates"]) == 3, r.text
+
+
+def test_losing_the_gcs_under_load_keeps_serving_and_it_comes_back_from_redis(cluster) -> None:
+    """SIGKILL of the head's GCS server while clients send forecasts. HAProxy and the replicas
+    do not need the GCS to answer: >= 99% of requests succeed while it is down. serve_all
+    starts it again 5 s later (a head restart), it reloads the cluster from Redis, and an
+    operator's `serve deploy` works after it."""
+    if "--gcs-redis" not in cluster.extra_args:
+        pytest.skip("redis-server is not installed: no GCS fault tolerance to test")
+    (gcs,) = [p for p in _tree(cluster) if p.name() == "gcs_server"]
+    with Load(cluster.http_url, ["multiplexing"], concurrency=4, timeout_s=30) as load:
+        assert load.wait_ok("multiplexing", 10, 60)
+        load.window()
+        gcs.kill()
+        deadline = time.monotonic() + 90
+        while "GCS back from Redis" not in cluster.log_file.read_text():
+            assert time.monotonic() < deadline, cluster.log_file.read_text()[-3000:]
+            time.sleep(0.5)
+        outage = load.window()["multiplexing"]  # from the kill until the GCS is back
+        time.sleep(10)
+        after = load.window()["multiplexing"]
+    print(f"GCS loss: during {outage.as_dict()}; after {after.as_dict()}")
+    assert outage.total > 20, outage.as_dict()
+    assert outage.ok >= 0.99 * outage.total and outage.other == 0, outage.as_dict()
+    assert after.total > 20 and after.ok == after.total, after.as_dict()
+    # the restarted GCS knows the cluster: the operator's next deploy goes through
+    c = Cluster(cluster.dashboard_url)
+    change = c.redeploy("multiplexing", "config")
+    assert c.wait_redeployed("multiplexing", change["old_pids"], "config", 180), change
+    assert _running(cluster, "MultiplexIngress") == 2
+
+
+def _tree(cluster: ServeCluster) -> list[psutil.Process]:
+    root = psutil.Process(cluster.proc.pid)  # type: ignore[union-attr]
+    return [root, *root.children(recursive=True)]
 
 
 def test_losing_a_node_under_load_fails_at_most_one_percent_as_503s(cluster) -> None:

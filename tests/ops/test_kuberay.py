@@ -92,6 +92,12 @@ def test_rayservice_fields_the_upgrade_path_relies_on(path: Path) -> None:
     assert cluster["rayVersion"] == __import__("ray").__version__  # the image's Ray
     for group in cluster.get("workerGroupSpecs", []):
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group
+    # GCS fault tolerance (a dead head must not take the replicas with it): Redis, password
+    # from a Secret, never written into the manifest
+    ft = cluster["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"].rsplit(":", 1)[1].isdigit(), ft
+    assert set(ft["redisPassword"]) == {"valueFrom"}, ft
+    assert ft["redisPassword"]["valueFrom"]["secretKeyRef"]["key"], ft
     strategy = spec.get("upgradeStrategy", {"type": "NewCluster"})  # KubeRay's default
     assert strategy["type"] in {"NewCluster", "NewClusterWithIncrementalUpgrade", "None"}
     if strategy["type"] == "NewClusterWithIncrementalUpgrade":
