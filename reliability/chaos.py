@@ -21,6 +21,9 @@ Scenarios, each under ``reliability.load.Load`` on ALL apps (2 in flight per app
   cluster, after the load; ``outages``: ``reliability.outages.SCENARIOS`` (dependencies down
   under load), each on its own local Serve once this cluster is down. Both only when those
   modules exist (they are written separately).
+- ``nodes``: ``reliability.nodes``, on a three-raylet cluster of its own: the GCS server, the
+  general node and the accelerator node SIGKILLed under load (timeline in
+  reliability/report/nodes.png).
 
 Exit status 1 when any goal is missed. Nothing here times a fast path: it counts failures and
 statuses; the only bound in seconds is the issue's "serves normally again within 10 s".
@@ -363,7 +366,7 @@ def fuzz_rows(base_url: str, apps: list[str], max_examples: int) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------------- main
-SCENARIO_NAMES = ("redeploy", "kill", "soak", "outages", "fuzz")
+SCENARIO_NAMES = ("redeploy", "kill", "soak", "outages", "fuzz", "nodes")
 
 
 def run(
@@ -456,7 +459,12 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "fuzz_examples": args.fuzz_examples,
     }
-    if args.url:
+    rows: list[Row] = []
+    extra: dict[str, Any] = {}
+    apps: list[str] = args.apps or []
+    if not only & {"redeploy", "kill", "soak", "fuzz"}:
+        pass  # outages and nodes start clusters of their own
+    elif args.url:
         apps = args.apps or list(Cluster(args.dashboard).apps())
         rows, extra = run(args.url, args.dashboard, apps, **options)
     else:
@@ -464,6 +472,11 @@ def main(argv: list[str] | None = None) -> int:
             rows, extra = run(url, dashboard, apps, **options)
     if "outages" in only:  # after the cluster is down: each scenario deploys its own apps
         rows.extend(outage_rows())
+    if "nodes" in only:  # a three-raylet cluster of its own (reliability/nodes.py)
+        from reliability import nodes
+
+        node_rows, extra["nodes"] = nodes.node_rows(png=REPORT_DIR / "nodes.png")
+        rows.extend(node_rows)
     meta["apps"] = apps
     meta["wall_s"] = round(time.monotonic() - t0)
     path = write_report(rows, meta, extra)

@@ -1,6 +1,6 @@
 """Figures for the online-learning pattern, measured end to end over HTTP.
 
-    python -m patterns.online_learning.bench.benchmark [--out artifacts/online_learning/bench]
+    python -m patterns.online_learning.bench.benchmark [--out patterns/online_learning/bench]
         [--events 8000] [--freshness 40] [--ingest 4000] [--bandit 1500]
 
 Starts a local Ray + Serve, deploys the app (default args) on a fresh model store and SQLite
@@ -15,7 +15,8 @@ log in a temp dir, and measures:
 4. the bandit over HTTP: cumulative regret against the best fixed offer and against the
    oracle -> bandit_regret.png.
 
-About three minutes on a 2-core machine. PNGs go to --out (git-ignored artifacts/ by default).
+About four minutes on a 2-core machine. The PNGs go to --out: by default next to this file,
+where the pattern's README shows them (committed: a rerun replaces them).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from patterns.online_learning.bandit import ACTIONS, OfferSimulator
 from patterns.online_learning.client import stream_and_learn
 from patterns.online_learning.feedback_log import offset_key
 from patterns.online_learning.model import is_holdout
-from patterns.online_learning.settings import data_dir
 from patterns.online_learning.stream import DriftingStream
 
 
@@ -337,7 +337,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(data_dir() / "bench"), help="where PNGs go")
+    parser.add_argument("--out", default=str(Path(__file__).parent), help="where PNGs go")
     parser.add_argument("--events", type=int, default=8000)
     parser.add_argument("--freshness", type=int, default=40)
     parser.add_argument("--ingest", type=int, default=4000)

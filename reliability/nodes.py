@@ -1,0 +1,318 @@
+"""Nodes and the GCS lost under load, on a three-raylet cluster of its own (``make chaos``'s
+``nodes`` scenario; ``tests/cluster/test_multinode.py`` runs the same functions).
+
+    python -m reliability.nodes        # prints the rows, writes reliability/report/nodes.png
+
+The cluster is ``scripts.serve_all --nodes 3`` (``cluster.local.start_ray_nodes``: a head and a
+second node labelled ``general``, one ``accelerator``) running the multiplexing app from its
+own config.yaml, chat off (the LLM would crowd two cores and is not what this checks), with
+GCS fault tolerance on a Redis of its own when ``redis-server`` is installed. Four clients
+send forecasts throughout; each fault is one row in the chaos table's format:
+
+- ``gcs``: SIGKILL of the head's GCS server. serve_all starts it again 5 s later (a head
+  restart) and it reloads the cluster from Redis. Goal: >= 99% of requests ok from the kill
+  until it is back, none failed after, and a ``serve deploy`` goes through after it.
+- ``node general``: SIGKILL of the general worker node's raylet and every process under it (a
+  machine that dies), with one of the two ingress replicas on it. Goal: <= 1% failed, each a
+  503 with Retry-After (no 500, no dropped connection), traffic back within 30 s, the replica
+  running again on a surviving node.
+- ``node accelerator``: the same for the node that runs both forecaster replicas: they start
+  again on the general nodes (the placement is a preference with a fallback).
+
+``timeline`` draws the answers over time, one panel per fault, coloured by outcome.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+from reliability.faults import Cluster
+from reliability.goals import Row, log
+from reliability.load import Load, Outcome
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = "multiplexing"
+NODE_FAIL_RATIO = 0.01
+NODE_RECOVERY_S = 30.0
+GCS_SUCCESS = 0.99
+
+
+def config() -> dict[str, Any]:
+    """The multiplexing app's own config, chat off."""
+    cfg = yaml.safe_load((ROOT / "patterns" / "multiplexing" / "config.yaml").read_text())
+    (app,) = cfg["applications"]
+    app["args"]["chat"]["enabled"] = False
+    app["deployments"] = [d for d in app["deployments"] if d["name"] != "ChatModel"]
+    return dict(cfg)
+
+
+@contextlib.contextmanager
+def node_cluster(*, timeout_s: float = 600) -> Iterator[Any]:
+    """``serve_all --nodes 3`` on ``config()``, with ``--gcs-redis`` on a Redis of its own when
+    ``redis-server`` is installed; yields the running ``tests.servers.ServeCluster``."""
+    import pytest
+
+    from tests.servers import RedisServer, ServeCluster, wait_http_ok
+
+    extra = ["--nodes", "3"]
+    redis = None
+    with contextlib.suppress(pytest.skip.Exception):  # no redis-server: no GCS FT
+        redis = RedisServer()  # the GCS's own, as KubeRay's gcsFaultToleranceOptions point to
+        redis.start()
+        extra += ["--gcs-redis", f"127.0.0.1:{redis.port}"]
+    server = ServeCluster(config(), num_cpus=3, timeout_s=timeout_s, extra_args=extra)
+    server.start()
+    try:
+        wait_http_ok(server.http_url + "/multiplex/healthz", 120)
+        yield server
+    finally:
+        server.stop()
+        if redis is not None:
+            redis.stop()
+
+
+def gcs_tolerant(server: Any) -> bool:
+    return "--gcs-redis" in server.extra_args
+
+
+def ready_lines(server: Any) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """From serve_all's ready message: the raylet pid of each node (kind -> pid; the head's
+    as ``general-head``) and the placement (deployment -> node kind of each replica)."""
+    text = server.log_file.read_text()
+    nodes = {}
+    for kind, head, pid in re.findall(r"(\w+)( \(head\))? raylet pid (\d+)", text):
+        nodes[f"{kind}{'-head' if head else ''}"] = int(pid)
+    placed = {
+        m[0]: [k.strip() for k in m[1].split(",")]
+        for m in re.findall(rf"^  {APP}/(\w+): (.+)$", text, re.MULTILINE)
+    }
+    return nodes, placed
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def replicas_in(procs: list[psutil.Process]) -> list[str]:
+    """The Serve replicas among ``procs`` (Ray titles a replica's process after it)."""
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            title = " ".join(p.cmdline())
+            if "ServeReplica:" in title:
+                out.append(title.split("ServeReplica:", 1)[1].split()[0])
+    return sorted(out)
+
+
+def running(server: Any, deployment: str) -> int:
+    """RUNNING replicas of one of the app's deployments (Serve's details, as `serve status`)."""
+    return len(Cluster(server.dashboard_url).replicas(APP, deployment))
+
+
+def lose_node(server: Any, load: Load, kind: str, *, watch_s: float = 30.0) -> Row:
+    """SIGKILL the ``kind`` worker node (``general`` or ``accelerator``) under ``load``; the row
+    counts the answers from the kill until traffic is back (at most ``watch_s``), and 3 s more.
+    ``detail``: what ran there, the kill time on the load clock, and how long until its
+    replicas ran again (None: not within 90 s)."""
+    nodes, _ = ready_lines(server)
+    doomed = tree(nodes[kind])
+    lost = replicas_in(doomed)
+    load.window()
+    t_kill = load.now()
+    for p in doomed:  # the machine dies: raylet, object store, workers, at once
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    log(f"SIGKILLed the {kind} node (raylet {nodes[kind]}; replicas {lost})")
+    time.sleep(5)
+    while load.recovered_after(APP, t_kill) is None and load.now() - t_kill < watch_s:
+        time.sleep(1)
+    time.sleep(3)
+    counts = load.window()[APP]
+    back = load.recovered_after(APP, t_kill)
+    deployments = sorted({r.split(":", 1)[1] for r in lost})
+    wanted = {d: len(ready_lines(server)[1].get(d, [])) for d in deployments}
+    replaced_s = None
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if all(running(server, d) >= n for d, n in wanted.items()):
+            replaced_s = round(load.now() - t_kill, 1)
+            break
+        time.sleep(2)
+    met = (
+        counts.total > 50
+        and counts.other == 0
+        and counts.retry_later <= max(1, int(counts.total * NODE_FAIL_RATIO))
+        and back is not None
+        and back <= NODE_RECOVERY_S
+        and replaced_s is not None
+    )
+    return Row.from_counts(
+        f"node {kind} SIGKILL",
+        APP,
+        counts,
+        goal="<= 1% failed, all 503+RA; back <= 30 s; replicas running again",
+        met=met,
+        recovery_s=back,
+        notes=f"lost {', '.join(lost) or 'no replica'}; running again after {replaced_s} s",
+        detail={"t_kill": t_kill, "lost": lost, "replaced_s": replaced_s},
+    )
+
+
+def lose_gcs(server: Any, load: Load, *, after_s: float = 10.0) -> Row:
+    """SIGKILL the head's GCS server under ``load``; serve_all starts it again from Redis.
+    The row counts from the kill until it is back, ``detail`` the ``after_s`` that follow,
+    and whether a config redeploy went through afterwards."""
+    (gcs,) = [p for p in tree(server.proc.pid) if p.name() == "gcs_server"]
+    load.window()
+    t_kill = load.now()
+    gcs.kill()
+    log(f"SIGKILLed the GCS server (pid {gcs.pid})")
+    deadline = time.monotonic() + 90
+    while "GCS back from Redis" not in server.log_file.read_text():
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    t_back = load.now()
+    outage = load.window()[APP]
+    time.sleep(after_s)
+    after = load.window()[APP]
+    c = Cluster(server.dashboard_url)
+    deployed_s = None
+    with contextlib.suppress(Exception):
+        change = c.redeploy(APP, "config")
+        deployed_s = c.wait_redeployed(APP, change["old_pids"], "config", 180)
+    met = (
+        outage.total > 20
+        and outage.ok >= GCS_SUCCESS * outage.total
+        and outage.other == 0
+        and after.total > 20
+        and after.ok == after.total
+        and deployed_s is not None
+    )
+    down_s = round(t_back - t_kill, 1)
+    return Row.from_counts(
+        "GCS SIGKILL (FT on Redis)",
+        APP,
+        outage,
+        goal=">= 99% ok while the GCS is down; all ok after; serve deploy works",
+        met=met,
+        notes=(
+            f"GCS down {down_s} s; {after.ok}/{after.total} ok in the {after_s:g} s after; "
+            f"serve deploy after it: {f'done in {deployed_s:.0f} s' if deployed_s else 'FAILED'}"
+        ),
+        detail={
+            "t_kill": t_kill,
+            "t_back": t_back,
+            "after": after.as_dict(),
+            "deploy_after_s": deployed_s,
+        },
+    )
+
+
+def timeline(
+    outcomes: list[Outcome], panels: list[tuple[str, float, float]], path: Path, bin_s: float = 1.0
+) -> Path:
+    """Answers per second through each fault, stacked by outcome (ok, 503 with Retry-After,
+    anything else), a line at the fault. ``panels``: (title, fault time, end) on the load's
+    clock; each panel starts 5 s before its fault."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels)), squeeze=False)
+    for ax, (title, t_fault, t_end) in zip(axes[:, 0], panels, strict=True):
+        start = t_fault - 5.0
+        edges = np.arange(start, t_end + bin_s, bin_s)
+        kinds = {"ok": [], "503 + Retry-After": [], "other (500, dropped)": []}
+        for o in outcomes:
+            done = o.t + o.latency_s
+            if start <= done < t_end:
+                key = (
+                    "ok"
+                    if o.ok
+                    else "503 + Retry-After"
+                    if o.retry_later
+                    else "other (500, dropped)"
+                )
+                kinds[key].append(done)
+        bottom = np.zeros(len(edges) - 1)
+        for (label, times), color in zip(
+            kinds.items(), ("#4c9a2a", "#f0a202", "#c0392b"), strict=True
+        ):
+            counts, _ = np.histogram(times, bins=edges)
+            ax.bar(edges[:-1] - t_fault, counts / bin_s, width=bin_s, bottom=bottom, align="edge",
+                   color=color, label=f"{label} ({len(times)})")  # fmt: skip
+            bottom += counts / bin_s
+        ax.axvline(0, color="black", linestyle="--", linewidth=1)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("answers/s")
+        ax.legend(loc="lower right", fontsize=8)
+    axes[-1, 0].set_xlabel("seconds after the fault (answers counted when they completed)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def node_rows(*, concurrency: int = 4, png: Path | None = None) -> tuple[list[Row], dict[str, Any]]:
+    """Every fault above on a cluster of its own, in order (GCS, general node, accelerator
+    node); the rows, and the placement before the faults. ``png``: the timeline's file."""
+    rows: list[Row] = []
+    with node_cluster() as server:
+        _, placed = ready_lines(server)
+        log(f"three-node cluster up; placement {placed}")
+        with Load(server.http_url, [APP], concurrency=concurrency, timeout_s=30) as load:
+            if not load.wait_ok(APP, 10, 60):
+                raise RuntimeError(f"no load through the cluster: {load.counts()[APP].examples}")
+            panels = []
+            if gcs_tolerant(server):
+                rows.append(lose_gcs(server, load))
+                panels.append(
+                    (
+                        "the head's GCS server SIGKILLed (back from Redis 5 s later)",
+                        rows[-1].detail["t_kill"],
+                        rows[-1].detail["t_back"] + 10,
+                    )
+                )
+            for kind in ("general", "accelerator"):
+                rows.append(lose_node(server, load, kind))
+                what = ", ".join(rows[-1].detail["lost"]) or "no replica"
+                panels.append(
+                    (
+                        f"the {kind} node SIGKILLed ({what})",
+                        rows[-1].detail["t_kill"],
+                        rows[-1].detail["t_kill"] + 20,
+                    )
+                )
+            outcomes = list(load.outcomes)
+    if png is not None:
+        timeline(outcomes, panels, png)
+    return rows, {"placement": placed, "gcs_fault_tolerance": gcs_tolerant(server)}
+
+
+def main() -> int:
+    from reliability.chaos import REPORT_DIR, table
+
+    rows, extra = node_rows(png=REPORT_DIR / "nodes.png")
+    print(table(rows))
+    for r in rows:
+        print(f"- {r.fault}: {r.notes}")
+    print(f"placement before the faults: {extra['placement']}")
+    print(f"timeline: {(REPORT_DIR / 'nodes.png').relative_to(ROOT)}")
+    return 0 if all(r.met for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
