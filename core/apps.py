@@ -18,11 +18,9 @@ from pydantic import BaseModel
 
 A = TypeVar("A", bound=BaseModel)
 
-# ``@serve.deployment(max_surge_percent=SURGE, ...)``: a redeploy starts each replacement
-# replica, and waits for it to pass its health check (core/readiness.py), before it stops an
-# old one, so a one-replica deployment never has zero replicas. Ray 2.60's default is 0: stop
-# first, then start, which answers 503 in between. Not for a single-writer deployment (the
-# online trainer), where two at once would be wrong.
+# ``@serve.deployment(max_surge_percent=SURGE, ...)``: a redeploy starts each replacement and
+# waits for its health check (core/readiness.py) before it stops an old replica (Ray 2.60's
+# default, 0, stops first: 503s in between). Not for a single writer (the online trainer).
 SURGE = 100
 
 

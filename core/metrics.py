@@ -1,9 +1,8 @@
 """Per-model metrics over ``ray.serve.metrics``, tagged with app, model and model version.
 
 Create ``ModelMetrics`` in a replica's ``__init__`` (metrics register with the Ray metrics
-agent of the process that creates them), never at import time. Serve already records request
-counts and latencies per deployment; these add what Serve cannot know: which model version
-answered, how big the batches were, and how often the model itself failed.
+agent of the process that creates them), never at import time. They add what Serve's own
+metrics cannot know: which model version answered, batch sizes, the model's own failures.
 """
 
 from __future__ import annotations

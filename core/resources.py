@@ -39,8 +39,9 @@ class StageResources(BaseModel):
     cpu_fallback_num_cpus: float | None = Field(default=None, ge=0)
     memory_mb: int | None = Field(default=None, gt=0)
     # Where the replica prefers to run (None: "accelerator" if it asks for a GPU, else
-    # "general"); "any" places it without a preference.
-    node_kind: Literal["accelerator", "general", "any"] | None = None
+    # "general"); "any": no preference; "head": on the head node, always (a single writer
+    # whose files are on the head's disk, say; with one node that is every replica).
+    node_kind: Literal["accelerator", "general", "any", "head"] | None = None
 
 
 def _local_gpu_count() -> int:
@@ -94,7 +95,9 @@ def resolve_actor_options(
             options["num_cpus"],
         )
     kind = res.node_kind or ("accelerator" if res.num_gpus > 0 else "general")
-    if kind != "any":
+    if kind == "head":  # Ray's own resource of the head node (a requirement, no fallback)
+        options["resources"] = {"node:__internal_head__": 0.001}
+    elif kind != "any":
         # A preference, not a requirement: the fallback (any node) keeps one unlabelled
         # node working, and moves a replica to a survivor when its node kind is gone.
         want = "accelerator" if kind == "accelerator" else "!accelerator"

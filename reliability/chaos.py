@@ -55,16 +55,17 @@ from reliability.faults import Cluster
 from reliability.goals import (
     KILL_FAIL_RATIO,
     RECOVERY_S,
+    REPORT_DIR,
     Row,
     first_ok_after,
     log,
     merged,
     recovered_after,
+    table,
 )
 from reliability.load import Load
 
 ROOT = Path(__file__).resolve().parents[1]
-REPORT_DIR = Path(__file__).resolve().parent / "report"
 
 
 # ---------------------------------------------------------------------------------- scenarios
@@ -274,20 +275,6 @@ def commit() -> str:
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except OSError:
         return "unknown"
-
-
-def table(rows: list[Row]) -> str:
-    lines = [
-        "| fault | app | requests | failed | 503+RA | other | recovery s | goal | met |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
-    ]
-    for r in rows:
-        rec = "" if r.recovery_s is None else f"{r.recovery_s:g}"
-        lines.append(
-            f"| {r.fault} | {r.app} | {r.requests} | {r.failed} | {r.retry_later} | {r.other} "
-            f"| {rec} | {r.goal} | {'yes' if r.met else '**no**'} |"
-        )
-    return "\n".join(lines)
 
 
 def write_report(rows: list[Row], meta: dict[str, Any], extra: dict[str, Any]) -> Path:

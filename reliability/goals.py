@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from reliability.load import Counts, Load
@@ -16,6 +17,7 @@ from reliability.load import Counts, Load
 KILL_FAIL_RATIO = 0.01  # <= 1% of requests fail after a replica death
 RECOVERY_S = 10.0  # the app serves normally again within 10 s
 SOAK_SUCCESS = 0.999
+REPORT_DIR = Path(__file__).resolve().parent / "report"
 
 
 @dataclass
@@ -111,3 +113,17 @@ def recovered_after(
 
 def log(msg: str) -> None:
     print(f"[chaos {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| fault | app | requests | failed | 503+RA | other | recovery s | goal | met |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for r in rows:
+        rec = "" if r.recovery_s is None else f"{r.recovery_s:g}"
+        lines.append(
+            f"| {r.fault} | {r.app} | {r.requests} | {r.failed} | {r.retry_later} | {r.other} "
+            f"| {rec} | {r.goal} | {'yes' if r.met else '**no**'} |"
+        )
+    return "\n".join(lines)

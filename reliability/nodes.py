@@ -35,7 +35,7 @@ import psutil
 import yaml
 
 from reliability.faults import Cluster
-from reliability.goals import Row, log
+from reliability.goals import REPORT_DIR, Row, log, table
 from reliability.load import Load, Outcome
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,8 +303,6 @@ def node_rows(*, concurrency: int = 4, png: Path | None = None) -> tuple[list[Ro
 
 
 def main() -> int:
-    from reliability.chaos import REPORT_DIR, table
-
     rows, extra = node_rows(png=REPORT_DIR / "nodes.png")
     print(table(rows))
     for r in rows:

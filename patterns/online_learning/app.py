@@ -279,7 +279,7 @@ class OnlineIngress:
 
 # ------------------------------------------------------------------------------ builder
 def build_app(args: OnlineArgs | dict[str, Any] | None = None) -> Application:
-    args = coerce_args(args, OnlineArgs)
+    args = coerce_args(args, OnlineArgs).placed_by_the_log()  # SQLite: on the head node
     log_url = args.log_url  # None: each replica reads ONLINE_LOG_URL (secrets stay there)
     store_uri = args.model_store_uri
     trainer = OnlineTrainer.options(

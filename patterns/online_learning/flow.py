@@ -113,6 +113,27 @@ class OnlineArgs(BaseModel):
     ingress_resources: StageResources = StageResources(num_cpus=0.05)
     trainer_resources: StageResources = StageResources(num_cpus=0.1)
 
+    def placed_by_the_log(self) -> OnlineArgs:
+        """These args with the placement the feedback log needs. The SQLite log is one file on
+        one disk: the trainer (its single writer), the bandit and the ingress replicas that
+        append to it run on the head node (``node_kind: head``), where the file is. Redis
+        Streams are reached from any node: nothing is pinned. A node kind set in config wins."""
+        url = self.log_url or OnlineSettings().log_url
+        if not url.startswith("sqlite"):
+            return self
+
+        def pin(res: StageResources) -> StageResources:
+            return res if res.node_kind else res.model_copy(update={"node_kind": "head"})
+
+        bandit = self.bandit.model_copy(update={"resources": pin(self.bandit.resources)})
+        return self.model_copy(
+            update={
+                "trainer_resources": pin(self.trainer_resources),
+                "ingress_resources": pin(self.ingress_resources),
+                "bandit": bandit,
+            }
+        )
+
 
 class TokenBuckets:
     """Per-client rate limit (replica-local, so the limit is per replica: N replicas allow a

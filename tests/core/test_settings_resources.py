@@ -70,6 +70,13 @@ def test_node_kind_is_a_preference_with_a_fallback_to_any_node() -> None:
         StageResources(node_kind="gpu")
 
 
+def test_node_kind_head_is_a_requirement_on_rays_head_resource() -> None:
+    head = StageResources(num_cpus=0.1, node_kind="head")
+    opts = resolve_actor_options(head, "x", gpus_available=0)
+    assert opts["resources"] == {"node:__internal_head__": 0.001}  # every head node has 1.0
+    assert "label_selector" not in opts and "fallback_strategy" not in opts
+
+
 def test_accelerator_setting_forces_cpu(monkeypatch) -> None:
     from core import settings
 
