@@ -55,9 +55,10 @@ def config() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def node_cluster(*, timeout_s: float = 600) -> Iterator[Any]:
+def node_cluster(*, gcs_redis: bool = True, timeout_s: float = 600) -> Iterator[Any]:
     """``serve_all --nodes 3`` on ``config()``, with ``--gcs-redis`` on a Redis of its own when
-    ``redis-server`` is installed; yields the running ``tests.servers.ServeCluster``."""
+    ``gcs_redis`` and ``redis-server`` is installed; yields the running
+    ``tests.servers.ServeCluster``."""
     import pytest
 
     from tests.servers import RedisServer, ServeCluster, wait_http_ok
@@ -65,9 +66,10 @@ def node_cluster(*, timeout_s: float = 600) -> Iterator[Any]:
     extra = ["--nodes", "3"]
     redis = None
     with contextlib.suppress(pytest.skip.Exception):  # no redis-server: no GCS FT
-        redis = RedisServer()  # the GCS's own, as KubeRay's gcsFaultToleranceOptions point to
-        redis.start()
-        extra += ["--gcs-redis", f"127.0.0.1:{redis.port}"]
+        if gcs_redis:
+            redis = RedisServer()  # the GCS's own, as gcsFaultToleranceOptions point to
+            redis.start()
+            extra += ["--gcs-redis", f"127.0.0.1:{redis.port}"]
     server = ServeCluster(config(), num_cpus=3, timeout_s=timeout_s, extra_args=extra)
     server.start()
     try:
