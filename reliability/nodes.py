@@ -35,7 +35,7 @@ import psutil
 import yaml
 
 from reliability.faults import Cluster
-from reliability.goals import REPORT_DIR, Row, log, table
+from reliability.goals import REPORT_DIR, Row, first_ok_after, log, table
 from reliability.load import Load, Outcome
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +43,7 @@ APP = "multiplexing"
 NODE_FAIL_RATIO = 0.01
 NODE_RECOVERY_S = 30.0
 GCS_SUCCESS = 0.99
+SETTLE_S = 5.0  # steady load before each fault
 
 
 def config() -> dict[str, Any]:
@@ -115,40 +116,48 @@ def replicas_in(procs: list[psutil.Process]) -> list[str]:
     return sorted(out)
 
 
-def running(server: Any, deployment: str) -> int:
-    """RUNNING replicas of one of the app's deployments (Serve's details, as `serve status`)."""
-    return len(Cluster(server.dashboard_url).replicas(APP, deployment))
+def running(server: Any, deployment: str, gone: frozenset[int] | set[int] = frozenset()) -> int:
+    """RUNNING replicas of one of the app's deployments (Serve's details, as `serve status`),
+    not counting those whose process is in ``gone`` (a killed node's, until Serve notices)."""
+    return sum(r.pid not in gone for r in Cluster(server.dashboard_url).replicas(APP, deployment))
 
 
 def lose_node(server: Any, load: Load, kind: str, *, watch_s: float = 30.0) -> Row:
     """SIGKILL the ``kind`` worker node (``general`` or ``accelerator``) under ``load``; the row
-    counts the answers from the kill until traffic is back (at most ``watch_s``), and 3 s more.
-    ``detail``: what ran there, the kill time on the load clock, and how long until its
+    counts the answers to requests sent in the ``watch_s`` after it (the window of the chaos
+    harness's kills: failures are bounded by what was in flight, so the ratio needs a fixed
+    window). ``detail``: what ran there, the kill time on the load clock, and how long until its
     replicas ran again (None: not within 90 s)."""
     nodes, _ = ready_lines(server)
     doomed = tree(nodes[kind])
     lost = replicas_in(doomed)
+    dead = {p.pid for p in doomed}
+    time.sleep(SETTLE_S)  # a steady stretch before the fault (the timeline's baseline)
     load.window()
     t_kill = load.now()
     for p in doomed:  # the machine dies: raylet, object store, workers, at once
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     log(f"SIGKILLed the {kind} node (raylet {nodes[kind]}; replicas {lost})")
-    time.sleep(5)
-    while load.recovered_after(APP, t_kill) is None and load.now() - t_kill < watch_s:
-        time.sleep(1)
-    time.sleep(3)
-    counts = load.window()[APP]
-    back = load.recovered_after(APP, t_kill)
     deployments = sorted({r.split(":", 1)[1] for r in lost})
     wanted = {d: len(ready_lines(server)[1].get(d, [])) for d in deployments}
-    replaced_s = None
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if all(running(server, d) >= n for d, n in wanted.items()):
-            replaced_s = round(load.now() - t_kill, 1)
+    replaced_s: float | None = None
+    counts = None
+    while True:  # the watch window's counts, and when the lost replicas ran again (<= 90 s)
+        elapsed = load.now() - t_kill
+        if replaced_s is None:
+            with contextlib.suppress(Exception):  # the dashboard may be slow to answer now
+                if all(running(server, d, dead) >= n for d, n in wanted.items()):
+                    replaced_s = round(elapsed, 1)
+        if counts is None and elapsed >= watch_s:
+            counts = load.window()[APP]
+        if counts is not None and (replaced_s is not None or elapsed >= 90):
             break
-        time.sleep(2)
+        time.sleep(1)
+    # Back: only ok answers after the last failure, and a request sent after the kill answered
+    # ok (requests held while a stage restarts fail nothing but answer nothing either).
+    settled, first_ok = load.recovered_after(APP, t_kill), first_ok_after(load, APP, t_kill)
+    back = None if settled is None or first_ok is None else max(settled, first_ok)
     met = (
         counts.total > 50
         and counts.other == 0
@@ -174,6 +183,7 @@ def lose_gcs(server: Any, load: Load, *, after_s: float = 10.0) -> Row:
     The row counts from the kill until it is back, ``detail`` the ``after_s`` that follow,
     and whether a config redeploy went through afterwards."""
     (gcs,) = [p for p in tree(server.proc.pid) if p.name() == "gcs_server"]
+    time.sleep(SETTLE_S)
     load.window()
     t_kill = load.now()
     gcs.kill()
@@ -278,26 +288,18 @@ def node_rows(*, concurrency: int = 4, png: Path | None = None) -> tuple[list[Ro
         with Load(server.http_url, [APP], concurrency=concurrency, timeout_s=30) as load:
             if not load.wait_ok(APP, 10, 60):
                 raise RuntimeError(f"no load through the cluster: {load.counts()[APP].examples}")
-            panels = []
+            titles = []
             if gcs_tolerant(server):
                 rows.append(lose_gcs(server, load))
-                panels.append(
-                    (
-                        "the head's GCS server SIGKILLed (back from Redis 5 s later)",
-                        rows[-1].detail["t_kill"],
-                        rows[-1].detail["t_back"] + 10,
-                    )
-                )
+                titles.append("the head's GCS server SIGKILLed (back from Redis 5 s later)")
             for kind in ("general", "accelerator"):
                 rows.append(lose_node(server, load, kind))
                 what = ", ".join(rows[-1].detail["lost"]) or "no replica"
-                panels.append(
-                    (
-                        f"the {kind} node SIGKILLed ({what})",
-                        rows[-1].detail["t_kill"],
-                        rows[-1].detail["t_kill"] + 20,
-                    )
-                )
+                titles.append(f"the {kind} node SIGKILLed ({what})")
+            time.sleep(SETTLE_S)
+            # each panel runs until just before the next fault (or the end of the load)
+            kills = [r.detail["t_kill"] for r in rows] + [load.now() + 0.5]
+            panels = [(title, kills[i], kills[i + 1] - 0.5) for i, title in enumerate(titles)]
             outcomes = list(load.outcomes)
     if png is not None:
         timeline(outcomes, panels, png)
