@@ -37,7 +37,9 @@ def test_config_values_equal_the_code_defaults() -> None:
 
 def test_the_sqlite_log_pins_its_readers_and_writers_to_the_head_and_redis_pins_nothing() -> None:
     kinds = lambda a: (  # noqa: E731
-        a.trainer_resources.node_kind, a.ingress_resources.node_kind, a.bandit.resources.node_kind
+        a.trainer_resources.node_kind,
+        a.ingress_resources.node_kind,
+        a.bandit.resources.node_kind,
     )
     sqlite = OnlineArgs(log_url="sqlite:////tmp/feedback.db").placed_by_the_log()
     assert kinds(sqlite) == ("head", "head", "head")
@@ -47,4 +49,3 @@ def test_the_sqlite_log_pins_its_readers_and_writers_to_the_head_and_redis_pins_
     )  # fmt: skip
     chosen = OnlineArgs(log_url="sqlite:////tmp/f.db", trainer_resources={"node_kind": "general"})
     assert kinds(chosen.placed_by_the_log())[0] == "general"  # config wins
-
