@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     extra: dict[str, Any] = {}
     apps: list[str] = args.apps or []
     if not only & {"redeploy", "kill", "soak", "fuzz"}:
-        pass  # outages and nodes start clusters of their own
+        pass  # only scenarios that start clusters of their own (outages, nodes)
     elif args.url:
         apps = args.apps or list(Cluster(args.dashboard).apps())
         rows, extra = run(args.url, args.dashboard, apps, **options)

@@ -189,7 +189,7 @@ def lose_gcs(server: Any, load: Load, *, after_s: float = 10.0) -> Row:
     gcs.kill()
     log(f"SIGKILLed the GCS server (pid {gcs.pid})")
     deadline = time.monotonic() + 90
-    while "GCS back from Redis" not in server.log_file.read_text():
+    while not (came_back := "GCS back from Redis" in server.log_file.read_text()):
         if time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -203,7 +203,8 @@ def lose_gcs(server: Any, load: Load, *, after_s: float = 10.0) -> Row:
         change = c.redeploy(APP, "config")
         deployed_s = c.wait_redeployed(APP, change["old_pids"], "config", 180)
     met = (
-        outage.total > 20
+        came_back
+        and outage.total > 20
         and outage.ok >= GCS_SUCCESS * outage.total
         and outage.other == 0
         and after.total > 20
@@ -218,12 +219,14 @@ def lose_gcs(server: Any, load: Load, *, after_s: float = 10.0) -> Row:
         goal=">= 99% ok while the GCS is down; all ok after; serve deploy works",
         met=met,
         notes=(
-            f"GCS down {down_s} s; {after.ok}/{after.total} ok in the {after_s:g} s after; "
-            f"serve deploy after it: {f'done in {deployed_s:.0f} s' if deployed_s else 'FAILED'}"
+            f"GCS {'down' if came_back else 'NOT BACK after'} {down_s} s; {after.ok}/"
+            f"{after.total} ok in the {after_s:g} s after; serve deploy after it: "
+            f"{'FAILED' if deployed_s is None else f'done in {deployed_s:.0f} s'}"
         ),
         detail={
             "t_kill": t_kill,
             "t_back": t_back,
+            "came_back": came_back,
             "after": after.as_dict(),
             "deploy_after_s": deployed_s,
         },

@@ -113,12 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.serve.scripts import run as serve_run_cli
 
     from cluster.ingress_mode import DEFAULT_MODE, stop_haproxy
-    from cluster.local import (
-        placement,
-        raylet_pids,
-        start_ray,
-        start_ray_nodes,
-    )
+    from cluster.local import placement, raylet_pids, start_ray, start_ray_nodes
 
     mode = os.environ.get("COOKBOOK_INGRESS_MODE", DEFAULT_MODE)
     nodes = f"{args.nodes} nodes of " if args.nodes > 1 else ""
@@ -274,10 +269,13 @@ def watch_gcs(cluster: Any, redis: str | None, restart_after_s: float) -> None:
             )
             while True:
                 time.sleep(3600)
-        print(f"[serve] the GCS server exited; starting it again in {restart_after_s:g} s")
+        print(f"[serve] the GCS exited; starting it again in {restart_after_s:g} s", flush=True)
         time.sleep(restart_after_s)
         took = restart_gcs(cluster)
-        print(f"[serve] GCS back from Redis ({took:.1f} s to start), pid {gcs_pid(cluster)}")
+        print(
+            f"[serve] GCS back from Redis ({took:.1f} s to start), pid {gcs_pid(cluster)}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def test_losing_the_gcs_under_load_keeps_serving_and_it_comes_back_from_redis(
         pytest.skip("redis-server is not installed: no GCS fault tolerance to test")
     row = nodes.lose_gcs(cluster, load)
     print(row)
+    assert row.detail["came_back"], row  # serve_all restarted it and said so
     c = row.detail["counts"]
     assert c["total"] > 20 and c["other_failures"] == 0, row
     assert c["ok"] >= nodes.GCS_SUCCESS * c["total"], row

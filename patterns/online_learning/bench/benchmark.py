@@ -15,7 +15,7 @@ log in a temp dir, and measures:
 4. the bandit over HTTP: cumulative regret against the best fixed offer and against the
    oracle -> bandit_regret.png.
 
-About four minutes on a 2-core machine. The PNGs go to --out: by default next to this file,
+About two minutes on a 2-core machine. The PNGs go to --out: by default next to this file,
 where the pattern's README shows them (committed: a rerun replaces them).
 """
 
