@@ -70,9 +70,11 @@ bench: setup
 		echo "== $$b"; $(PY) -m $$(echo $${b%.py} | tr / .) || exit 1; \
 	done
 
-# monolith vs microservices vs Serve: Locust step load, cost per 1M, report in loadtests/report/
+# monolith vs microservices vs Serve on two workloads, alternated rounds, open-loop load, cost
+# per 1M; report in loadtests/report/ (raw Locust files in loadtests/report/raw/, git-ignored).
+# `make loadtest ARGS=--quick` is the smoke run.
 loadtest: setup
-	$(PY) -m loadtests.compare $(LOADTEST_ARGS)
+	$(PY) -m loadtests.compare $(LOADTEST_ARGS) $(ARGS)
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .ruff_cache .mypy_cache

@@ -72,6 +72,13 @@ def monolith_app() -> FastAPI:
     return create_app()
 
 
+def batched_monolith_app() -> FastAPI:
+    """The same monolith, the three models batched across requests in each worker."""
+    from patterns.pipeline.bench.monolith import create_batched_app
+
+    return create_batched_app()
+
+
 # ---------------------------------------------------------------------------- microservices
 def encode_image(image: Any) -> dict[str, Any]:
     return {
@@ -119,14 +126,15 @@ def stage_app() -> FastAPI:
         torch.set_num_threads(1)
         args = _args()
         opts = {"storage_options": args.checkpoint_storage_options}
+        device = os.environ.get("LOADTEST_DEVICE", "cpu")  # the study's --gpu: every arm
         if stage_name == "preprocess":
             state["stage"] = stages.PreprocessStage(args.limits)
         elif stage_name == "detector":
-            state["stage"] = stages.DetectorStage(args.detector, _store(args), **opts)
+            state["stage"] = stages.DetectorStage(args.detector, _store(args), device, **opts)
         elif stage_name == "scene":
-            state["stage"] = stages.SceneStage(args.scene, _store(args), **opts)
+            state["stage"] = stages.SceneStage(args.scene, _store(args), device, **opts)
         else:
-            state["stage"] = stages.DigitStage(args.digits, _store(args), **opts)
+            state["stage"] = stages.DigitStage(args.digits, _store(args), device, **opts)
         yield
 
     api = FastAPI(title=f"Vision pipeline: {stage_name} service", lifespan=lifespan)
@@ -134,17 +142,17 @@ def stage_app() -> FastAPI:
 
     @api.post("/run")
     async def run(request: Request) -> dict[str, Any]:
-        stage = state["stage"]
+        stage = state["stage"]  # sync torch work: in the threadpool, off the event loop
         if stage_name == "preprocess":
-            out = stage.run(await request.body())
+            out = await asyncio.to_thread(stage.run, await request.body())
             if out.get("ok"):
                 out = {**out, **encode_image(out.pop("image"))}
             return _jsonable(out)
         body = await request.json()
         image = decode_image(body)
         if stage_name == "digits":
-            return _jsonable(stage.run([(image, body["boxes"])])[0])
-        return _jsonable(stage.run([image])[0])
+            return _jsonable((await asyncio.to_thread(stage.run, [(image, body["boxes"])]))[0])
+        return _jsonable((await asyncio.to_thread(stage.run, [image]))[0])
 
     @api.get("/describe")
     async def describe() -> dict[str, Any]:

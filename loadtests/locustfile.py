@@ -7,6 +7,9 @@ never drifts from what the README shows.
 
     locust -f loadtests/locustfile.py --headless -u 16 -r 16 -t 30s --host http://127.0.0.1:8000
 (or ``python -m loadtests.run``, which also prints the figures and the cost.)
+
+``LOADTEST_ROUTE=/pipeline=/pipeline-split`` sends the pattern's requests to the same app
+deployed under another route prefix (the study runs two topologies of one app side by side).
 """
 
 import importlib
@@ -62,9 +65,13 @@ class PatternUser(FastHttpUser):
 
     @task
     def call(self) -> None:
+        self.started = time.monotonic()  # for pacing (ratefile.PacedUser)
         req = dict(self.sample(next(self.counter)))
         method = req.pop("method", "POST")
         path = req.pop("path")
+        old, _, new = os.environ.get("LOADTEST_ROUTE", "").partition("=")
+        if old and path.startswith(old):  # the same app under another route prefix
+            path = new + path[len(old) :]
         expect = req.pop("expect_status", (200,))
         with self.client.request(method, path, name=path, catch_response=True, **req) as resp:
             if resp.status_code not in expect:

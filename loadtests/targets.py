@@ -33,7 +33,14 @@ from typing import Any
 from cluster.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHS = ("monolith", "microservices", "serve")
+ARCHS = (
+    "monolith",
+    "monolith-batched",
+    "microservices",
+    "serve",
+    "business-monolith",
+    "business-microservices",
+)
 PIPELINE_CONFIG = ROOT / "patterns" / "pipeline" / "config.yaml"
 DEFAULT_SIZES = {"gateway": 1, "preprocess": 1, "detector": 1, "scene": 1, "digits": 1}
 
@@ -86,8 +93,20 @@ def _wait_children(children: list[subprocess.Popen]) -> int:
     return rc
 
 
-def run_monolith(port: int, cpus: int) -> int:
-    return _wait_children([_uvicorn("monolith_app", port, cpus, _env())])
+def run_monolith(port: int, cpus: int, batched: bool = False) -> int:
+    factory = "batched_monolith_app" if batched else "monolith_app"
+    return _wait_children([_uvicorn(factory, port, cpus, _env())])
+
+
+def run_business(arch: str, port: int, cpus: int) -> int:
+    """The fraud check without Ray (``patterns.business_logic.bench.arms``)."""
+    from patterns.business_logic.bench import arms
+
+    children = [
+        subprocess.Popen(cmd, cwd=ROOT, env={**_env(), **env})
+        for cmd, env in arms.commands(port=port, cpus=cpus, arch=arch, env={})
+    ]
+    return _wait_children(children)
 
 
 def parse_sizes(text: str) -> dict[str, int]:
@@ -111,18 +130,43 @@ def run_microservices(port: int, sizes: dict[str, int]) -> int:
     return _wait_children(children)
 
 
-def serve_config(port: int, topology: str | None) -> dict[str, Any]:
-    """The pipeline's one-application config, as shipped, on ``port`` (loopback)."""
+SERVE_APPS = ("pipeline", "pipeline-split", "business")
+
+
+def _pattern_app(pattern: str) -> dict[str, Any]:
     import yaml
 
-    config = yaml.safe_load(PIPELINE_CONFIG.read_text())
+    config = yaml.safe_load((ROOT / "patterns" / pattern / "config.yaml").read_text())
     (app,) = config["applications"]
-    if topology:
-        app.setdefault("args", {})["topology"] = topology
-    return {
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [app],
-    }
+    return app
+
+
+def serve_config(
+    port: int, topology: str | None = None, apps: tuple[str, ...] = ("pipeline",)
+) -> dict[str, Any]:
+    """The shipped one-application configs of ``apps`` on ``port`` (loopback), in one cluster.
+
+    ``pipeline`` is the pipeline as shipped (``topology`` overrides that one knob);
+    ``pipeline-split`` is the same app in its composed topology under ``/pipeline-split``;
+    ``business`` is the fraud check as shipped."""
+    import copy
+
+    out = []
+    for name in apps:
+        if name in ("pipeline", "pipeline-split"):
+            app = copy.deepcopy(_pattern_app("pipeline"))
+            topo = topology if name == "pipeline" else "split"
+            if topo:
+                app.setdefault("args", {})["topology"] = topo
+            if name == "pipeline-split":
+                app.update(name="pipeline_split", route_prefix="/pipeline-split")
+                app.pop("deployments", None)  # fused's one-ingress options do not apply
+        elif name == "business":
+            app = _pattern_app("business_logic")
+        else:
+            raise ValueError(f"unknown app {name!r}; one of {SERVE_APPS}")
+        out.append(app)
+    return {"http_options": {"host": "127.0.0.1", "port": port}, "applications": out}
 
 
 def replica_counts() -> dict[str, int]:
@@ -130,16 +174,31 @@ def replica_counts() -> dict[str, int]:
     from ray import serve
 
     out: dict[str, int] = {}
-    for app in serve.status().applications.values():
+    for app_name, app in serve.status().applications.items():
         for name, dep in app.deployments.items():
-            out[name] = int(dep.replica_states.get("RUNNING", 0))
+            out[f"{app_name}/{name}"] = int(dep.replica_states.get("RUNNING", 0))
     return out
 
 
-def run_serve(port: int, cpus: int, topology: str | None, replicas_log: str | None) -> int:
+def run_serve(
+    port: int,
+    cpus: int,
+    topology: str | None,
+    replicas_log: str | None,
+    apps: tuple[str, ...] = ("pipeline",),
+    overrides: str = "",
+) -> int:
     from cluster.ingress_mode import apply_ingress_mode
 
-    raw = serve_config(port, topology)
+    raw = serve_config(port, topology, apps)
+    if overrides:  # JSON: {"app name": {"deployment": {option: value}}}
+        for app in raw["applications"]:
+            for dep, opts in json.loads(overrides).get(app["name"], {}).items():
+                found = [d for d in app.setdefault("deployments", []) if d["name"] == dep]
+                target = found[0] if found else {"name": dep}
+                if not found:
+                    app["deployments"].append(target)
+                target.update(opts)
     # COOKBOOK_INGRESS_MODE and the edge, as `make serve` ships them (core/ingress_mode.py);
     # Serve reads its switches when it is imported.
     apply_ingress_mode(applications=raw["applications"])
@@ -188,6 +247,23 @@ class TargetDown(RuntimeError):
     """A target that did not start or stopped answering: the message is a sentence."""
 
 
+def probe(url: str, request: dict[str, Any], route: str = "") -> int | None:
+    """The status of one sample request (a pattern's ``sample_request(i)``) sent to ``url``,
+    under another route prefix when ``route`` is ``OLD=NEW``; None when nothing answers."""
+    import httpx
+
+    req = dict(request)
+    method, path = req.pop("method", "POST"), req.pop("path")
+    req.pop("expect_status", None)
+    old, _, new = route.partition("=")
+    if old and path.startswith(old):
+        path = new + path[len(old) :]
+    try:
+        return httpx.request(method, url + path, timeout=10, **req).status_code
+    except httpx.HTTPError:
+        return None
+
+
 class Target:
     """One architecture started in its own process group; ``stop()`` ends all of it."""
 
@@ -200,7 +276,10 @@ class Target:
         topology: str | None = None,
         replicas_log: str | None = None,
         sizes: str = "",
+        apps: tuple[str, ...] = (),
+        overrides: str = "",
         log_path: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         if arch not in ARCHS:
             raise ValueError(f"unknown architecture {arch!r}; one of {ARCHS}")
@@ -223,35 +302,32 @@ class Target:
             cmd += ["--replicas-log", replicas_log]
         if sizes:
             cmd += ["--sizes", sizes]
+        if apps:
+            cmd += ["--apps", ",".join(apps)]
+        if overrides:
+            cmd += ["--overrides", overrides]
         self.cmd = cmd
+        self.env = {**_env(), **(env or {})}
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self, png: bytes, timeout_s: float = 300.0) -> Target:
-        import httpx
-
+    def start(self, checks: list[tuple[dict[str, Any], str]], timeout_s: float = 300.0) -> Target:
+        """Start it and wait until every ``(sample request, route)`` in ``checks`` gets 200."""
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
-            self.cmd, cwd=ROOT, env=_env(), start_new_session=True, stdout=out, stderr=out
+            self.cmd, cwd=ROOT, env=self.env, start_new_session=True, stdout=out, stderr=out
         )
         deadline = time.monotonic() + timeout_s
+        waiting = list(checks)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise TargetDown(
                     f"The {self.arch} target exited (rc {self.proc.returncode}) before it "
                     f"answered; see {self.log_path or 'its output'}."
                 )
-            try:
-                r = httpx.post(
-                    f"{self.url}/pipeline/read",
-                    content=png,
-                    timeout=10,
-                    headers={"Content-Type": "image/png"},
-                )
-                if r.status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
+            waiting = [c for c in waiting if probe(self.url, *c) != 200]
+            if not waiting:
+                return self
             time.sleep(1.0)
         self.stop()
         raise TargetDown(f"The {self.arch} target did not answer within {timeout_s:g} s.")
@@ -271,21 +347,31 @@ class Target:
         except psutil.Error:
             return []
 
+    def freeze(self, frozen: bool) -> None:
+        """SIGSTOP (or SIGCONT) every process of this target: an idle arm then takes no CPU
+        from the arm under load (Serve's controller and proxies are never idle)."""
+        import psutil
+
+        for pid in self.pids():
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                p.suspend() if frozen else p.resume()
+
     def stop(self, timeout_s: float = 60.0) -> None:
         import psutil
 
         if self.proc is None:
             return
+        self.freeze(False)
         pids = self.pids()
         pgid = self.proc.pid
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout_s)
-        for sig_pids in (pids,):
-            for pid in sig_pids:  # anything that outlived its leader (Ray's workers)
-                with contextlib.suppress(psutil.Error):
-                    psutil.Process(pid).kill()
+        for pid in pids:  # anything that outlived its leader (Ray's workers)
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
         self.proc.wait()
@@ -307,16 +393,23 @@ def main(argv: list[str] | None = None) -> int:
         "--topology",
         choices=("fused", "split"),
         default=None,
-        help="serve: override the shipped topology",
+        help="serve: override the shipped topology of the pipeline app",
     )
+    p.add_argument("--apps", default="pipeline", help=f"serve: some of {','.join(SERVE_APPS)}")
+    p.add_argument("--overrides", default="", help='serve: JSON {"app": {"Deployment": {...}}}')
     p.add_argument("--replicas-log", default=None, help="serve: JSON lines of replicas/s")
     a = p.parse_args(argv)
-    print(f"{a.arch} on http://127.0.0.1:{a.port}/pipeline/read (Ctrl-C stops it)", flush=True)
+    print(f"{a.arch} on http://127.0.0.1:{a.port} (Ctrl-C stops it)", flush=True)
     if a.arch == "monolith":
         return run_monolith(a.port, a.cpus)
+    if a.arch == "monolith-batched":
+        return run_monolith(a.port, a.cpus, batched=True)
     if a.arch == "microservices":
         return run_microservices(a.port, parse_sizes(a.sizes))
-    return run_serve(a.port, a.cpus, a.topology, a.replicas_log)
+    if a.arch.startswith("business-"):
+        return run_business(a.arch.removeprefix("business-"), a.port, a.cpus)
+    apps = tuple(x for x in a.apps.split(",") if x)
+    return run_serve(a.port, a.cpus, a.topology, a.replicas_log, apps, a.overrides)
 
 
 if __name__ == "__main__":

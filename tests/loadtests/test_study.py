@@ -1,42 +1,76 @@
-"""The load study end to end (a tiny run of ``loadtests.compare``) and its pure parts."""
+"""The load study: its open-loop generator, its ladder, its CPU ledger, and a quick run end to
+end (``loadtests.compare --quick``)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
-from types import SimpleNamespace
+from pathlib import Path
 
-import numpy as np
+import httpx
 import psutil
 import pytest
 
+from cluster.ports import free_port
 from loadtests import compare
-from loadtests.cost import cost_per_million, gpu_counts, load_prices
+from loadtests.cost import cost_per_million, gpu_counts
 from loadtests.run import require_up
-from loadtests.study import Step, at_slo, step_stats
-from loadtests.targets import free_port
+from loadtests.study import CpuLedger, Ladder, rate_ladder, score
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_step_stats_count_failures_and_keep_them_in_latency() -> None:
-    t0 = 1000.0
-    # stage 1 (users 2): 4 ok at 10 ms; stage 2 (users 8): 5 ok at 20 ms + 1 failed at 900 ms
-    rows = [(t0 + 1.5 + i * 0.1, 10.0, 1) for i in range(4)]
-    rows += [(t0 + 2.5 + i * 0.1, 20.0, 1) for i in range(5)] + [(t0 + 3.9, 900.0, 0)]
-    steps = step_stats(np.array(rows), t0, [2, 8], step_s=2.0, settle_s=0.5)
-    assert [s.requests for s in steps] == [4, 6]
-    assert [s.failures for s in steps] == [0, 1]
-    assert steps[1].p95_ms > 500  # the failure's latency counts
-    assert at_slo(steps, slo_ms=500) == steps[0]  # stage 2 breaks the SLO and fails 1 in 6
-    assert at_slo(steps, slo_ms=1000, max_failure_ratio=0.5) == steps[1]
-    assert at_slo([Step(1, 0, 0, 0.0, float("nan"), float("nan"))], 500) is None
+def test_a_step_counts_failures_in_its_latencies() -> None:
+    rows = [(10.0 + i / 10, 100.0, 1) for i in range(19)] + [(11.95, 5000.0, 0)]
+    s = score(rows, 10.0, 12.0)
+    assert s["requests"] == 20 and s["failures"] == 1
+    assert s["achieved_rps"] == 10.0
+    assert s["p50_ms"] == 100.0 and s["p95_ms"] == 100.0  # 19 of 20 fast: p95 is the 19th
+    rows.append((11.96, 4000.0, 0))
+    assert score(rows, 10.0, 12.0)["p95_ms"] == 4000.0  # two slow failures reach the p95
+    assert score(rows, 20.0, 21.0)["requests"] == 0
+
+
+def test_the_ladder_climbs_refines_once_and_stops() -> None:
+    lad = Ladder(start=10, factor=2, max_steps=12, rate_max=1000)
+    assert lad.next_rate(True) == 20
+    assert lad.next_rate(True) == 40
+    assert lad.next_rate(False) == pytest.approx(28.28, abs=0.01)  # halfway, geometric
+    assert lad.next_rate(True) is None
+    assert (lad.held, lad.missed) == (pytest.approx(28.28, abs=0.01), 40)
+
+
+def test_the_ladder_walks_down_from_a_first_miss_and_is_bounded() -> None:
+    lad = Ladder(start=40, factor=2, max_steps=12, rate_max=1000)
+    assert lad.next_rate(False) == 20
+    assert lad.next_rate(False) == 10
+    assert lad.next_rate(True) is None and lad.held == 10
+    lad = Ladder(start=10, factor=2, max_steps=3, rate_max=1000)
+    assert lad.next_rate(True) == 20 and lad.next_rate(True) == 40
+    assert lad.next_rate(True) is None  # max_steps
+    lad = Ladder(start=10, factor=2, max_steps=12, rate_max=15)
+    assert lad.next_rate(True) is None  # the next rate would pass rate_max
+
+
+def test_the_ledger_splits_the_box_between_groups_and_outsiders() -> None:
+    led = CpuLedger(lambda: {})
+    led.ncpu = 2
+    led.rows = [
+        (100.0, 1000.0, {"serve": 50.0, "generator": 5.0}),
+        (110.0, 1016.0, {"serve": 60.0, "generator": 7.0}),  # 16 of 20 core-seconds busy
+    ]
+    shares = led.window(99, 111)
+    assert shares["serve"] == 0.5 and shares["generator"] == 0.1
+    assert shares["outsiders"] == pytest.approx(0.2)  # busy, but not by the study
+    assert led.window(200, 300) == {}
 
 
 def test_cost_model() -> None:
-    prices = load_prices()
-    assert "list prices" in prices["source"] and prices["measured_node"] in prices["nodes"]
     assert cost_per_million(100.0, 0.36) == pytest.approx(1.0)
     share = {"detector": 0.5, "scene": 0.25, "digits": 0.25}
-    # Below one GPU's capacity: a whole GPU per model service against one shared GPU.
     assert gpu_counts(100, 900, share) == {"microservices": 3, "serve": 1}
     big = gpu_counts(90_000, 900, share)
     assert big["serve"] == 100 and big["microservices"] - big["serve"] <= 3
@@ -47,61 +81,121 @@ def test_a_service_that_is_down_stops_with_a_sentence() -> None:
         require_up(f"http://127.0.0.1:{free_port()}", timeout_s=2)
 
 
-def test_a_cut_short_run_leaves_a_partial_report(tmp_path) -> None:
-    a = compare.parse(["--quick", "--out", str(tmp_path)])
-    meta = {"command": "x", "machine": "m", "load_before": "1", "started": "now"}
-    results = {"monolith": {"arch": "monolith", "cut_short": "The monolith target exited."}}
-    path = compare.write_report(tmp_path, a, results, meta, load_prices(), partial="Ctrl-C")
-    text = path.read_text()
-    assert "PARTIAL REPORT" in text and "Ctrl-C" in text
-    assert "not measured (The monolith target exited.)" in text
+def test_bad_arguments_are_refused_with_the_choices() -> None:
+    with pytest.raises(SystemExit):
+        compare.parse(["--arms", "monolith,nonsense"])
+    with pytest.raises(SystemExit):
+        compare.parse(["--workloads", "video"])
+    a = compare.parse(["--quick"])
+    assert a.rounds == 1 and a.raw.endswith("raw")
+
+
+@pytest.fixture
+def slow_server():
+    """A server that answers every request after 300 ms, whatever the load (async sleep)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "tests.loadtests.slow_app:create_app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{url}/slow", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.slow
+def test_the_offered_rate_does_not_wait_for_slow_answers(tmp_path, slow_server) -> None:
+    """Open loop: 20 req/s offered to a server that takes 300 ms per answer arrive at 20 req/s
+    (a closed loop of a few users would send fewer, and hide the latency)."""
+    lad = rate_ladder(
+        slow_server,
+        tmp_path,
+        arm="slow",
+        round_no=1,
+        request="tests.loadtests.slow_app:sample_request",
+        rate_start=20,
+        factor=1.5,
+        step_s=4,
+        settle_s=1.5,
+        slo_ms=250,  # 300 ms answers miss it: the ladder walks down, every step at its rate
+        max_steps=2,
+    )
+    assert lad.cut_short is None, lad.cut_short
+    first = lad.steps[0]
+    assert first["offered_rps"] == 20 and not first["held"]
+    assert first["achieved_rps"] == pytest.approx(20, rel=0.2), first
+    assert first["p50_ms"] >= 300
+    assert lad.rps_at_slo == 0.0  # nothing held a 250 ms p95
+    assert len(lad.steps) == 2 and lad.steps[1]["offered_rps"] == pytest.approx(13.33, abs=0.01)
 
 
 def _our_processes() -> set[int]:
     out = set()
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "loadtests.targets" in cmd or "loadtests.apps:" in cmd or "stepfile.py" in cmd:
+        if any(k in cmd for k in ("loadtests.targets", "loadtests.apps:", "ratefile.py")):
+            out.add(p.pid)
+        if "risk_service" in cmd or "business_logic.bench" in cmd:
             out.add(p.pid)
     return out
 
 
 @pytest.mark.slow
-def test_quick_study_gives_three_rows_plots_and_counted_failures(tmp_path) -> None:
+def test_quick_study_on_both_workloads(tmp_path) -> None:
     before = _our_processes()
     t0 = time.monotonic()
-    rc = compare.main(["--quick", "--step-s", "3", "--out", str(tmp_path)])
-    report = (tmp_path / "report.md").read_text()
+    out = tmp_path / "report"
+    rc = compare.main(["--quick", "--arms", "monolith,serve-fused,serve", "--out", str(out)])
+    report = (out / "report.md").read_text()
     assert rc == 0, report
     assert "PARTIAL" not in report
-    rows = [line for line in report.splitlines() if line.startswith("| ")]
-    for arch in ("monolith", "microservices", "serve"):
-        assert any(r.startswith(f"| {arch} | ") for r in rows), arch
-    assert "Same answer from every architecture: **yes**" in report
-    for png in ("rps_p95.png", "cost.png", "replicas.png", "gpu_model.png"):
-        assert (tmp_path / png).stat().st_size > 1000, png
-    data = json.loads((tmp_path / "results.json").read_text())
-    for arch, s in data["summary"].items():
-        # every request Locust counted is in our samples (Locust's csv may miss a worker's
-        # last report at shutdown; ours is written per request), failures counted, not dropped
-        assert s["requests"] >= s["locust_requests"] > 0, arch
-        # failures are the counted steps' own, each step's within its requests, and the
-        # report's row shows ours beside Locust's
-        steps = data["results"][arch]["load"]["steps"]
-        assert all(0 <= st["failures"] <= st["requests"] for st in steps), steps
-        assert s["failures"] == sum(st["failures"] for st in steps), (s, steps)
-        row = next(r for r in rows if r.startswith(f"| {arch} | "))
-        assert f"| {s['failures']} / {s['failures_all']} |" in row, row
-        assert (tmp_path / arch / "locust.html").exists()
-        assert (tmp_path / arch / "locust_stats_history.csv").exists()
-    assert data["results"]["serve"]["replicas"], "no replica counts read while the load ran"
-    # every target stopped: no process of ours left behind
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["summary"]) == {
+        "pipeline/monolith",
+        "pipeline/serve-fused",
+        "business/monolith",
+        "business/serve",
+    }
+    for key, s in data["summary"].items():
+        assert s["rps_at_slo"] > 0, key
+        assert s["answer"], key
+    # the same answer from every arm of a workload, and the report says so
+    assert report.count("Same answer to the same request from every arm: **yes**") == 2
+    for turn in data["turns"]:
+        # the CPU of the box was accounted for, every step was measured at its offered rate
+        assert 0 < turn["cpu_arm"] <= 1 and 0 <= turn["cpu_outsiders"] <= 1, turn
+        assert turn["steps"] and all(s["offered_rps"] > 0 for s in turn["steps"]), turn
+        # while one arm is loaded the others are frozen: they take (almost) nothing
+        assert turn["cpu_idle_arms"] < 0.05, turn
+    auto = data["autoscale"]
+    assert auto["series"] and auto["replicas_peak"] is not None, auto
+    for png in ("pipeline_offered.png", "business_offered.png", "rps_at_slo.png"):
+        assert (out / png).stat().st_size > 1000, png
+    assert (out / "autoscaling.png").exists()
+    # Locust's files and every request go to the raw folder, not beside the report
+    assert list((out / "raw").rglob("samples-*.csv"))
+    assert not list(out.glob("*.csv")) and not list(out.glob("*.html"))
     time.sleep(1)
-    assert _our_processes() - before == set()
+    assert _our_processes() - before == set(), "a process of the study outlived it"
     print(f"quick study took {time.monotonic() - t0:.0f} s")
-
-
-def test_parse_gpu_variant() -> None:
-    a = compare.parse(["--gpu"])
-    assert a.topology == "split" and a.users == [1, 2, 4, 8, 16, 32]
-    assert isinstance(SimpleNamespace(**vars(a)).slo_ms, float)
