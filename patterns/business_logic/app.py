@@ -20,7 +20,6 @@ import asyncio
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
@@ -37,74 +36,12 @@ from core.ingress import (
 from core.openapi import JSON_BODY, KEYED, document_replica, error_responses
 from core.readiness import Readiness
 from core.resilience import call_surviving_replica, describe_error
-from core.resources import StageResources, resolve_actor_options
+from core.resources import resolve_actor_options
 from core.settings import keys_required
+from patterns.business_logic.args import MAX_BODY_BYTES, BusinessArgs, build_scorer
 from patterns.business_logic.deployments import FraudModel
-from patterns.business_logic.features import FeaturePolicy, open_feature_store
-from patterns.business_logic.flow import MIN_AMOUNT_EUR, Scorer, ScoreRequest
-from patterns.business_logic.model import MODEL_VERSION
-from patterns.business_logic.records import RecordStore
-from patterns.business_logic.risk_client import RiskServiceClient
-from patterns.business_logic.rules import DecisionRules
+from patterns.business_logic.flow import MIN_AMOUNT_EUR, ScoreRequest
 from patterns.business_logic.settings import BusinessSettings, load_api_keys
-
-
-class RiskCallArgs(BaseModel):
-    timeout_s: float = Field(default=0.3, gt=0, le=10)  # one call to the outside service
-    attempts: int = Field(default=2, ge=1, le=5)  # retries only on connect errors and 5xx
-    retry_ratio: float = Field(default=0.2, ge=0, le=1)  # retries <= 20% of recent calls
-    breaker_failures: int = Field(default=5, ge=1)  # consecutive failures that open it
-    breaker_reset_s: float = Field(default=10.0, gt=0)  # open this long, then one trial call
-
-
-class BusinessArgs(BaseModel):
-    # None: read BUSINESS_DATABASE_URL / BUSINESS_FEATURE_STORE_URL / BUSINESS_RISK_SERVICE_URL
-    # in each replica (so passwords in DSNs stay in the environment, not in the config).
-    database_url: str | None = None
-    feature_store_url: str | None = None
-    risk_service_url: str | None = None
-    db_timeout_s: float = Field(default=2.0, gt=0, le=30)
-    db_pool_size: int = Field(default=4, ge=1, le=64)
-    feature_store_timeout_s: float = Field(default=0.25, gt=0, le=10)
-    feature_policy: FeaturePolicy = FeaturePolicy()
-    risk: RiskCallArgs = RiskCallArgs()
-    rules: DecisionRules = DecisionRules()
-    model_version: str = MODEL_VERSION
-    model_timeout_s: float = Field(default=2.0, gt=0)
-    model_store_uri: str | None = None  # default: COOKBOOK_MODEL_STORE_URI
-    log_decisions: bool = True  # write every decision to the audit table
-    ingress_resources: StageResources = StageResources(num_cpus=0.1)
-    model_resources: StageResources = StageResources(num_cpus=0.1)
-
-
-def build_scorer(args: BusinessArgs, model_call: Any) -> Scorer:
-    """The scorer with its dependencies opened from args, falling back to the environment."""
-    settings = BusinessSettings()
-    risk = args.risk
-    return Scorer(
-        records=RecordStore(
-            args.database_url or settings.database_url,
-            timeout_s=args.db_timeout_s,
-            pool_size=args.db_pool_size,
-        ),
-        features=open_feature_store(
-            args.feature_store_url or settings.feature_store_url,
-            timeout_s=args.feature_store_timeout_s,
-        ),
-        risk=RiskServiceClient(
-            args.risk_service_url or settings.risk_service_url,
-            timeout_s=risk.timeout_s,
-            attempts=risk.attempts,
-            retry_ratio=risk.retry_ratio,
-            breaker_failures=risk.breaker_failures,
-            breaker_reset_s=risk.breaker_reset_s,
-        ),
-        model_call=model_call,
-        rules=args.rules,
-        policy=args.feature_policy,
-        model_timeout_s=args.model_timeout_s,
-        log_decisions=args.log_decisions,
-    )
 
 
 # ------------------------------------------------------------------------------ ingress
@@ -137,7 +74,7 @@ api = FastAPI(
     description="Scores a card payment from customer records, precomputed features and an "
     "outside risk signal; business rules turn the score into approve, review or decline.",
 )
-install_ingress(api, app_name="business_logic", max_body_bytes=16_384, health=_health)
+install_ingress(api, app_name="business_logic", max_body_bytes=MAX_BODY_BYTES, health=_health)
 require_key = api_key_auth(
     _api_keys,
     required=_keys_required,
