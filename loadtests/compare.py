@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_REQUEST = "patterns.pipeline.client:sample_request"
 BUSINESS_REQUEST = "patterns.business_logic.client:sample_request"
 SPLIT_ROUTE = "/pipeline=/pipeline-split"
+ONE_COPY_ROUTE = "/business=/business-1copy"
+SERVE_APP = {  # a Serve arm -> the app it is (loadtests.targets.serve_config)
+    "serve-fused": "pipeline",
+    "serve-composed": "pipeline-split",
+    "serve": "business",
+    "serve-1copy": "business-1copy",
+}
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,8 @@ class Arm:
     request: str
     route: str = ""
     what: str = ""
+    arch: str = ""  # the Target's architecture, when the target is a variant of one
+    cpus: int | None = None  # the target's worker budget, when not the study's
 
     @property
     def key(self) -> str:
@@ -108,6 +118,26 @@ ARMS = (
         "serve",
         BUSINESS_REQUEST,
         what="Serve, shipped (ingress + batched model deployment)",
+    ),
+    # The condition where composition should pay on CPU: memory for one copy of the model
+    # only. The monolith then runs one worker; Serve runs one model replica and the shipped
+    # ingress replicas (no model in them).
+    Arm(
+        "business",
+        "monolith-1copy",
+        "business-monolith-1copy",
+        BUSINESS_REQUEST,
+        what="one model copy fits: uvicorn x1",
+        arch="business-monolith",
+        cpus=1,
+    ),
+    Arm(
+        "business",
+        "serve-1copy",
+        "serve",
+        BUSINESS_REQUEST,
+        ONE_COPY_ROUTE,
+        what="one model copy fits: 1 model replica, 2 ingress replicas",
     ),
 )
 WORKLOADS = ("pipeline", "business")
@@ -274,17 +304,10 @@ class Study:
         for arm in self.arms:
             needed.setdefault(arm.target, []).append(arm)
         for name, arms in needed.items():
-            apps = ()
-            if name == "serve":
-                apps = tuple(
-                    {"serve-fused": "pipeline", "serve-composed": "pipeline-split"}.get(
-                        x.name, "business"
-                    )
-                    for x in arms
-                )
+            apps = tuple(SERVE_APP[x.name] for x in arms) if name == "serve" else ()
             t = Target(
-                name,
-                cpus=self.a.cpus,
+                arms[0].arch or name,
+                cpus=arms[0].cpus or self.a.cpus,
                 apps=apps,
                 topology="fused" if "pipeline" in apps else None,
                 log_path=str(self.raw / f"{name}.log"),
@@ -515,8 +538,13 @@ def parse(argv: list[str] | None) -> Any:
     return a
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the study as Ctrl-C does: every target stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     out, raw = Path(a.out), Path(a.raw)
     out.mkdir(parents=True, exist_ok=True)
     raw.mkdir(parents=True, exist_ok=True)

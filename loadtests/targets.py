@@ -130,7 +130,7 @@ def run_microservices(port: int, sizes: dict[str, int]) -> int:
     return _wait_children(children)
 
 
-SERVE_APPS = ("pipeline", "pipeline-split", "business")
+SERVE_APPS = ("pipeline", "pipeline-split", "business", "business-1copy")
 
 
 def _pattern_app(pattern: str) -> dict[str, Any]:
@@ -148,7 +148,8 @@ def serve_config(
 
     ``pipeline`` is the pipeline as shipped (``topology`` overrides that one knob);
     ``pipeline-split`` is the same app in its composed topology under ``/pipeline-split``;
-    ``business`` is the fraud check as shipped."""
+    ``business`` is the fraud check as shipped; ``business-1copy`` the same under
+    ``/business-1copy`` with one model replica (the budget of one model copy)."""
     import copy
 
     out = []
@@ -163,6 +164,13 @@ def serve_config(
                 app.pop("deployments", None)  # fused's one-ingress options do not apply
         elif name == "business":
             app = _pattern_app("business_logic")
+        elif name == "business-1copy":
+            app = copy.deepcopy(_pattern_app("business_logic"))
+            app.update(name="business_1copy", route_prefix="/business-1copy")
+            for dep in app["deployments"]:
+                if dep["name"] == "FraudModel":
+                    dep.pop("autoscaling_config", None)
+                    dep["num_replicas"] = 1
         else:
             raise ValueError(f"unknown app {name!r}; one of {SERVE_APPS}")
         out.append(app)
