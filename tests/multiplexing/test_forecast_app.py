@@ -11,7 +11,8 @@ import pytest
 
 from patterns.multiplexing.app import MultiplexArgs, build_app
 from patterns.multiplexing.artifacts import forecaster_name
-from patterns.multiplexing.forecasting import FIRST_FORECAST_DAY, Forecaster, forecast_answer
+from patterns.multiplexing.forecast_service import load_forecaster
+from patterns.multiplexing.forecasting import FIRST_FORECAST_DAY, forecast_answer
 from tests.multiplexing.conftest import wait_until_served
 
 PREFIX = "/multiplex-test"
@@ -55,7 +56,7 @@ def test_path_and_header_give_the_models_real_forecast(url, forecast_store) -> N
     assert a["model"]["name"] == "forecast-store-0042" and a["model"]["version"] == "v1"
     # the same numbers as the artifact itself gives, loaded here outside Serve
     files, _ = forecast_store.read_verified("forecast-store-0042", "v1")
-    expected = forecast_answer(Forecaster.from_files(files), dt.date(2026, 3, 2), 5)
+    expected = forecast_answer(load_forecaster(files), dt.date(2026, 3, 2), 5)
     for answer in (a, b):
         assert answer["dates"] == expected["dates"]
         assert answer["total"] == expected["total"]
