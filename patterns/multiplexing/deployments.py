@@ -67,7 +67,7 @@ class ForecastArgs(BaseModel):
     cache: CacheArgs = CacheArgs()
     # Loaded on every replica before it takes traffic, and spread over `hot_slots` Serve ids.
     hot_model_ids: list[str] = Field(default=["store-0001", "store-0002", "store-0003"])
-    # How many replicas one hot id may live on (1: Serve's default, one copy per id).
+    # How many replicas one hot id may live on (1: one copy per id), from its first request.
     hot_slots: int = Field(default=2, ge=1, le=16)
     request_timeout_s: float = Field(default=10.0, gt=0, le=120)
     # Which replica serves an id: "affinity" (routing.py: one replica per cold id, k for a
@@ -94,9 +94,12 @@ class ForecastArgs(BaseModel):
         """The ForecastModels deployment's router, as ``routing`` says."""
         if self.routing == "serve":
             return RequestRouterConfig()
-        return RequestRouterConfig(
-            request_router_class=ROUTER_PATH, request_router_kwargs=self.affinity.model_dump()
-        )
+        kwargs = {
+            **self.affinity.model_dump(),
+            "hot_ids": self.hot_model_ids,
+            "hot_spread": self.hot_slots,
+        }
+        return RequestRouterConfig(request_router_class=ROUTER_PATH, request_router_kwargs=kwargs)
 
 
 def routing_claim(max_ids: int) -> Any:
@@ -122,6 +125,11 @@ class ForecastModels(BatchedDeployment):
     """Up to ``cache.max_models`` store forecasters per replica, routed by model id."""
 
     async def __init__(self, args: dict[str, Any], model_store_uri: str | None = None) -> None:
+        from threadpoolctl import threadpool_limits
+
+        # A load is a few small matrix products (Forecaster.materialize): one BLAS thread per
+        # replica, or the replicas' threads fight over the cores and every load gets slower.
+        threadpool_limits(1)
         self.args = ForecastArgs(**args)
         store = ModelStore.open(model_store_uri)
         index = ModelIndex.load(store, self.args.index_name, self.args.index_version)

@@ -23,6 +23,8 @@ id alone, with no lagging signal:
   next replica in score order. Those ids are spread over all the survivors (the scores are
   independent per replica), so the reloads are the lost replica's share, split evenly,
   not a thundering herd on one neighbour; ids elsewhere keep their replica and their cache.
+- **Known hot ids** (``hot_model_ids`` in config.yaml, prewarmed on every replica) start
+  spread over ``hot_slots`` replicas, before their rate is measured.
 - **Backpressure beats affinity**: the other replicas are a second rank, used only when the
   first k refuse (their queues are full), as Serve's routers do.
 
@@ -52,7 +54,9 @@ AFFINITY_DEFAULTS: dict[str, Any] = {
     "target_rps_per_replica": 20.0,
     "max_spread": 2,
     "rate_half_life_s": 10.0,
-}  # what AffinityArgs (deployments.py) defaults to
+    "hot_ids": (),
+    "hot_spread": 1,
+}  # what AffinityArgs and ForecastArgs (deployments.py) default to
 
 
 def score(model_id: str, replica: str) -> int:
@@ -103,12 +107,21 @@ class AffinityPolicy:
     """Which replicas an id goes to: its first k by rendezvous score, k from its rate."""
 
     def __init__(
-        self, target_rps_per_replica: float, max_spread: int, rate_half_life_s: float
+        self,
+        target_rps_per_replica: float,
+        max_spread: int,
+        rate_half_life_s: float,
+        hot_ids: Sequence[str] = (),
+        hot_spread: int = 1,
     ) -> None:
-        if target_rps_per_replica <= 0 or max_spread < 1:
-            raise ValueError("target_rps_per_replica must be > 0 and max_spread >= 1")
+        if target_rps_per_replica <= 0 or max_spread < 1 or hot_spread < 1:
+            raise ValueError("target_rps_per_replica must be > 0, the spreads >= 1")
         self.target = target_rps_per_replica
         self.max_spread = max_spread
+        # ids known to be hot (config's hot_model_ids, prewarmed on every replica): spread
+        # over hot_spread replicas from their first request, before any rate is measured
+        self.hot = frozenset(hot_ids)
+        self.hot_spread = hot_spread
         self.meter = RateMeter(rate_half_life_s)
         self._ranked: dict[str, list[str]] = {}  # id -> preference, for one replica set
         self._replica_set: frozenset[str] = frozenset()
@@ -139,6 +152,8 @@ class AffinityPolicy:
                 self._ranked.clear()
             order = self._ranked[model_id] = preference(model_id, sorted(replica_set))
         k = self.spread(self.meter.rate(model_id, now), len(order))
+        if model_id in self.hot:
+            k = max(k, min(self.hot_spread, len(order)))
         return order[:k], order[k:]
 
 

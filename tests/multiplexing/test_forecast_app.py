@@ -13,6 +13,7 @@ from patterns.multiplexing.app import MultiplexArgs, build_app
 from patterns.multiplexing.artifacts import forecaster_name
 from patterns.multiplexing.forecast_service import load_forecaster
 from patterns.multiplexing.forecasting import FIRST_FORECAST_DAY, forecast_answer
+from patterns.multiplexing.routing import preference
 from tests.multiplexing.conftest import wait_until_served
 
 PREFIX = "/multiplex-test"
@@ -210,6 +211,24 @@ def test_hot_id_is_prewarmed_and_served_by_both_replicas(url) -> None:
     outcomes = {a["served_by"]["cache"] for a in answers}
     assert replicas == {s["replica"] for s in stats}
     assert outcomes == {"hit"}  # prewarmed: never a load on the request path
+
+
+def test_affinity_routing_loads_each_cold_id_on_its_one_replica(url) -> None:
+    ids = [f"store-{i:04d}" for i in range(700, 740)]
+
+    async def burst() -> list[httpx.Response]:  # 4 concurrent requests per cold id
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(
+                *(client.post(f"{url}/models/{m}/predict", json={}) for m in ids for _ in range(4))
+            )
+
+    assert all(r.status_code == 200 for r in asyncio.run(burst()))
+    stats = _loads_of(url, ids)
+    replicas = [s["replica"] for s in stats]
+    for m in ids:  # from the replicas' own counters: one load, on the id's first replica
+        loads = {s["replica"]: s["loads_of"][m] for s in stats}
+        assert sorted(loads.values()) == [0, 1], (m, loads)
+        assert loads[preference(m, replicas)[0]] == 1, (m, loads)
 
 
 def test_cold_id_sticks_to_the_replica_that_loaded_it(url) -> None:

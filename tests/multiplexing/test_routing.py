@@ -56,6 +56,10 @@ def test_a_hot_id_spreads_by_its_rate_and_keeps_its_first_replica() -> None:
     assert policy.rank("store-0001#1", REPLICAS, quiet)[0] == first[:1]
     with pytest.raises(ValueError):
         _policy(max_spread=0)
+    # an id the config names hot is spread from its first request, before any rate
+    known = _policy(hot_ids=["store-0009"], hot_spread=2)
+    assert known.rank("store-0009", REPLICAS, 0.0)[0] == preference("store-0009", REPLICAS)[:2]
+    assert len(known.rank("store-0010", REPLICAS, 0.0)[0]) == 1
 
 
 def test_a_lost_replica_moves_only_its_ids_spread_over_the_survivors() -> None:
