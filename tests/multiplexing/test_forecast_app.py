@@ -216,11 +216,17 @@ def test_hot_id_is_prewarmed_and_served_by_both_replicas(url) -> None:
 def test_affinity_routing_loads_each_cold_id_on_its_one_replica(url) -> None:
     ids = [f"store-{i:04d}" for i in range(700, 740)]
 
-    async def burst() -> list[httpx.Response]:  # 4 concurrent requests per cold id
+    async def burst() -> list[httpx.Response]:
+        # 4 requests per cold id, 32 in flight: under a replica's max_ongoing_requests (64),
+        # so no replica refuses and the second rank (any replica) is never needed
+        sem = asyncio.Semaphore(32)
         async with httpx.AsyncClient(timeout=60) as client:
-            return await asyncio.gather(
-                *(client.post(f"{url}/models/{m}/predict", json={}) for m in ids for _ in range(4))
-            )
+
+            async def one(model_id: str) -> httpx.Response:
+                async with sem:
+                    return await client.post(f"{url}/models/{model_id}/predict", json={})
+
+            return await asyncio.gather(*(one(m) for m in ids for _ in range(4)))
 
     assert all(r.status_code == 200 for r in asyncio.run(burst()))
     stats = _loads_of(url, ids)
