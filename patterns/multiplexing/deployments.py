@@ -70,9 +70,10 @@ class ForecastArgs(BaseModel):
     # How many replicas one hot id may live on (1: one copy per id), from its first request.
     hot_slots: int = Field(default=2, ge=1, le=16)
     request_timeout_s: float = Field(default=10.0, gt=0, le=120)
-    # Which replica serves an id: "affinity" (routing.py: one replica per cold id, k for a
-    # hot one, by rendezvous hash) or "serve" (Serve's default multiplexed routing).
-    routing: Literal["affinity", "serve"] = "affinity"
+    # Which replica serves an id: "serve" (Serve's default multiplexed routing) or "affinity"
+    # (routing.py: one replica per cold id, k for a hot one, by rendezvous hash). Serve's is
+    # the default: affinity measured a tie with it here (README, Routing), not a win.
+    routing: Literal["affinity", "serve"] = "serve"
     affinity: AffinityArgs = AffinityArgs()
     # The models live where the models go: the accelerator node of a multi-node cluster.
     resources: StageResources = StageResources(num_cpus=0.1, node_kind="accelerator")

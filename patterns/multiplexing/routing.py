@@ -34,7 +34,7 @@ replica's target divided by n. Hot ids sent as ``<id>#<slot>`` (ids.py) count as
 this router does the spreading that the slots do under Serve's default router.
 
 ``AffinityPolicy`` is the decision, tested without Serve; ``TenantAffinityRouter`` is the thin
-Serve ``RequestRouter`` around it, selected in config.yaml by ``forecast.routing``.
+Serve ``RequestRouter`` around it, selected in config.yaml by ``forecast.routing: affinity``.
 """
 
 from __future__ import annotations

@@ -30,7 +30,12 @@ def url(deploy, forecast_store) -> str:
         f.write(b"\x00\x00\x80\x7f")
     args = MultiplexArgs(
         model_store_uri=forecast_store.root_uri,
-        forecast={"hot_model_ids": ["store-0001"], "hot_slots": 2, "cache": {"max_models": 64}},
+        forecast={
+            "hot_model_ids": ["store-0001"],
+            "hot_slots": 2,
+            "cache": {"max_models": 64},
+            "routing": "affinity",  # routing.py; the one test below checks its placement
+        },
         chat={"enabled": False},
     )
     return wait_until_served(deploy(build_app(args), "multiplexing-test", PREFIX))

@@ -16,12 +16,12 @@ forecast (about a minute; ``--serve`` adds about two more):
    default config) against the same app with ``cache.max_models: 0``; hit rate and RSS from
    the replicas' own stats.
 
-routing (about ten minutes on two cores): the same app through Serve under three arms,
-alternated and repeated: affinity routing (config.yaml's default, routing.py), Serve's default
-multiplexed routing, and load-per-request (cache off). Each arm gets a fresh app, a warm-up
-(``--warmup`` requests, not measured) and then the measured requests of the same trace; prints
-hit rate, p50/p95 and loads per minute per run and their median and spread, and writes
-``routing.png`` next to this file.
+routing (about eleven minutes on two cores with ``--requests 2000 --warmup 2000``): the same
+app through Serve under three arms, alternated and repeated: affinity routing (routing.py),
+Serve's default multiplexed routing (config.yaml's default), and load-per-request (cache off).
+Each arm gets a fresh app, a warm-up (``--warmup`` requests, not measured) and then the
+measured requests of the same trace; prints hit rate, p50/p95 and loads per minute per run and
+their median and spread, and writes ``routing.png`` next to this file.
 
 chat (the GPU-ready entry: on a GPU machine ``--device auto`` uses it; CPU otherwise):
 time to first token and tokens/s for one tenant, and the memory of N tenants sharing one
