@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections.abc import Iterable
@@ -26,6 +27,7 @@ from core.timing import heartbeat
 from patterns.multiplexing.catalog import IndexEntry, ModelIndex
 from patterns.multiplexing.forecast_service import CALENDAR_DAYS
 from patterns.multiplexing.forecasting import (
+    FORMAT_VERSION,
     TRAIN_DAYS,
     Forecaster,
     calendar_features,
@@ -108,8 +110,19 @@ def _write(
             _log(f"  {i}/{n} forecasters written")
 
 
+def _current_format(store: ModelStore) -> bool:
+    """Whether the stored forecasters are this code's format (a build from before the network
+    was added has the same names and version, and replicas would refuse every model)."""
+    try:
+        files, _ = store.read_verified(forecaster_name(store_ids(1)[0]), FORECAST_VERSION)
+        return json.loads(files["forecaster.json"]).get("format_version") == FORMAT_VERSION
+    except Exception:
+        return False
+
+
 def ensure_forecasters(store: ModelStore, *, force: bool = False) -> None:
-    if store.exists(FORECAST_INDEX, FORECAST_VERSION) and not force:
+    present = store.exists(FORECAST_INDEX, FORECAST_VERSION)
+    if present and not force and _current_format(store):
         _log(f"{FORECAST_INDEX}/{FORECAST_VERSION} present ({N_STORES} forecasters)")
         return
     t0 = time.perf_counter()
