@@ -232,7 +232,8 @@ class MultiplexIngress:
 def build_app(args: MultiplexArgs | dict[str, Any] | None = None) -> Application:
     args = coerce_args(args, MultiplexArgs)
     forecasters = ForecastModels.options(
-        ray_actor_options=resolve_actor_options(args.forecast.resources, "multiplexing/forecast")
+        ray_actor_options=resolve_actor_options(args.forecast.resources, "multiplexing/forecast"),
+        request_router_config=args.forecast.request_router_config(),
     ).bind(args.forecast.model_dump(), args.model_store_uri)
     chat = None
     if args.chat.enabled:

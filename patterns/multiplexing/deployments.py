@@ -12,10 +12,11 @@ plus the extra slots of hot ids, so the two LRU lists see the same accesses and 
 
 # No `from __future__ import annotations`: Serve inspects these classes' signatures.
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from core.apps import SURGE
 from core.batching import BatchedDeployment, BatchKnobs, timed_batch
@@ -27,6 +28,7 @@ from patterns.multiplexing.catalog import ModelIndex
 from patterns.multiplexing.chat import ChatEngine, ChatLimits
 from patterns.multiplexing.forecast_service import ForecastService
 from patterns.multiplexing.ids import HotIdSpreader, check_model_id
+from patterns.multiplexing.routing import ROUTER_PATH
 
 APP_NAME = "multiplexing"
 MiB = 1024 * 1024
@@ -52,15 +54,27 @@ class CacheArgs(BaseModel):
     max_bytes: int = Field(default=32 * MiB, gt=0)
 
 
+class AffinityArgs(BaseModel):
+    # A hot id gets one more replica per this many requests/s that one router sends it.
+    target_rps_per_replica: float = Field(default=20.0, gt=0)
+    max_spread: int = Field(default=2, ge=1, le=64)  # the most replicas one id is cached on
+    rate_half_life_s: float = Field(default=10.0, gt=0, le=3600)  # how fast a rate forgets
+
+
 class ForecastArgs(BaseModel):
     index_name: str = "forecast-index"
     index_version: str = "latest"
     cache: CacheArgs = CacheArgs()
     # Loaded on every replica before it takes traffic, and spread over `hot_slots` Serve ids.
     hot_model_ids: list[str] = Field(default=["store-0001", "store-0002", "store-0003"])
-    # How many replicas one hot id may live on (1: Serve's default, one copy per id).
+    # How many replicas one hot id may live on (1: one copy per id), from its first request.
     hot_slots: int = Field(default=2, ge=1, le=16)
     request_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    # Which replica serves an id: "serve" (Serve's default multiplexed routing) or "affinity"
+    # (routing.py: one replica per cold id, k for a hot one, by rendezvous hash). Serve's is
+    # the default: affinity measured a tie with it here (README, Routing), not a win.
+    routing: Literal["affinity", "serve"] = "serve"
+    affinity: AffinityArgs = AffinityArgs()
     # The models live where the models go: the accelerator node of a multi-node cluster.
     resources: StageResources = StageResources(num_cpus=0.1, node_kind="accelerator")
 
@@ -76,6 +90,17 @@ class ForecastArgs(BaseModel):
 
     def spreader(self) -> HotIdSpreader:
         return HotIdSpreader(self.hot_model_ids, self.hot_slots)
+
+    def request_router_config(self) -> RequestRouterConfig:
+        """The ForecastModels deployment's router, as ``routing`` says."""
+        if self.routing == "serve":
+            return RequestRouterConfig()
+        kwargs = {
+            **self.affinity.model_dump(),
+            "hot_ids": self.hot_model_ids,
+            "hot_spread": self.hot_slots,
+        }
+        return RequestRouterConfig(request_router_class=ROUTER_PATH, request_router_kwargs=kwargs)
 
 
 def routing_claim(max_ids: int) -> Any:
@@ -101,6 +126,11 @@ class ForecastModels(BatchedDeployment):
     """Up to ``cache.max_models`` store forecasters per replica, routed by model id."""
 
     async def __init__(self, args: dict[str, Any], model_store_uri: str | None = None) -> None:
+        from threadpoolctl import threadpool_limits
+
+        # A load is a few small matrix products (Forecaster.materialize): one BLAS thread per
+        # replica, or the replicas' threads fight over the cores and every load gets slower.
+        threadpool_limits(1)
         self.args = ForecastArgs(**args)
         store = ModelStore.open(model_store_uri)
         index = ModelIndex.load(store, self.args.index_name, self.args.index_version)

@@ -3,8 +3,9 @@
     serve model id "store-0042" or "store-0042#1"
       -> id checked (422) -> index lookup (404, in memory, no storage read)
       -> ModelCache.get: hit, or one load per id (store read, sha256 vs manifest, manifest
-         digest vs index -> 503 for this id only when they differ)
-      -> one matrix product for every request in the batch -> answers
+         digest vs index -> 503 for this id only when they differ; then the model computes
+         its whole calendar once, so the load is the expensive step and a hit is cheap)
+      -> a slice of that table for every request in the batch -> answers
 
 Refusals are returned as values (``{"error": {"status", "message"}}``), one per request, so a
 batch with a broken model fails only that model's requests and the ingress turns each into
@@ -34,6 +35,7 @@ from core.timing import Timings
 from patterns.multiplexing.cache import ModelCache
 from patterns.multiplexing.catalog import IndexEntry, ModelIndex
 from patterns.multiplexing.forecasting import (
+    EPOCH,
     FIRST_FORECAST_DAY,
     Forecaster,
     forecast_answer,
@@ -43,6 +45,9 @@ from patterns.multiplexing.ids import split_serve_model_id
 EARLIEST_DAY = dt.date(2024, 1, 1)
 LATEST_DAY = dt.date(2030, 12, 31)
 MAX_HORIZON_DAYS = 56
+# Every day a request can name: what a loaded model computes once (Forecaster.materialize).
+CALENDAR_FIRST_DAY = (EARLIEST_DAY - EPOCH).days
+CALENDAR_DAYS = (LATEST_DAY - EARLIEST_DAY).days + MAX_HORIZON_DAYS
 # The calendar as JSON Schema can say it: whole years, so a pattern on the year does (the
 # validator below is what enforces it, with a sentence).
 _YEARS = "|".join(str(y) for y in range(EARLIEST_DAY.year, LATEST_DAY.year + 1))
@@ -68,6 +73,11 @@ class ForecastRequest(BaseModel):
                 f"start_date must be between {EARLIEST_DAY} and {LATEST_DAY} (the models' calendar)"
             )
         return value
+
+
+def load_forecaster(files: dict[str, bytes]) -> Forecaster:
+    """A model from its files, its whole calendar computed: what a replica's cache holds."""
+    return Forecaster.from_files(files).materialize(CALENDAR_FIRST_DAY, CALENDAR_DAYS)
 
 
 Loaded = tuple[Forecaster, ModelRef]
@@ -121,7 +131,7 @@ class ForecastService:
                 f"The forecaster for {model_id!r} in the store is not the one the index names "
                 "(its manifest changed); refusing to serve it until the index is rebuilt."
             )
-        return Forecaster.from_files(files), ref
+        return load_forecaster(files), ref
 
     async def prewarm(self, model_ids: list[str]) -> dict[str, str]:
         """Load ``model_ids`` now (at replica start); returns id -> "ok" or the refusal."""

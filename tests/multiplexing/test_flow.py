@@ -23,8 +23,8 @@ from patterns.multiplexing.artifacts import build_forecasters, forecaster_name
 from patterns.multiplexing.catalog import IndexEntry, ModelIndex
 from patterns.multiplexing.chat import ChatLimits, ChatRequest
 from patterns.multiplexing.flow import BASE_MODEL_ALIAS, MultiplexFlow, forecast_id
-from patterns.multiplexing.forecast_service import ForecastService
-from patterns.multiplexing.forecasting import Forecaster, forecast_answer
+from patterns.multiplexing.forecast_service import ForecastService, load_forecaster
+from patterns.multiplexing.forecasting import forecast_answer
 from patterns.multiplexing.ids import HotIdSpreader
 from patterns.multiplexing.openai_errors import OpenAIError
 
@@ -140,7 +140,7 @@ def test_a_forecast_is_the_stores_own_model_with_the_replicas_timings(store) -> 
 
     first, second = asyncio.run(run())
     files, ref = store.read_verified(forecaster_name("store-0007"), "v1")
-    expected = forecast_answer(Forecaster.from_files(files), dt.date(2026, 1, 5), 3)
+    expected = forecast_answer(load_forecaster(files), dt.date(2026, 1, 5), 3)
     assert first["total"] == expected["total"] and first["dates"] == expected["dates"]
     assert first["model"] == ref.public() and first["model_id"] == "store-0007"
     assert [first["served_by"]["cache"], second["served_by"]["cache"]] == ["miss", "hit"]

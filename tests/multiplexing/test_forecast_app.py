@@ -11,7 +11,9 @@ import pytest
 
 from patterns.multiplexing.app import MultiplexArgs, build_app
 from patterns.multiplexing.artifacts import forecaster_name
-from patterns.multiplexing.forecasting import FIRST_FORECAST_DAY, Forecaster, forecast_answer
+from patterns.multiplexing.forecast_service import load_forecaster
+from patterns.multiplexing.forecasting import FIRST_FORECAST_DAY, forecast_answer
+from patterns.multiplexing.routing import preference
 from tests.multiplexing.conftest import wait_until_served
 
 PREFIX = "/multiplex-test"
@@ -28,7 +30,12 @@ def url(deploy, forecast_store) -> str:
         f.write(b"\x00\x00\x80\x7f")
     args = MultiplexArgs(
         model_store_uri=forecast_store.root_uri,
-        forecast={"hot_model_ids": ["store-0001"], "hot_slots": 2, "cache": {"max_models": 64}},
+        forecast={
+            "hot_model_ids": ["store-0001"],
+            "hot_slots": 2,
+            "cache": {"max_models": 64},
+            "routing": "affinity",  # routing.py; the one test below checks its placement
+        },
         chat={"enabled": False},
     )
     return wait_until_served(deploy(build_app(args), "multiplexing-test", PREFIX))
@@ -55,7 +62,7 @@ def test_path_and_header_give_the_models_real_forecast(url, forecast_store) -> N
     assert a["model"]["name"] == "forecast-store-0042" and a["model"]["version"] == "v1"
     # the same numbers as the artifact itself gives, loaded here outside Serve
     files, _ = forecast_store.read_verified("forecast-store-0042", "v1")
-    expected = forecast_answer(Forecaster.from_files(files), dt.date(2026, 3, 2), 5)
+    expected = forecast_answer(load_forecaster(files), dt.date(2026, 3, 2), 5)
     for answer in (a, b):
         assert answer["dates"] == expected["dates"]
         assert answer["total"] == expected["total"]
@@ -209,6 +216,30 @@ def test_hot_id_is_prewarmed_and_served_by_both_replicas(url) -> None:
     outcomes = {a["served_by"]["cache"] for a in answers}
     assert replicas == {s["replica"] for s in stats}
     assert outcomes == {"hit"}  # prewarmed: never a load on the request path
+
+
+def test_affinity_routing_loads_each_cold_id_on_its_one_replica(url) -> None:
+    ids = [f"store-{i:04d}" for i in range(700, 740)]
+
+    async def burst() -> list[httpx.Response]:
+        # 4 requests per cold id, 32 in flight: under a replica's max_ongoing_requests (64),
+        # so no replica refuses and the second rank (any replica) is never needed
+        sem = asyncio.Semaphore(32)
+        async with httpx.AsyncClient(timeout=60) as client:
+
+            async def one(model_id: str) -> httpx.Response:
+                async with sem:
+                    return await client.post(f"{url}/models/{model_id}/predict", json={})
+
+            return await asyncio.gather(*(one(m) for m in ids for _ in range(4)))
+
+    assert all(r.status_code == 200 for r in asyncio.run(burst()))
+    stats = _loads_of(url, ids)
+    replicas = [s["replica"] for s in stats]
+    for m in ids:  # from the replicas' own counters: one load, on the id's first replica
+        loads = {s["replica"]: s["loads_of"][m] for s in stats}
+        assert sorted(loads.values()) == [0, 1], (m, loads)
+        assert loads[preference(m, replicas)[0]] == 1, (m, loads)
 
 
 def test_cold_id_sticks_to_the_replica_that_loaded_it(url) -> None:

@@ -8,10 +8,16 @@ import pytest
 
 from core.errors import NotFound, Unprocessable
 from core.model_store import ModelStore
-from patterns.multiplexing.artifacts import build_forecasters, forecaster_name, store_ids
+from patterns.multiplexing.artifacts import (
+    N_STORES,
+    build_forecasters,
+    forecaster_name,
+    store_ids,
+)
 from patterns.multiplexing.cache import ModelCache
 from patterns.multiplexing.catalog import ModelIndex
-from patterns.multiplexing.forecast_service import ForecastService
+from patterns.multiplexing.deployments import CacheArgs
+from patterns.multiplexing.forecast_service import CALENDAR_DAYS, ForecastService, load_forecaster
 from patterns.multiplexing.forecasting import Forecaster, train_store
 from patterns.multiplexing.ids import HotIdSpreader, check_model_id, split_serve_model_id
 
@@ -163,11 +169,44 @@ def test_serve_ids_and_hot_spreading() -> None:
 
 def test_training_is_deterministic_and_round_trips() -> None:
     a, b = train_store("store-0007"), train_store("store-0007")
-    assert np.array_equal(a.weights, b.weights) and a.lines == b.lines
-    assert not np.array_equal(a.weights[:1], train_store("store-0008").weights[:1])
+    for name in ("base", "hidden", "readout"):
+        assert np.array_equal(getattr(a, name), getattr(b, name))
+    assert a.lines == b.lines
+    assert not np.array_equal(a.hidden, train_store("store-0008").hidden)
     again = Forecaster.from_files(a.to_files())
-    assert np.array_equal(again.weights, a.weights)
+    assert np.array_equal(again.readout, a.readout) and again.meta == a.meta
     assert a.holdout_mape < 0.2  # the calendar features explain the generated series
+
+
+def test_the_network_forecasts_no_worse_than_the_ridge_it_extends() -> None:
+    models = [train_store(f"store-{i:04d}") for i in range(1, 21)]
+    net = np.mean([m.holdout_mape for m in models])
+    ridge = np.mean([m.meta["base_holdout_mape"] for m in models])
+    assert net <= ridge, (net, ridge)  # on the four holdout weeks, over 20 stores
+
+
+def test_a_loaded_model_is_large_and_its_calendar_table_matches_the_network() -> None:
+    model = train_store("store-0007")
+    days = np.arange(700, 760)
+    direct = model.predict_days(days)
+    loaded = load_forecaster(model.to_files())
+    assert loaded.table is not None and loaded.table.shape == (CALENDAR_DAYS, len(model.lines))
+    np.testing.assert_allclose(loaded.predict_days(days), direct, rtol=1e-4, atol=1e-3)
+    # a day outside the table (never asked by the API) still gets the network's answer
+    np.testing.assert_allclose(
+        loaded.predict_days(np.array([CALENDAR_DAYS + 10])),
+        model.predict_days(np.array([CALENDAR_DAYS + 10])),
+        rtol=1e-5,
+    )
+
+
+def test_the_shipped_cache_holds_at_most_a_fifth_of_the_models(forecast_store) -> None:
+    index = ModelIndex.load(forecast_store, "forecast-index")
+    entries = [index.lookup(m) for m in index.ids()]
+    files, _ = forecast_store.read_verified(entries[41].name, entries[41].version)
+    assert entries[41].nbytes == load_forecaster(files).nbytes  # the index says what is charged
+    mean = sum(e.nbytes for e in entries) / len(entries)
+    assert len(entries) == N_STORES and CacheArgs().max_bytes / mean <= 0.2 * N_STORES
 
 
 def test_service_unknown_ids_read_nothing_and_tampered_is_503(forecast_store) -> None:

@@ -3,6 +3,7 @@ Zipf traffic, and the chat's speed and the memory one shared base model saves.
 
     python -m patterns.multiplexing.bench.benchmark [forecast] [--serve] [--requests 3000]
     python -m patterns.multiplexing.bench.benchmark chat [--device auto|cpu|cuda] [--tokens 64]
+    python -m patterns.multiplexing.bench.benchmark routing [--requests 3000] [--repeats 3]
 
 forecast (about a minute; ``--serve`` adds about two more):
 1. LRU hit rate of the replica cache for Zipf(s) traffic over the 1,000 ids, per cache size,
@@ -14,6 +15,13 @@ forecast (about a minute; ``--serve`` adds about two more):
 3. ``--serve``: the same trace through Serve (the ingress handle, 8 callers, two replicas,
    default config) against the same app with ``cache.max_models: 0``; hit rate and RSS from
    the replicas' own stats.
+
+routing (about eleven minutes on two cores with ``--requests 2000 --warmup 2000``): the same
+app through Serve under three arms, alternated and repeated: affinity routing (routing.py),
+Serve's default multiplexed routing (config.yaml's default), and load-per-request (cache off).
+Each arm gets a fresh app, a warm-up (``--warmup`` requests, not measured) and then the
+measured requests of the same trace; prints hit rate, p50/p95 and loads per minute per run and
+their median and spread, and writes ``routing.png`` next to this file.
 
 chat (the GPU-ready entry: on a GPU machine ``--device auto`` uses it; CPU otherwise):
 time to first token and tokens/s for one tenant, and the memory of N tenants sharing one
@@ -28,6 +36,7 @@ import os
 import platform
 import statistics
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -241,6 +250,128 @@ async def _stats(handle: Any) -> list[dict[str, Any]]:
     return info["forecasters"]["replicas"]
 
 
+# ------------------------------------------------------------------------------ routing
+ROUTING_ARMS: dict[str, dict[str, Any]] = {
+    "affinity": {"routing": "affinity"},
+    "serve default": {"routing": "serve"},
+    "load per request": {"routing": "serve", "cache": {"max_models": 0}},
+}
+
+
+async def _drive_window(
+    handle: Any, trace: list[str], concurrency: int
+) -> tuple[list[float], Counter[str], float]:
+    """Latencies (ms), cache outcomes and the wall time of ``trace`` at ``concurrency``."""
+    queue = trace[::-1]
+    lat: list[float] = []
+    outcomes: Counter[str] = Counter()
+
+    async def worker() -> None:
+        while queue:
+            model_id = queue.pop()
+            t0 = time.perf_counter()
+            answer = await handle.forecast_payload.remote(model_id, {"horizon_days": 7})
+            lat.append((time.perf_counter() - t0) * 1000)
+            outcomes[answer["served_by"]["cache"]] += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return lat, outcomes, time.perf_counter() - t0
+
+
+def _loads(stats: list[dict[str, Any]]) -> int:
+    return sum(r["cache"]["loads"] for r in stats)
+
+
+def routing(
+    requests: int, warmup: int, s: float, repeats: int, concurrency: int, baseline: int
+) -> None:
+    from ray import serve
+
+    from cluster.local import local_serve
+    from patterns.multiplexing.app import MultiplexArgs, build_app
+
+    cache = CacheArgs()
+    print(f"\nRouting through Serve: ingress handle, {concurrency} callers, 2 ingress and 2 "
+          f"forecaster replicas, cache {cache.max_bytes // 2**20} MiB / {cache.max_models} "
+          f"models per replica; trace Zipf(s={s}) over 1,000 ids, popularity shuffled, "
+          f"{warmup} warm-up + {requests} measured requests per arm (load per request: "
+          f"{baseline} measured, no warm-up); {repeats} repeats, arm order alternated")  # fmt: skip
+    runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in ROUTING_ARMS}
+    with local_serve(4):
+        for rep in range(repeats):
+            trace = zipf_trace(warmup + requests, s=s, seed=100 + rep)
+            arms = list(ROUTING_ARMS) if rep % 2 == 0 else list(ROUTING_ARMS)[::-1]
+            for arm in arms:
+                forecast = ForecastArgs(**ROUTING_ARMS[arm])
+                args = MultiplexArgs(forecast=forecast, chat={"enabled": False})
+                handle = serve.run(build_app(args), name="mux-routing", route_prefix="/mux-r")
+                cold = arm == "load per request"
+                if not cold:
+                    asyncio.run(_drive_window(handle, trace[:warmup], concurrency))
+                before = _loads(asyncio.run(_stats(handle)))
+                window = trace[warmup : warmup + (baseline if cold else requests)]
+                lat, outcomes, wall = asyncio.run(_drive_window(handle, window, concurrency))
+                stats = asyncio.run(_stats(handle))
+                serve.delete("mux-routing")
+                row = {
+                    "hit_rate": outcomes["hit"] / len(lat),
+                    "p50": pct(lat, 50),
+                    "p95": pct(lat, 95),
+                    "loads_per_min": (_loads(stats) - before) / wall * 60,
+                    "rps": len(lat) / wall,
+                }
+                runs[arm].append(row)
+                held = [r["cache"]["models"] for r in stats]
+                print(f"   run {rep + 1} {arm:>16}: hit rate {row['hit_rate']:6.1%}, p50 "
+                      f"{row['p50']:6.1f} ms, p95 {row['p95']:6.1f} ms, "
+                      f"{row['loads_per_min']:7.0f} loads/min, {row['rps']:5.0f} req/s, "
+                      f"models held {held}", flush=True)  # fmt: skip
+    print("\n   median (min-max) over the repeats:")
+    for arm, rows in runs.items():
+        cells = []
+        for key, fmt in (("hit_rate", "{:.1%}"), ("p50", "{:.1f} ms"), ("p95", "{:.1f} ms"),
+                         ("loads_per_min", "{:.0f}/min")):  # fmt: skip
+            v = [r[key] for r in rows]
+            lo, mid, hi = min(v), statistics.median(v), max(v)
+            cells.append(f"{key} {fmt.format(mid)} ({fmt.format(lo)}-{fmt.format(hi)})")
+        print(f"   {arm:>16}: " + ", ".join(cells))
+    base = statistics.median(r["p95"] for r in runs["load per request"])
+    for arm in ("affinity", "serve default"):
+        p95 = statistics.median(r["p95"] for r in runs[arm])
+        print(f"   {arm}: p95 {base / p95:.1f}x better than load per request")
+    _routing_png(runs, s, cache)
+
+
+def _routing_png(runs: dict[str, list[dict[str, float]]], s: float, cache: CacheArgs) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(runs)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, label, scale in ((axes[0], "hit_rate", "hit rate (%)", 100.0),
+                                  (axes[1], "p95", "p95 latency (ms)", 1.0)):  # fmt: skip
+        mids = [statistics.median(r[key] for r in runs[a]) * scale for a in arms]
+        lows = [m - min(r[key] for r in runs[a]) * scale for m, a in zip(mids, arms, strict=True)]
+        highs = [max(r[key] for r in runs[a]) * scale - m for m, a in zip(mids, arms, strict=True)]
+        ax.bar(arms, mids, yerr=[lows, highs], capsize=4, color=["#2a7", "#79b", "#c75"])
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", labelsize=8)
+        for i, m in enumerate(mids):
+            ax.annotate(f"{m:.1f}", (i, m), ha="center", va="bottom", fontsize=8)
+    fig.suptitle(
+        f"1,000 forecasters, 2 replicas x {cache.max_bytes // 2**20} MiB cache, Zipf s={s} "
+        "(median, min-max bars)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    out = os.path.join(os.path.dirname(__file__), "routing.png")
+    fig.savefig(out, dpi=110)
+    print(f"   wrote {out}")
+
+
 # ------------------------------------------------------------------------------ chat
 def chat(device: str, tokens: int, tenant: str = "pirate-co") -> None:
     from core.resources import torch_device
@@ -359,7 +490,9 @@ class LocalS3:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", nargs="?", choices=["forecast", "chat"], default="forecast")
+    parser.add_argument(
+        "what", nargs="?", choices=["forecast", "chat", "routing"], default="forecast"
+    )
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--serve", action="store_true", help="also measure through Serve")
@@ -372,10 +505,19 @@ def main() -> None:
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=3000, help="routing: per arm")
+    parser.add_argument("--repeats", type=int, default=3, help="routing: runs per arm")
+    parser.add_argument("--concurrency", type=int, default=8, help="routing: callers")
+    parser.add_argument("--baseline", type=int, default=600, help="routing: cache-off requests")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     if args.what == "chat":
         chat(args.device, args.tokens)
+        return
+    if args.what == "routing":
+        ensure_artifacts(ModelStore.open(), only="forecasters")
+        routing(args.requests, args.warmup, args.zipf, args.repeats, args.concurrency,
+                args.baseline)  # fmt: skip
         return
     store = ModelStore.open()
     ensure_artifacts(store, only="forecasters")
