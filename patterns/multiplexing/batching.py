@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class Row:
     generated: int = 0
     cancelled: bool = False
     generator: Any = None
+    admitted: float = 0.0  # time.perf_counter() when it joined the batch
 
 
 class BatchFailed(RuntimeError):
@@ -108,6 +110,8 @@ class DecodeBatcher:
             room = self.max_batch - len(self.running)
             joining, self.waiting = self.waiting[:room], self.waiting[room:]
             if joining:
+                for r in joining:
+                    r.admitted = time.perf_counter()
                 failed = await asyncio.to_thread(self._install, joining)
                 for r, exc in failed.items():  # that request's error; the others go on
                     r.out.put_nowait(exc)

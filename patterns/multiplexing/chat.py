@@ -625,25 +625,29 @@ class ChatEngine:
         finish, failed = "stop", False
         stops = StopMatcher(request.stop_sequences())
         tokens: list[int] = []
-        sent = ""
+        text = sent = ""
         try:
             async with aclosing(self.batcher.generate(row)) as ids:
                 async for token in ids:
+                    if row.admitted and not tokens:
+                        timings.add("queue", (row.admitted - t0) * 1000)
                     tokens.append(token)
-                    # the whole answer decoded again: a piece is what it adds (as transformers'
-                    # streamers do); a trailing U+FFFD is half a character, so wait for more
+                    # The whole answer decoded again, sent up to its last space or newline (as
+                    # transformers' TextIteratorStreamer does): a piece is a word or more, and
+                    # never half of a character's bytes.
                     text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                    if text.endswith("\ufffd") or not text.startswith(sent):
+                    cut = len(text) if text.endswith("\n") else text.rfind(" ") + 1
+                    if cut <= len(sent) or not text.startswith(sent):
                         continue
-                    piece = stops.feed(text[len(sent) :])
-                    sent = text
+                    piece = stops.feed(text[len(sent) : cut])
+                    sent = text[:cut]
                     if piece:
                         if first_token_ms is None:
                             first_token_ms = (time.perf_counter() - t0) * 1000
                         yield {"type": "delta", "content": piece}
                     if stops.stopped:
-                        break  # leaving the batch at the next step: no token after the stop
-            rest = "" if stops.stopped else stops.flush()
+                        break  # the row leaves the batch at the next step
+            rest = "" if stops.stopped else stops.feed(text[len(sent) :]) + stops.flush()
             if rest:
                 yield {"type": "delta", "content": rest}
         except BatchFailed:

@@ -1,16 +1,16 @@
 """What batching buys the chat, measured through Serve over HTTP: aggregate tokens/s and time
 to first token at 1, 4 and 8 concurrent streams, tenants mixed.
 
-    python -m patterns.multiplexing.bench.chat_bench [--levels 1 4 8] [--repeats 3]
+    python -m patterns.multiplexing.bench.chat_bench [--levels 1 4 8] [--repeats 3] [--seconds 15]
 
 Two copies of the multiplexing app run side by side, one chat replica each, the same config
 but ``chat.max_batch``: the configured value (continuous batching) and 1 (one answer at a
 time, what the chat did before batching: the baseline). Each round runs every level on both
 arms, the arms alternating, so a slow moment of a shared machine falls on both. A stream sends
-``--requests`` chat requests one after another (greedy, ``--max-tokens`` each), its tenant
-the next of pirate-co, northwind and base; tokens/s is all the streams' completion tokens over
-the wall time of the level, time to first token is the client's, to the first content chunk.
-Printed per arm and level: the median over the rounds and the spread (min-max).
+chat requests one after another for ``--seconds`` (greedy, ``--max-tokens`` each), its tenant
+the next of pirate-co, northwind and base in turn; tokens/s counts the completion tokens that
+arrived in that window (``level``), time to first token is the client's, to the first content
+chunk. Printed per arm and level: the median over the rounds and the spread (min-max).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ QUESTIONS = (
 
 
 async def _one(client: Any, url: str, tenant: str, question: str, max_tokens: int) -> dict:
+    """One streamed answer: when it was sent, when each content chunk came, its tokens."""
     body = {
         "model": tenant,
         "messages": [{"role": "user", "content": question}],
@@ -41,42 +42,56 @@ async def _one(client: Any, url: str, tenant: str, question: str, max_tokens: in
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    t0 = time.perf_counter()
-    ttft, tokens = None, 0
+    sent, chunks, tokens = time.perf_counter(), [], 0
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data: {"):
                 continue
             event = json.loads(line.removeprefix("data: "))
-            if ttft is None and event["choices"] and event["choices"][0]["delta"].get("content"):
-                ttft = time.perf_counter() - t0
+            if event["choices"] and event["choices"][0]["delta"].get("content"):
+                chunks.append(time.perf_counter())
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
-    return {"ttft_s": ttft if ttft is not None else time.perf_counter() - t0, "tokens": tokens}
+    return {"sent": sent, "chunks": chunks or [time.perf_counter()], "tokens": tokens}
 
 
-async def level(url: str, streams: int, requests: int, max_tokens: int) -> dict[str, float]:
-    """``streams`` concurrent streams of ``requests`` requests each: tokens/s, TTFT p50/p95."""
+async def level(url: str, streams: int, seconds: float, max_tokens: int) -> dict[str, float]:
+    """``streams`` concurrent streams, each sending its next request when its last answer
+    ended, for ``seconds``: tokens/s within the window, time to first token p50/p95.
+
+    A stream's answers are of different lengths, so a fixed number of requests per stream
+    would end in a tail where few streams run; counting tokens in a fixed window measures the
+    steady state. An answer's tokens are spread over its content chunks (a chunk is a word or
+    more), and those chunks that arrived inside the window count. Requests sent inside the
+    window finish afterwards; their time to first token counts too.
+    """
     import httpx
 
+    t0 = time.perf_counter()
+    end = t0 + seconds
+
     async def stream(i: int, client: Any) -> list[dict]:
-        return [
-            await _one(client, url, TENANTS[(i + k) % 3], QUESTIONS[(i + k) % 4], max_tokens)
-            for k in range(requests)
-        ]
+        answers, k = [], 0
+        while time.perf_counter() < end:
+            tenant, question = TENANTS[(i + k) % 3], QUESTIONS[(i + k) % 4]
+            answers.append(await _one(client, url, tenant, question, max_tokens))
+            k += 1
+        return answers
 
     limits = httpx.Limits(max_connections=streams + 2)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        t0 = time.perf_counter()
         runs = await asyncio.gather(*(stream(i, client) for i in range(streams)))
-        wall = time.perf_counter() - t0
     answers = [a for run in runs for a in run]
-    ttft = [a["ttft_s"] for a in answers]
+    inside = sum(
+        a["tokens"] * sum(c <= end for c in a["chunks"]) / len(a["chunks"]) for a in answers
+    )
+    ttft = [a["chunks"][0] - a["sent"] for a in answers]
     return {
-        "tokens_per_s": sum(a["tokens"] for a in answers) / wall,
+        "tokens_per_s": inside / seconds,
         "ttft_p50_s": float(np.percentile(ttft, 50)),
         "ttft_p95_s": float(np.percentile(ttft, 95)),
+        "answers": len(answers),
     }
 
 
@@ -109,8 +124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=2, help="per stream, one after another")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=15.0, help="the window of a level")
+    parser.add_argument("--max-tokens", type=int, default=48)
     opts = parser.parse_args()
 
     ensure_artifacts()
@@ -122,9 +137,9 @@ def main() -> None:
             serve.run(build_app(args), name=f"chat-bench-{i}", route_prefix=f"/chat-bench-{i}")
             urls[label] = wait_until_served(f"{base}/chat-bench-{i}", timeout_s=300)
         for url in urls.values():  # warm-up: first requests, adapters in, threads started
-            asyncio.run(level(url, 2, 1, 8))
+            asyncio.run(level(url, 2, 1.0, 8))
         print(f"chat through Serve over HTTP: levels {opts.levels} concurrent streams, "
-              f"{opts.requests} requests each, greedy, max_tokens {opts.max_tokens}, tenants "
+              f"{opts.seconds:g} s each, greedy, max_tokens {opts.max_tokens}, tenants "
               f"{', '.join(TENANTS)} in turn, {opts.repeats} rounds; median (min-max)")  # fmt: skip
         results: dict[tuple[str, int], list[dict[str, float]]] = {}
         for r in range(opts.repeats):
@@ -132,7 +147,7 @@ def main() -> None:
             for n in opts.levels:
                 for label, url in order:
                     results.setdefault((label, n), []).append(
-                        asyncio.run(level(url, n, opts.requests, opts.max_tokens))
+                        asyncio.run(level(url, n, opts.seconds, opts.max_tokens))
                     )
         for label in urls:
             for n in opts.levels:
