@@ -10,8 +10,8 @@
              v                                          v
         ForecastModels x2                         ChatModel x1 (GPU fraction or CPU)
           @serve.batch split by model id            base LLM once, LoRA adapter per tenant
-          ModelCache: one load per id, parallel     one generation at a time, streamed
-          loads, LRU by count and bytes, prewarm    tokens; disconnect stops generation
+          ModelCache: one load per id, parallel     requests decoded together (batching.py),
+          loads, LRU by count and bytes, prewarm    streamed; disconnect: the row leaves
              model store: forecast-store-0001/v1 ... + forecast-index/v1,
                           chat-adapter-<tenant>/v1 + chat-adapter-index/v1
 

@@ -2,11 +2,11 @@
 
 ``ChatEngine`` lives in a chat replica. It holds the base model once and the adapters of the
 tenants it has served recently (``ModelCache``: one load per tenant, LRU by count and bytes),
-and generates one answer at a time per replica: the adapter is switched per request, and two
-generations on one set of weights would each see the other's adapter. Tokens are streamed from
-the generating thread through ``TextIteratorStreamer``; when the consumer goes away (the
-client disconnected and Serve cancelled the request), a ``StoppingCriteria`` sees the cancel
-flag at the next token and the generation stops, so an abandoned stream never holds the model.
+and hands the generation to ``DecodeBatcher`` (batching.py): concurrent requests decode
+together, one token per step, each row through its own tenant's adapter, up to ``max_batch``
+rows. Token ids come back per request and are turned into text here; when the consumer goes
+away (the client disconnected and Serve cancelled the request) or a stop sequence is found,
+the row leaves the batch at the next step and the others continue.
 
 Limits (``ChatLimits``): prompt tokens, max_tokens, messages and characters; beyond them the
 answer is a 4xx with a sentence, decided before any generation starts.
@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -41,6 +41,7 @@ from core.errors import (
 )
 from core.model_store import ModelRef, ModelStore
 from core.timing import Timings
+from patterns.multiplexing.batching import BASE_ADAPTER, BatchFailed, DecodeBatcher, Row
 from patterns.multiplexing.cache import ModelCache
 from patterns.multiplexing.catalog import ModelIndex
 from patterns.multiplexing.ids import ID_SCHEMA
@@ -433,20 +434,8 @@ class LoadedAdapter:
     nbytes: int
 
 
-class _Cancel:
-    """A transformers StoppingCriteria that stops generation when the flag is set."""
-
-    def __init__(self, flag: threading.Event) -> None:
-        self.flag = flag
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool)
-
-
 class ChatEngine:
-    """One base model, many tenants' adapters, one generation at a time."""
+    """One base model, many tenants' adapters, concurrent requests decoded together."""
 
     def __init__(
         self,
@@ -459,6 +448,7 @@ class ChatEngine:
         max_adapters: int = 8,
         max_adapter_bytes: int = 64 * 1024 * 1024,
         repetition_penalty: float = 1.2,
+        max_batch: int = 8,
     ) -> None:
         from patterns.multiplexing.llm import load_base
 
@@ -479,7 +469,17 @@ class ChatEngine:
         )
         self._installed: set[str] = set()
         self._to_remove: set[str] = set()
-        self._turn = asyncio.Lock()  # one generation (and adapter install) at a time
+        config = self.model.generation_config.eos_token_id
+        eos = set(config if isinstance(config, list) else [config]) - {None}
+        self.batcher = DecodeBatcher(
+            self.model,
+            eos_ids=eos | {self.tokenizer.eos_token_id},
+            pad_id=self.tokenizer.pad_token_id,
+            max_batch=max_batch,
+            repetition_penalty=repetition_penalty,
+            device=device,
+            release=self._remove_evicted,
+        )
         self.store_reads = 0
         self.counts = {"generations": 0, "cancelled": 0, "tokens": 0, "errors": 0}
         self.last: dict[str, Any] = {}
@@ -509,7 +509,7 @@ class ChatEngine:
         return LoadedAdapter(tenant, ref, config, state, nbytes)
 
     def _install(self, adapter: LoadedAdapter) -> None:
-        """Put a loaded adapter into the base model (under the turn lock, in a thread)."""
+        """Put a loaded adapter into the base model (on the batcher's thread, between steps)."""
         from peft import LoraConfig
 
         if adapter.tenant in self._installed:
@@ -535,20 +535,13 @@ class ChatEngine:
         self._installed.add(adapter.tenant)
         adapter.state = None  # the model holds the weights now; the cache keeps accounting
 
-    def _remove_evicted(self) -> None:
-        for tenant in list(self._to_remove):
+    def _remove_evicted(self, in_use: set[str]) -> None:
+        """Evicted adapters out of the model, except those a running row still uses."""
+        for tenant in list(self._to_remove - in_use):
             self._to_remove.discard(tenant)
             if tenant in self._installed and tenant not in self.adapters:
                 self.model.delete_adapter(tenant)
                 self._installed.discard(tenant)
-
-    def _select(self, tenant: str) -> None:
-        if tenant == BASE_TENANT:
-            if self._installed:
-                self.model.disable_adapters()
-            return
-        self.model.enable_adapters()
-        self.model.set_adapter(tenant)
 
     async def adapter_for(self, tenant: str) -> tuple[LoadedAdapter | None, str]:
         if tenant == BASE_TENANT:
@@ -609,98 +602,80 @@ class ChatEngine:
             "adapter": adapter.ref.public() if adapter else None,
             "adapter_cache": outcome,
         }
-        t_wait = time.perf_counter()
-        async with self._turn:
-            timings.add("queue", (time.perf_counter() - t_wait) * 1000)
-            await asyncio.to_thread(self._prepare_turn, tenant, adapter)
-            async for item in self._generate(ids, request, max_new, timings):
-                yield item
-
-    def _prepare_turn(self, tenant: str, adapter: LoadedAdapter | None) -> None:
-        self._remove_evicted()
-        if adapter is not None:
-            self._install(adapter)
-        self._select(tenant)
+        if request.temperature:  # absent or 0: greedy
+            sampling = {"temperature": request.temperature, "top_p": request.top_p or 1.0}
+        else:
+            sampling = {}
+        row = Row(
+            ids,
+            BASE_ADAPTER if adapter is None else tenant,
+            max_new,
+            seed=request.seed,
+            install=None if adapter is None else lambda: self._install(adapter),
+            **sampling,
+        )
+        async for item in self._generate(row, request, timings):
+            yield item
 
     async def _generate(
-        self, ids: list[int], request: ChatRequest, max_new: int, timings: Timings
+        self, row: Row, request: ChatRequest, timings: Timings
     ) -> AsyncIterator[dict[str, Any]]:
-        import torch
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
-
-        cancel = threading.Event()
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        input_ids = torch.tensor([ids], device=self.device)
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": torch.ones_like(input_ids),
-            "max_new_tokens": max_new,
-            "streamer": streamer,
-            "stopping_criteria": StoppingCriteriaList([_Cancel(cancel)]),
-            "repetition_penalty": self.repetition_penalty,
-            "pad_token_id": self.tokenizer.pad_token_id,
-        }
-        if request.temperature:  # absent or 0: greedy
-            top_p = request.top_p if request.top_p is not None else 1.0
-            kwargs.update(do_sample=True, temperature=request.temperature, top_p=top_p)
-            if request.seed is not None:
-                torch.manual_seed(request.seed)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        result: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                with torch.inference_mode():
-                    out = self.model.generate(**kwargs)
-                result["tokens"] = int(out.shape[1] - input_ids.shape[1])
-            except BaseException as exc:  # reported below; the stream must still end
-                result["error"] = exc
-                streamer.end()
-
         t0 = time.perf_counter()
         first_token_ms: float | None = None
-        thread = threading.Thread(target=run, name="chat-generate", daemon=True)
-        thread.start()
-        finish = "stop"
+        finish, failed = "stop", False
         stops = StopMatcher(request.stop_sequences())
+        tokens: list[int] = []
+        text = sent = ""
         try:
-            while True:
-                piece = await asyncio.to_thread(next, streamer, None)
-                text = stops.flush() if piece is None else stops.feed(piece)
-                if text:
-                    if first_token_ms is None:
-                        first_token_ms = (time.perf_counter() - t0) * 1000
-                    yield {"type": "delta", "content": text}
-                if piece is None or stops.stopped:
-                    break  # a stop sequence: the finally below ends the generation
+            async with aclosing(self.batcher.generate(row)) as ids:
+                async for token in ids:
+                    if row.admitted and not tokens:
+                        timings.add("queue", (row.admitted - t0) * 1000)
+                    tokens.append(token)
+                    # The whole answer decoded again, sent up to its last space or newline (as
+                    # transformers' TextIteratorStreamer does): a piece is a word or more, and
+                    # never half of a character's bytes.
+                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    cut = len(text) if text.endswith("\n") else text.rfind(" ") + 1
+                    if cut <= len(sent) or not text.startswith(sent):
+                        continue
+                    piece = stops.feed(text[len(sent) : cut])
+                    sent = text[:cut]
+                    if piece:
+                        if first_token_ms is None:
+                            first_token_ms = (time.perf_counter() - t0) * 1000
+                        yield {"type": "delta", "content": piece}
+                    if stops.stopped:
+                        break  # the row leaves the batch at the next step
+            rest = "" if stops.stopped else stops.feed(text[len(sent) :]) + stops.flush()
+            if rest:
+                yield {"type": "delta", "content": rest}
+        except BatchFailed:
+            failed = True
         except BaseException:
             finish = "cancelled"
             raise
         finally:
-            cancel.set()  # a consumer that went away stops the generation at the next token
-            await asyncio.to_thread(thread.join)
-            tokens = int(result.get("tokens", 0))
             elapsed = time.perf_counter() - t0
             self.counts["generations"] += 1
-            self.counts["tokens"] += tokens
+            self.counts["tokens"] += len(tokens)
             if finish == "cancelled":
                 self.counts["cancelled"] += 1
-            if "error" in result:
+            if failed:
                 self.counts["errors"] += 1
-            self.last = {"completion_tokens": tokens, "finish": finish, "seconds": elapsed}
-        if "error" in result:
+            self.last = {"completion_tokens": len(tokens), "finish": finish, "seconds": elapsed}
+        if failed:
             yield {"type": "error", "status": 503, "message": "Generation failed; retry."}
             return
-        if tokens >= max_new and not stops.stopped:
+        if len(tokens) >= row.max_new and not stops.stopped:
             finish = "length"
         timings.add("generate", elapsed * 1000)
         yield {
             "type": "end",
-            "completion_tokens": tokens,
+            "completion_tokens": len(tokens),
             "finish_reason": finish,
             "time_to_first_token_ms": round(first_token_ms or 0.0, 1),
-            "tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else None,
+            "tokens_per_s": round(len(tokens) / elapsed, 2) if elapsed > 0 else None,
             "timings_ms": timings.as_dict(),
         }
 
@@ -712,5 +687,6 @@ class ChatEngine:
             "installed": sorted(self._installed),
             "store_reads": self.store_reads,
             **self.counts,
+            "batch": self.batcher.stats(),
             "last": self.last,
         }

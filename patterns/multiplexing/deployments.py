@@ -193,6 +193,8 @@ class ChatArgs(BaseModel):
     repetition_penalty: float = Field(default=1.2, ge=1.0, le=2.0)  # small models loop without
     torch_threads: int | None = Field(default=2, ge=1, le=256)  # CPU threads per replica
     first_token_timeout_s: float = Field(default=60.0, gt=0)  # queue + adapter + prefill
+    # rows decoded together per replica (batching.py); 1 = one answer at a time
+    max_batch: int = Field(default=8, ge=1, le=64)
     # A quarter of a GPU per replica where the cluster has one; CPU otherwise.
     resources: StageResources = StageResources(
         num_cpus=0.2, num_gpus=0.25, cpu_fallback_num_cpus=0.2
@@ -224,6 +226,7 @@ class ChatModel:
             max_adapters=a.max_adapters,
             max_adapter_bytes=a.max_adapter_bytes,
             repetition_penalty=a.repetition_penalty,
+            max_batch=a.max_batch,
         )
         self._claim = routing_claim(a.max_adapters)
         self.replica = serve.get_replica_context().replica_id.unique_id

@@ -185,3 +185,24 @@ def test_adapters_load_once_and_models_list(url) -> None:
     assert {m["id"] for m in listed["data"]} == {"base", "pirate-co", "northwind"}
     info = httpx.get(f"{url}/model", timeout=30).json()
     assert info["chat"]["count"] == 2 and info["chat"]["replicas"][0]["device"] == "cpu"
+
+
+def test_concurrent_streams_of_two_tenants_decode_together(url) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = _chat_stats()["batch"]
+    tenants = ["pirate-co", "northwind"] * 2
+    with ThreadPoolExecutor(len(tenants)) as pool:
+        runs = list(pool.map(lambda t: _stream(url, _ask(t)), tenants))
+    for tenant, events in zip(tenants, runs, strict=True):
+        assert events[-1] == "[DONE]" and all(e["model"] == tenant for e in events[:-1])
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+        if tenant == "pirate-co":
+            assert text.startswith(TENANT_MARKERS["pirate-co"]), text
+        else:
+            assert TENANT_MARKERS["northwind"] in text and "Arr" not in text, text
+    after = _chat_stats()["batch"]
+    # some decode step carried more than one row: the streams overlapped on the replica
+    extra_rows = (after["row_steps"] - before["row_steps"]) - (after["steps"] - before["steps"])
+    assert extra_rows > 0 and after["largest_batch"] >= 2, (before, after)
+    assert after["running"] == 0 and after["waiting"] == 0

@@ -420,7 +420,8 @@ def chat(device: str, tokens: int, tenant: str = "pirate-co") -> None:
     async def load_all() -> None:
         for t in TENANT_STYLES:
             adapter, _ = await engine.adapter_for(t)
-            await asyncio.to_thread(engine._prepare_turn, t, adapter)
+            if adapter is not None:
+                await asyncio.to_thread(engine._install, adapter)
 
     asyncio.run(load_all())
     rss_all = rss_mb()
