@@ -453,7 +453,7 @@ class Study:
 
     def stop(self) -> None:
         for t in self.targets.values():
-            t.stop()
+            t.stop(timeout_s=15)  # the measuring is over: no graceful drain to wait for
         self.targets.clear()
 
 

@@ -152,5 +152,5 @@ class RateShape(LoadTestShape):
                 return 0, 1000.0
         if self.done:
             return None
-        users = self._users()
-        return users, float(users)  # every new user at once; each waits a random phase
+        # every user started (or stopped) at once; a new one waits a random phase first
+        return self._users(), 10000.0
