@@ -398,7 +398,7 @@ class Study:
         """Serve alone (the other arms stopped), the study's autoscaling settings, a step of
         offered load up and back down; replicas logged once a second."""
         held = [x["rps_at_slo"] for x in self.turns if x["arm"] == "business/serve" and x["kept"]]
-        high = max(4.0, 0.6 * statistics.median(held)) if held else 20.0
+        high = round(max(4.0, 0.6 * statistics.median(held)), 1) if held else 20.0
         low = max(1.0, round(high / 8, 1))
         d = self.a.autoscale_s
         schedule = [(d[0], low), (d[1], high), (d[2], low)]

@@ -14,7 +14,8 @@ not counted): the step holds the SLO when its p95, failures included, is at most
 - climbing: a step that holds multiplies the rate by ``LOADTEST_RATE_FACTOR``; the first that
   does not is tried once more halfway (geometric mean) between it and the last that held, and
   the ladder ends;
-- a first step that does not hold walks down by the same factor until one holds.
+- a first step that does not hold walks down by the same factor until one holds, then tries
+  once halfway back up.
 After a step that missed, ``LOADTEST_COOL_S`` seconds without load let its backlog drain, so
 the next step starts from an empty queue. ``LOADTEST_RATE_START`` is the first rate;
 ``LOADTEST_MAX_STEPS`` and ``LOADTEST_RATE_MAX`` bound the ladder.

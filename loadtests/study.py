@@ -164,7 +164,10 @@ class Ladder:
             else:
                 self.phase, nxt = "descend", r / self.factor
         elif self.phase == "descend":
-            nxt = None if held else r / self.factor
+            if held:  # the first rate that holds: try once halfway back up, as a climb does
+                self.phase, nxt = "refine", math.sqrt(r * (self.missed or r))
+            else:
+                nxt = r / self.factor
         else:
             nxt = None
         if nxt is None or self.steps >= self.max_steps or nxt > self.rate_max or nxt < 0.5:

@@ -47,7 +47,8 @@ def test_the_ladder_walks_down_from_a_first_miss_and_is_bounded() -> None:
     lad = Ladder(start=40, factor=2, max_steps=12, rate_max=1000)
     assert lad.next_rate(False) == 20
     assert lad.next_rate(False) == 10
-    assert lad.next_rate(True) is None and lad.held == 10
+    assert lad.next_rate(True) == pytest.approx(14.14, abs=0.01)  # halfway back up
+    assert lad.next_rate(False) is None and (lad.held, lad.missed) == (10, pytest.approx(14.14))
     lad = Ladder(start=10, factor=2, max_steps=3, rate_max=1000)
     assert lad.next_rate(True) == 20 and lad.next_rate(True) == 40
     assert lad.next_rate(True) is None  # max_steps
