@@ -29,13 +29,19 @@ def channel(ops_cluster):
 
 def test_grpc_answers_what_http_answers(ops_cluster, channel) -> None:
     rows = load_split().x_test[:6].tolist()
-    reply, request_id = predict(channel, rows)
-    http = httpx.post(f"{ops_cluster.http_url}/ensemble/predict", json={"instances": rows})
-    assert http.status_code == 200, http.text
-    answer = http.json()
-    # The request id Serve gave the call is the prediction id, as over HTTP.
-    assert request_id and reply.prediction_id == request_id
-    want = reply_of({**answer, "prediction_id": request_id})
+    # The gate member has a deadline (gate_deadline_ms): on a busy box one call's gate can be
+    # late, and then that call's vote decides every row. That is the ensemble's policy, not a
+    # gRPC difference, so a pair that disagrees on who decided is sent again (up to 3 times).
+    for _ in range(3):
+        reply, request_id = predict(channel, rows)
+        http = httpx.post(f"{ops_cluster.http_url}/ensemble/predict", json={"instances": rows})
+        assert http.status_code == 200, http.text
+        answer = http.json()
+        # The request id Serve gave the call is the prediction id, as over HTTP.
+        assert request_id and reply.prediction_id == request_id
+        want = reply_of({**answer, "prediction_id": request_id})
+        if [p.decided_by for p in reply.predictions] == [p.decided_by for p in want.predictions]:
+            break
     assert [(p.label, p.decided_by) for p in reply.predictions] == [
         (p.label, p.decided_by) for p in want.predictions
     ]
