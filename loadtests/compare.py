@@ -42,7 +42,7 @@ from typing import Any
 
 from loadtests.cost import load_prices
 from loadtests.study import OUTSIDERS_LIMIT, CpuLedger, LadderRun, rate_ladder
-from loadtests.targets import Target, TargetDown
+from loadtests.targets import Target, TargetDown, reroute
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_REQUEST = "patterns.pipeline.client:sample_request"
@@ -197,9 +197,7 @@ def answer_of(url: str, arm: Arm) -> str:
     req = dict(sampler(arm.request)(12))
     method, path = req.pop("method", "POST"), req.pop("path")
     req.pop("expect_status", None)
-    if arm.route:
-        old, _, new = arm.route.partition("=")
-        path = new + path[len(old) :] if path.startswith(old) else path
+    path = reroute(path, arm.route)
     if arm.workload == "business":
         # a key of its own per arm: the arms share one database, so a shared key would replay
         # the first arm's stored answer to the others
@@ -277,10 +275,10 @@ def business_env(raw: Path, risk: RiskService) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------- the run
 class Study:
-    def __init__(self, a: Any) -> None:
-        self.a = a
+    def __init__(self, a: Any, prices: dict[str, Any], meta: dict[str, Any]) -> None:
+        self.a, self.prices, self.meta = a, prices, meta
         self.out, self.raw = Path(a.out), Path(a.raw)
-        self.arms = [x for x in ARMS if x.workload in a.workloads and x.name in a.arm_names(x)]
+        self.arms = [x for x in ARMS if x.workload in a.workloads and x.name in a.arm_names]
         self.targets: dict[str, Target] = {}
         self.turns: list[dict[str, Any]] = []
         self.answers: dict[str, str] = {}
@@ -532,7 +530,7 @@ def parse(argv: list[str] | None) -> Any:
     known = {x.name for x in ARMS}
     if names - known:
         p.error(f"--arms: unknown {sorted(names - known)}; choose from {sorted(known)}")
-    a.arm_names = lambda arm: names or known
+    a.arm_names = names or known
     if a.gpu:
         a.cpus = os.cpu_count() or a.cpus
     return a
@@ -550,15 +548,14 @@ def main(argv: list[str] | None = None) -> int:
     raw.mkdir(parents=True, exist_ok=True)
     if a.gpu:
         os.environ["LOADTEST_DEVICE"] = "cuda"
-    study = Study(a)
-    study.prices = load_prices(a.prices)  # type: ignore[attr-defined]
-    study.meta = {  # type: ignore[attr-defined]
+    meta = {
         "command": "python -m loadtests.compare "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(a.cpus),
         "load_before": load_avg(),
         "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
     }
+    study = Study(a, load_prices(a.prices), meta)
     t0 = time.time()
     cut: str | None = None
     risk = RiskService(a.risk_delay_ms, raw / "risk-service.log")
@@ -579,8 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         study.stop()
         study.ledger.stop()
         risk.stop()
-    study.meta["load_after"] = load_avg()  # type: ignore[attr-defined]
-    study.meta["took_s"] = round(time.time() - t0)  # type: ignore[attr-defined]
+    meta["load_after"] = load_avg()
+    meta["took_s"] = round(time.time() - t0)
     path = study.write(partial=cut)
     if cut:
         print(f"The run was cut short ({cut}); a partial report is in {path}.", file=sys.stderr)

@@ -19,6 +19,8 @@ import time
 
 from locust import FastHttpUser, constant, events, task
 
+from loadtests.targets import reroute
+
 # LOADTEST_SAMPLES=DIR: every request (ok or failed) also goes to DIR/samples-<pid>.csv as
 # "end time, latency ms, ok" (one file per Locust process), so loadtests.study can compute
 # each load step's rps, p95 and failures exactly, not from Locust's 10 s rolling window.
@@ -69,9 +71,7 @@ class PatternUser(FastHttpUser):
         req = dict(self.sample(next(self.counter)))
         method = req.pop("method", "POST")
         path = req.pop("path")
-        old, _, new = os.environ.get("LOADTEST_ROUTE", "").partition("=")
-        if old and path.startswith(old):  # the same app under another route prefix
-            path = new + path[len(old) :]
+        path = reroute(path, os.environ.get("LOADTEST_ROUTE", ""))
         expect = req.pop("expect_status", (200,))
         with self.client.request(method, path, name=path, catch_response=True, **req) as resp:
             if resp.status_code not in expect:

@@ -255,6 +255,13 @@ class TargetDown(RuntimeError):
     """A target that did not start or stopped answering: the message is a sentence."""
 
 
+def reroute(path: str, route: str) -> str:
+    """``path`` under another route prefix when ``route`` is ``OLD=NEW`` (the same app deployed
+    twice in one cluster, e.g. ``/pipeline=/pipeline-split``)."""
+    old, _, new = route.partition("=")
+    return new + path[len(old) :] if old and path.startswith(old) else path
+
+
 def probe(url: str, request: dict[str, Any], route: str = "") -> int | None:
     """The status of one sample request (a pattern's ``sample_request(i)``) sent to ``url``,
     under another route prefix when ``route`` is ``OLD=NEW``; None when nothing answers."""
@@ -263,9 +270,7 @@ def probe(url: str, request: dict[str, Any], route: str = "") -> int | None:
     req = dict(request)
     method, path = req.pop("method", "POST"), req.pop("path")
     req.pop("expect_status", None)
-    old, _, new = route.partition("=")
-    if old and path.startswith(old):
-        path = new + path[len(old) :]
+    path = reroute(path, route)
     try:
         return httpx.request(method, url + path, timeout=10, **req).status_code
     except httpx.HTTPError:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.cost import cost_per_million, cpu_nodes, gpu_counts, gpu_curve
+from loadtests.study import OUTSIDERS_LIMIT
 
 
 def summarise(study: Any) -> dict[str, dict[str, Any]]:
@@ -322,7 +323,7 @@ def write_report(study: Any, partial: str | None) -> Path:
         "",
         "Shares of the whole box during the turn. Idle arms: the other arms, up but not under "
         "load (Serve's cluster keeps a controller and proxies busy). Outsiders: processes the "
-        f"study did not start; above {100 * 0.10:.0f}% a turn is flagged and run once more.",
+        f"study did not start; above {OUTSIDERS_LIMIT:.0%} a turn is flagged and run once more.",
         "",
         "| arm | round | try | rps at SLO | steps | arm | idle arms | generator | study | "
         "outsiders | kept |",

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 
@@ -19,6 +18,7 @@ from loadtests import compare
 from loadtests.cost import cost_per_million, gpu_counts
 from loadtests.run import require_up
 from loadtests.study import CpuLedger, Ladder, rate_ladder, score
+from tests.servers import wait_http_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -112,13 +112,7 @@ def slow_server():
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"{url}/slow", timeout=2)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_http_ok(f"{url}/slow", timeout_s=30)
         yield url
     finally:
         proc.terminate()
