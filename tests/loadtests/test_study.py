@@ -17,7 +17,7 @@ from cluster.ports import free_port
 from loadtests import compare
 from loadtests.cost import cost_per_million, gpu_counts
 from loadtests.run import require_up
-from loadtests.study import CpuLedger, Ladder, rate_ladder, score
+from loadtests.study import CpuLedger, Ladder, LadderRun, rate_ladder, score
 from tests.servers import wait_http_ok
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,6 +145,64 @@ def test_the_offered_rate_does_not_wait_for_slow_answers(tmp_path, slow_server) 
     assert len(lad.steps) == 2 and lad.steps[1]["offered_rps"] == pytest.approx(13.33, abs=0.01)
 
 
+@pytest.mark.slow
+def test_a_schedule_offers_its_rates_in_order(tmp_path, slow_server, monkeypatch) -> None:
+    """The autoscaling run's load: LOADTEST_SCHEDULE replaces the ladder by fixed segments
+    (seconds:rate), each offered whatever the answers do, and each scored as a step."""
+    monkeypatch.setenv("LOADTEST_SCHEDULE", "3:5,4:20,3:5")
+    lad = rate_ladder(
+        slow_server,
+        tmp_path,
+        arm="slow schedule",
+        round_no=0,
+        request="tests.loadtests.slow_app:sample_request",
+        rate_start=5,
+        factor=1.0,
+        step_s=4,
+        settle_s=0,
+        slo_ms=500,
+        max_steps=3,
+    )
+    assert lad.cut_short is None, lad.cut_short
+    # each step is offered whether or not the one before held its SLO
+    assert [s["offered_rps"] for s in lad.steps] == [5, 20, 5]
+    for step, seconds in zip(lad.steps, (3, 4, 3), strict=True):  # Locust ticks once a second
+        assert abs(step["t_end"] - step["t_start"] - seconds) <= 1.1, lad.steps
+    assert lad.steps[1]["achieved_rps"] == pytest.approx(20, rel=0.3), lad.steps[1]
+    assert lad.steps[1]["achieved_rps"] > 2 * lad.steps[2]["achieved_rps"], lad.steps
+
+
+def test_the_autoscaling_summary_reads_reaction_peak_and_way_back(tmp_path) -> None:
+    """Replicas logged once a second against the schedule's three steps: the reaction time is
+    from the step up to the first second with more replicas than before it."""
+    rlog = tmp_path / "replicas.jsonl"
+    rows = []
+    for t in range(100, 140):
+        n = 2 if t < 117 else 3 if t < 119 else 4 if t < 131 else 2
+        rows.append({"t": float(t), "replicas": {"FraudModel": n - 1, "BusinessIngress": 1}})
+    rows.insert(5, {"t": 104.5, "replicas": {"error": "serve status timed out"}})
+    rlog.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    steps = [
+        {"t_start": 100.0, "offered_rps": 2.0},
+        {"t_start": 110.0, "offered_rps": 16.0},
+        {"t_start": 125.0, "offered_rps": 2.0},
+    ]
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "samples-1.csv").write_text("100.2,12.0,1\n100.7,11.0,1\n111.1,40.0,1\nbad\n")
+    ladder = LadderRun("business/serve autoscaling", 0, steps, 0.0, 100.0, 140.0)
+    out = compare.autoscale_summary(rlog, ladder, samples)
+    assert (out["replicas_before"], out["replicas_peak"], out["replicas_after"]) == (2, 4, 2)
+    assert out["reaction_s"] == 7.0 and out["scaled_down_s"] == 6.0
+    assert out["offsets"] == {"up": 10.0, "down": 25.0}
+    assert out["achieved_per_s"] == [(0, 2), (11, 1)]
+    assert len(out["series"]) == 40  # the error row is left out, not counted as 0 replicas
+    short = compare.autoscale_summary(
+        rlog, LadderRun("short", 0, steps[:2], 0.0, 100.0, 140.0), samples
+    )
+    assert short["replicas_peak"] is None and short["reaction_s"] is None
+
+
 def _our_processes() -> set[int]:
     out = set()
     for p in psutil.process_iter(["cmdline"]):
@@ -161,7 +219,11 @@ def test_quick_study_on_both_workloads(tmp_path) -> None:
     before = _our_processes()
     t0 = time.monotonic()
     out = tmp_path / "report"
-    rc = compare.main(["--quick", "--arms", "monolith,serve-fused,serve", "--out", str(out)])
+    # The autoscaling run is left out here (a second Serve start): its load and its summary
+    # have tests of their own above; `make loadtest ARGS=--quick` runs it whole.
+    rc = compare.main(
+        ["--quick", "--no-autoscale", "--arms", "monolith,serve-fused,serve", "--out", str(out)]
+    )
     report = (out / "report.md").read_text()
     assert rc == 0, report
     assert "PARTIAL" not in report
@@ -183,11 +245,8 @@ def test_quick_study_on_both_workloads(tmp_path) -> None:
         assert turn["steps"] and all(s["offered_rps"] > 0 for s in turn["steps"]), turn
         # while one arm is loaded the others are frozen: they take (almost) nothing
         assert turn["cpu_idle_arms"] < 0.05, turn
-    auto = data["autoscale"]
-    assert auto["series"] and auto["replicas_peak"] is not None, auto
     for png in ("pipeline_offered.png", "business_offered.png", "rps_at_slo.png"):
         assert (out / png).stat().st_size > 1000, png
-    assert (out / "autoscaling.png").exists()
     # Locust's files and every request go to the raw folder, not beside the report
     assert list((out / "raw").rglob("samples-*.csv"))
     assert not list(out.glob("*.csv")) and not list(out.glob("*.html"))
