@@ -268,7 +268,7 @@ def _copy_pattern(name: str, dest: Path) -> None:
 # Copies run side by side, each on a Ray cluster of its own. On 2 cores a copy's time is CPU:
 # Ray's own processes (dashboard, controller, agents) cost about as much as its replicas, and
 # a cluster's idle loops burn CPU for as long as it lives, so more copies at once make every
-# copy slower; three at once beat two and five (the fixture prints each copy's phases).
+# copy slower; three at once beat five (the fixture prints each copy's phases).
 COPIES_AT_ONCE = 3
 # Started first, so that the longest copy (the chat model's load) is not the last to begin.
 SLOWEST_FIRST = ("multiplexing", "ensemble")
