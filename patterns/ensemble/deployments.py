@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -15,11 +16,12 @@ from core.batching import BatchedDeployment, timed_batch
 from core.metrics import ModelMetrics
 from core.model_store import ModelStore
 from core.resources import torch_device
-from patterns.ensemble.members import Member, MemberSpec
+from patterns.ensemble.members import FaultInjection, Member, MemberSpec
 
 
 # how many requests may share one model call, and how long may a batch wait to fill?
-# (config.yaml's user_config sets both per member, live: BatchedDeployment.reconfigure)
+# (config.yaml's user_config sets both per member, live: BatchedDeployment.reconfigure;
+# a `fault` key there switches the member's chaos knob live too: reconfigure below)
 @serve.deployment(
     max_surge_percent=SURGE,
     max_ongoing_requests=32,
@@ -33,6 +35,16 @@ class EnsembleMember(BatchedDeployment):
         device = torch_device(on_gpu) if parsed.family == "torch" else "cpu"
         self.member = Member(parsed, ModelStore.open(store_uri), device)
         self.metrics = ModelMetrics("ensemble", parsed.name, self.member.ref.version)
+
+    def reconfigure(self, config: Mapping[str, Any]) -> None:
+        """The batching knobs, and ``fault`` (``FaultInjection``: ``{delay_s, error_rate}``)
+        when the user_config names it: a game day makes a running member slow or failing with
+        a ``serve deploy`` that changes only this, and turns it off the same way. Without the
+        key the member keeps the fault it has (its roster entry's, at first)."""
+        fault = FaultInjection.model_validate(config["fault"] or {}) if "fault" in config else None
+        super().reconfigure(config)  # (a bad fault was refused above, before any change)
+        if fault is not None:
+            self.member.set_fault(fault)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _batched(self, arrays: list[np.ndarray]) -> list[np.ndarray]:

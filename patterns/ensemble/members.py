@@ -28,7 +28,9 @@ NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
 
 class FaultInjection(BaseModel):
     """Chaos knob, off by default: make a member slow or failing to see the ensemble degrade
-    instead of hang (the tests and benchmark use it; so can a game day)."""
+    instead of hang (the tests and benchmark use it; so can a game day). Set in the roster
+    (``MemberSpec.fault``) or live, without a restart, through the member deployment's
+    ``user_config`` (``EnsembleMember.reconfigure``)."""
 
     delay_s: float = Field(default=0.0, ge=0, le=60)
     error_rate: float = Field(default=0.0, ge=0, le=1)
@@ -128,7 +130,8 @@ class Member:
 
     ``device`` matters for the torch family only (the others run on the CPU whatever they
     are given). ``predict`` is the in-process answer; the deployment splits it into
-    ``inject_fault``, a batched ``predict_proba`` and ``answer``.
+    ``inject_fault``, a batched ``predict_proba`` and ``answer``. ``fault`` starts as the
+    spec's and may be replaced while the member serves (``set_fault``).
     """
 
     def __init__(self, spec: MemberSpec, store: ModelStore, device: str = "cpu") -> None:
@@ -142,9 +145,14 @@ class Member:
         self.model.predict_proba(np.zeros((1, N_FEATURES), dtype=np.float32))
         seed = hashlib.sha256(f"fault/{spec.name}".encode()).digest()
         self._rng = random.Random(int.from_bytes(seed[:8], "little"))
+        self.fault = spec.fault
+
+    def set_fault(self, fault: FaultInjection | dict[str, Any]) -> None:
+        """Switch the chaos knob on or off for the calls that start from now on."""
+        self.fault = FaultInjection.model_validate(fault)
 
     async def inject_fault(self) -> None:
-        fault = self.spec.fault
+        fault = self.fault
         if fault.delay_s:
             await asyncio.sleep(fault.delay_s)
         if fault.error_rate and self._rng.random() < fault.error_rate:
@@ -171,4 +179,5 @@ class Member:
             "device": self.device,
             # accuracy on the held-out split, written by artifacts.py into the manifest
             "held_out": self.ref.metadata.get("held_out"),
+            "fault": self.fault.model_dump(),  # chaos on? (all zeros: off)
         }

@@ -3,19 +3,68 @@
 
 import math
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
 from patterns.ensemble import client
-from patterns.ensemble.app import build_app
+from patterns.ensemble.app import CHALLENGER_BATCHING
 from patterns.ensemble.artifacts import ensure_artifacts
 from patterns.ensemble.data import N_FEATURES, load_split
+from patterns.ensemble.deployments import EnsembleMember
 from patterns.ensemble.flow import FLOAT32_MAX, EnsembleArgs
+from patterns.ensemble.members import FaultInjection
 from patterns.ensemble.voting import aggregate
+from tests.servers import wait_http_ok
 
-PREFIX = "/ensemble-test"
+# Three apps, deployed together once for the module from one Serve config: a redeploy with
+# other args restarts every replica, so the args a test needs are one of these three. What it
+# needs beyond them, a slow or failing member, is switched on the running app through the
+# member's user_config (``EnsembleMember.reconfigure``), as a game day would with ``serve
+# deploy``: Serve reconfigures that replica in place, nothing restarts.
+APPS: dict[str, tuple[str, dict[str, Any]]] = {
+    # The shipped defaults: cascade, soft vote, 250 ms deadline, quorum 2, the xgb_v2 shadow.
+    "default": ("ensemble-test", {}),
+    # Every member votes, weighted, quorum 2; a challenger whose promotion gate a test can
+    # pass with a few labelled predictions. (A generous deadline, so that no member is merely
+    # late on a loaded machine.)
+    "weighted": (
+        "ensemble-test-weighted",
+        {
+            "voting": "weighted",
+            "selection": {"mode": "all"},
+            "deadline_ms": 1500,
+            "challenger": {
+                **EnsembleArgs().challenger.model_dump(),
+                "gate": {
+                    "min_samples": 5,
+                    "min_labeled": 10,
+                    "min_agreement": 0.8,
+                    "max_accuracy_drop": 0.1,
+                },
+            },
+        },
+    ),
+    # The same vote with no challenger, a quorum of 1, and the input bound lifted to float32's
+    # largest value (so that -3e38 reaches the members).
+    "quorum_one": (
+        "ensemble-test-q1",
+        {
+            "voting": "weighted",
+            "selection": {"mode": "all"},
+            "deadline_ms": 1500,
+            "quorum": 1,
+            "max_abs_feature": FLOAT32_MAX,
+            "challenger": {"member": None},
+        },
+    ),
+}
+NO_FAULT = FaultInjection().model_dump()
+MEMBER_BATCHING = dict(EnsembleMember.user_config)
 
 
 @pytest.fixture(scope="module")
@@ -24,37 +73,129 @@ def split():
     return load_split()
 
 
-@pytest.fixture(scope="module")
-def run(deploy, split):
-    """Deploy the app with some args changed from the defaults. ``serve.run`` from Python
-    gives every deployment a fresh code version, so each redeploy restarts all replicas
-    (~10 s here): a call with the same args as the running app reuses it."""
-    current: dict[str, object] = {}
+class Apps:
+    """The module's apps, deployed from one Serve config (``serve deploy``'s path: the code
+    version is the config's, so a change to a ``user_config`` alone reconfigures in place)."""
 
-    def _run(**overrides) -> str:
-        args = EnsembleArgs(**{**EnsembleArgs().model_dump(), **overrides})
-        if current.get("args") != args:
-            current["url"] = url = deploy(
-                build_app(args), name="ensemble-test", route_prefix=PREFIX
+    def __init__(self, base_url: str) -> None:
+        from ray.serve._private.api import serve_start
+
+        self.base_url = base_url
+        self.client = serve_start()  # the session's Serve instance (conftest.py)
+
+    def url(self, app: str) -> str:
+        return f"{self.base_url}/{APPS[app][0]}"
+
+    def config(self, faults: dict[str, dict[str, dict[str, float]]]) -> Any:
+        """Every app, every member's (and challenger's) fault spelled out: a user_config
+        without ``fault`` would leave the last one on."""
+        from ray.serve.schema import ServeDeploySchema
+
+        applications = []
+        for key, (name, overrides) in APPS.items():
+            args = EnsembleArgs(**{**EnsembleArgs().model_dump(), **overrides})
+            on = faults.get(key, {})
+            deployments = [
+                {
+                    "name": f"member_{m.name}",
+                    "user_config": {**MEMBER_BATCHING, "fault": on.get(m.name, NO_FAULT)},
+                }
+                for m in args.members
+            ]
+            ch = args.challenger.member
+            if ch is not None:
+                deployments.append(
+                    {
+                        "name": f"challenger_{ch.name}",
+                        "user_config": {**CHALLENGER_BATCHING, "fault": on.get(ch.name, NO_FAULT)},
+                    }
+                )
+            applications.append(
+                {
+                    "name": name,
+                    "route_prefix": f"/{name}",
+                    "import_path": "patterns.ensemble.app:build_app",
+                    "args": args.model_dump(mode="json"),
+                    "deployments": deployments,
+                }
             )
-            current["args"] = args
-            # A fresh ingress replica learns where the members are on its first calls; warm it
-            # up so the first asserted request is not measured against that one-off cost.
+        return ServeDeploySchema.model_validate({"applications": applications})
+
+    def deploy(self, split) -> None:
+        from ray import serve
+
+        self.client.deploy_apps(self.config({}))
+        names = [name for name, _ in APPS.values()]
+        deadline = time.monotonic() + 600
+        while True:
+            now = serve.status().applications
+            statuses = {n: now.get(n) for n in names}
+            failed = {
+                n: s.message for n, s in statuses.items() if s and s.status == "DEPLOY_FAILED"
+            }
+            assert not failed, failed
+            if all(s is not None and s.status == "RUNNING" for s in statuses.values()):
+                break
+            assert time.monotonic() < deadline, {n: s and s.status for n, s in statuses.items()}
+            time.sleep(0.5)
+        for app in APPS:
+            wait_http_ok(f"{self.url(app)}/healthz", timeout_s=60)
+            # A fresh ingress replica learns where the members are on its first calls; warm
+            # it up so the first asserted request is not measured against that one-off cost.
             for _ in range(3):
-                httpx.post(f"{url}/predict", json={"instances": [split.x_test[0].tolist()]})
-        return str(current["url"])
+                httpx.post(
+                    f"{self.url(app)}/predict",
+                    json={"instances": [split.x_test[0].tolist()]},
+                    timeout=30,
+                )
 
-    return _run
+    def faults_now(self, app: str) -> dict[str, dict[str, float]]:
+        """Each member's fault as it reports it (GET /model): what its replica applied."""
+        model = httpx.get(f"{self.url(app)}/model", timeout=30).json()
+        out = {name: m["fault"] for name, m in model["members"].items()}
+        if model["challenger_model"]:
+            out[model["challenger_model"]["member"]] = model["challenger_model"]["fault"]
+        return out
+
+    def set_faults(self, app: str, faults: dict[str, dict[str, float]]) -> None:
+        self.client.deploy_apps(self.config({app: faults}))
+        want = {k: FaultInjection(**faults.get(k, {})).model_dump() for k in self.faults_now(app)}
+        deadline = time.monotonic() + 60
+        while (now := self.faults_now(app)) != want:
+            assert time.monotonic() < deadline, (now, want)
+            time.sleep(0.1)
+
+    @contextmanager
+    def faulty(self, app: str, **faults: dict[str, float]) -> Iterator[str]:
+        """``app`` with these members' faults on (the others' off); all off afterwards."""
+        self.set_faults(app, faults)
+        try:
+            yield self.url(app)
+        finally:
+            self.set_faults(app, {})
 
 
-def _members(**faults):
-    out = []
-    for m in EnsembleArgs().members:
-        d = m.model_dump()
-        if m.name in faults:
-            d["fault"] = faults[m.name]
-        out.append(d)
-    return out
+@pytest.fixture(scope="module")
+def apps(serve_http, split) -> Iterator[Apps]:
+    from ray import serve
+
+    deployed = Apps(serve_http)
+    try:
+        deployed.deploy(split)
+        yield deployed
+    finally:  # all three at once: each waits out its ingress's draining period
+        names = [name for name, _ in APPS.values()]
+        for name in names:
+            serve.delete(name, _blocking=False)
+        deadline = time.monotonic() + 120
+        while set(names) & set(serve.status().applications) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def run(apps) -> Callable[..., str]:
+    """The URL of one of the module's apps (``APPS``; the defaults unless named)."""
+    return lambda app="default": apps.url(app)
 
 
 def test_default_app_reads_held_out_data_well(run, split) -> None:
@@ -189,123 +330,11 @@ def test_schema_and_model_routes(run) -> None:
     assert httpx.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
 
 
-# One mode through Serve (the app below is reused by the kill test); test_flow.py checks all
-# three over the same code in-process, without two more redeploys here.
-@pytest.mark.parametrize("mode", ["weighted"])
-def test_vote_matches_member_outputs(run, split, mode) -> None:
-    url = run(voting=mode, selection={"mode": "all"})
-    r = httpx.post(f"{url}/predict", json={"instances": split.x_test[:40].tolist()}, timeout=30)
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["voting"] == mode and body["members"]["counted"] == ["logreg", "mlp", "xgb"]
-    weights = {m.name: m.weight for m in EnsembleArgs().members}
-    for pred in body["predictions"]:
-        votes = {k: np.array([v]) for k, v in pred["votes"].items()}
-        cls, p = aggregate(votes, mode, weights)
-        assert pred["label"] == int(cls[0]) and pred["decided_by"] == "ensemble"
-        assert math.isclose(pred["p_benign"], float(p[0]), abs_tol=2e-4)
-
-
-def test_killed_member_replica_gives_degraded_answer_never_a_hang(run, split) -> None:
-    import ray
-
-    url = run(voting="weighted", selection={"mode": "all"})  # same app as the test above
-    replicas = [
-        a
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if "ensemble-test" in a["name"] and "member_mlp" in a["name"]
-    ]
-    assert len(replicas) == 1, replicas
-    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]))
-    t0 = time.perf_counter()
-    r = httpx.post(f"{url}/predict", json={"instances": split.x_test[:3].tolist()}, timeout=30)
-    assert time.perf_counter() - t0 < 2.0  # the 250 ms deadline, not a hang
-    assert r.status_code == 200, r.text
-    body = r.json()
-    # Serve notices the dead replica and starts another within seconds; until then the
-    # member is either refused (failed) or never answers (late): either way it does not count.
-    assert body["degraded"] and body["members"]["counted"] == ["logreg", "xgb"]
-    assert "mlp" in body["members"]["late"] or "mlp" in body["members"]["failed"]
-    assert "Traceback" not in r.text
-
-
-def test_slow_and_failing_members_give_a_degraded_answer_within_deadline(run, split) -> None:
-    """One member 10x slower than the deadline, another failing every call; with a quorum of 1
-    the third member's vote is the answer, marked degraded, in the deadline's time."""
-    url = run(
-        members=_members(mlp={"delay_s": 15.0}, xgb={"error_rate": 1.0}),
-        selection={"mode": "all"},
-        deadline_ms=1500,
-        quorum=1,
-    )
-    t0 = time.perf_counter()
-    r = httpx.post(f"{url}/predict", json={"instances": split.x_test[:3].tolist()}, timeout=30)
-    elapsed = time.perf_counter() - t0
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["degraded"] and body["members"]["late"] == ["mlp"]
-    assert "injected fault" in body["members"]["failed"]["xgb"]
-    assert body["members"]["counted"] == ["logreg"]
-    assert elapsed < 5.0  # bounded by the 1.5 s deadline, not the member's 15 s
-    assert "Traceback" not in r.text
-
-
-def test_quorum_lost_is_a_fast_503(run, split) -> None:
-    url = run(
-        members=_members(xgb={"error_rate": 1.0}, mlp={"delay_s": 15.0}),
-        selection={"mode": "all"},
-        deadline_ms=1500,
-    )
-    t0 = time.perf_counter()
-    r = httpx.post(f"{url}/predict", json={"instances": split.x_test[:2].tolist()}, timeout=30)
-    assert r.status_code == 503
-    msg = r.json()["error"]["message"]
-    assert "Only 1 of 3" in msg and "quorum is 2" in msg
-    assert time.perf_counter() - t0 < 5.0
-
-
-@pytest.mark.slow  # two deploys: ~20-40 s on the 2-core box
-def test_slow_shadow_neither_changes_nor_delays_the_answer(run, split) -> None:
-    rows = split.x_test[:20].tolist()
-    url = run(selection={"mode": "all"}, challenger={"member": None})
-    plain = httpx.post(f"{url}/predict", json={"instances": rows}, timeout=30).json()
-    assert plain["challenger"]["status"] == "none"
-    slow_ch = {
-        "name": "xgb_v2",
-        "family": "xgboost",
-        "model": "ensemble-xgb",
-        "version": "v2",
-        "fault": {"delay_s": 10.0},
-    }
-    url = run(selection={"mode": "all"}, challenger={"member": slow_ch})
-    t0 = time.perf_counter()
-    shadowed = httpx.post(f"{url}/predict", json={"instances": rows}, timeout=30).json()
-    assert time.perf_counter() - t0 < 5.0  # the 10 s challenger is not on the request path
-    assert shadowed["challenger"]["status"] == "shadow"
-    strip = lambda b: [(p["label"], p["p_benign"]) for p in b["predictions"]]  # noqa: E731
-    assert strip(shadowed) == strip(plain)
-
-
-def test_feedback_promotion_and_rollback(run, split) -> None:
-    url = run(
-        selection={"mode": "all"},
-        challenger={
-            "member": {
-                "name": "xgb_v2",
-                "family": "xgboost",
-                "model": "ensemble-xgb",
-                "version": "v2",
-            },
-            "gate": {
-                "min_samples": 5,
-                "min_labeled": 10,
-                "min_agreement": 0.8,
-                "max_accuracy_drop": 0.1,
-            },
-        },
-    )
+def test_feedback_promotion_and_rollback(apps, split) -> None:
+    url = apps.url("weighted")
     refused = httpx.post(f"{url}/challenger/promote", timeout=30)
     assert refused.status_code == 409 and "shadowed predictions" in refused.text
+    before = httpx.get(f"{url}/challenger", timeout=30).json()["shadowed_predictions"]
     x, y = split.x_test, split.y_test
     for i in range(6):
         rows = x[i * 4 : i * 4 + 4].tolist()
@@ -322,7 +351,7 @@ def test_feedback_promotion_and_rollback(run, split) -> None:
     deadline = time.monotonic() + 10  # shadow copies are recorded asynchronously
     while time.monotonic() < deadline:
         stats = httpx.get(f"{url}/challenger", timeout=30).json()
-        if stats["shadowed_predictions"] >= 6:
+        if stats["shadowed_predictions"] >= before + 6:  # (the warm-up's were there before)
             break
         time.sleep(0.2)
     assert stats["labeled_rows"] == 24 and stats["agreement"] >= 0.8
@@ -355,11 +384,72 @@ def test_feedback_promotion_and_rollback(run, split) -> None:
     assert fb.status_code in (200, 202), fb.text  # shadowed again, so feedback counts again
 
 
-def test_non_finite_member_output_never_reaches_the_vote(run) -> None:
+# One mode through Serve; test_flow.py checks all three over the same code in-process.
+@pytest.mark.parametrize("mode", ["weighted"])
+def test_vote_matches_member_outputs(apps, split, mode) -> None:
+    url = apps.url("weighted")  # rolled back above: the challenger does not vote
+    r = httpx.post(f"{url}/predict", json={"instances": split.x_test[:40].tolist()}, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["voting"] == mode and body["members"]["counted"] == ["logreg", "mlp", "xgb"]
+    weights = {m.name: m.weight for m in EnsembleArgs().members}
+    for pred in body["predictions"]:
+        votes = {k: np.array([v]) for k, v in pred["votes"].items()}
+        cls, p = aggregate(votes, mode, weights)
+        assert pred["label"] == int(cls[0]) and pred["decided_by"] == "ensemble"
+        assert math.isclose(pred["p_benign"], float(p[0]), abs_tol=2e-4)
+
+
+def test_quorum_lost_is_a_fast_503(apps, split) -> None:
+    with apps.faulty("weighted", xgb={"error_rate": 1.0}, mlp={"delay_s": 15.0}) as url:
+        t0 = time.perf_counter()
+        r = httpx.post(f"{url}/predict", json={"instances": split.x_test[:2].tolist()}, timeout=30)
+        elapsed = time.perf_counter() - t0
+    assert r.status_code == 503
+    msg = r.json()["error"]["message"]
+    assert "Only 1 of 3" in msg and "quorum is 2" in msg
+    assert elapsed < 5.0
+
+
+def test_slow_shadow_neither_changes_nor_delays_the_answer(apps, split) -> None:
+    """The same rows and the same vote, without a challenger and with a 10 s one."""
+    rows = split.x_test[:20].tolist()
+    plain = httpx.post(
+        f"{apps.url('quorum_one')}/predict", json={"instances": rows}, timeout=30
+    ).json()
+    assert plain["challenger"]["status"] == "none"
+    with apps.faulty("weighted", xgb_v2={"delay_s": 10.0}) as url:
+        t0 = time.perf_counter()
+        shadowed = httpx.post(f"{url}/predict", json={"instances": rows}, timeout=30).json()
+        elapsed = time.perf_counter() - t0
+    assert elapsed < 5.0  # the 10 s challenger is not on the request path
+    assert shadowed["challenger"]["status"] == "shadow"
+    assert plain["voting"] == shadowed["voting"] == "weighted"
+    strip = lambda b: [(p["label"], p["p_benign"]) for p in b["predictions"]]  # noqa: E731
+    assert strip(shadowed) == strip(plain)
+
+
+def test_slow_and_failing_members_give_a_degraded_answer_within_deadline(apps, split) -> None:
+    """One member 10x slower than the deadline, another failing every call; with a quorum of 1
+    the third member's vote is the answer, marked degraded, in the deadline's time."""
+    with apps.faulty("quorum_one", mlp={"delay_s": 15.0}, xgb={"error_rate": 1.0}) as url:
+        t0 = time.perf_counter()
+        r = httpx.post(f"{url}/predict", json={"instances": split.x_test[:3].tolist()}, timeout=30)
+        elapsed = time.perf_counter() - t0
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["degraded"] and body["members"]["late"] == ["mlp"]
+    assert "injected fault" in body["members"]["failed"]["xgb"]
+    assert body["members"]["counted"] == ["logreg"]
+    assert elapsed < 5.0  # bounded by the 1.5 s deadline, not the member's 15 s
+    assert "Traceback" not in r.text
+
+
+def test_non_finite_member_output_never_reaches_the_vote(apps) -> None:
     # With the input bound lifted to float32's largest value, -3e38 reaches the members:
     # logreg raises on it and the MLP answers NaN. Only XGBoost's answer may be counted.
     # (A generous deadline so that no member is merely late on a loaded machine.)
-    url = run(max_abs_feature=FLOAT32_MAX, quorum=1, selection={"mode": "all"}, deadline_ms=1500)
+    url = apps.url("quorum_one")
     row = [1.0] * 5 + [-3e38] + [1.0] * 24
     r = httpx.post(f"{url}/predict", json={"instances": [row]}, timeout=30)
     assert r.status_code == 200, r.text
@@ -369,3 +459,37 @@ def test_non_finite_member_output_never_reaches_the_vote(run) -> None:
     assert "ValueError" in body["members"]["failed"]["logreg"]
     pred = body["predictions"][0]
     assert set(pred["votes"]) == {"xgb"} and math.isfinite(pred["p_benign"])
+
+
+# Last: the default app's MLP replica is killed (Serve starts another meanwhile).
+def test_killed_member_replica_gives_degraded_answer_never_a_hang(apps, split) -> None:
+    import ray
+
+    url = apps.url("default")
+    # Rows the cascade's gate is unsure about, so that every member is asked for them.
+    probe = httpx.post(
+        f"{url}/predict", json={"instances": split.x_test[:40].tolist()}, timeout=30
+    ).json()
+    rows = [
+        split.x_test[i].tolist()
+        for i, p in enumerate(probe["predictions"])
+        if p["decided_by"] == "ensemble"
+    ][:3]
+    assert rows
+    replicas = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if f"::{APPS['default'][0]}#member_mlp#" in a["name"]
+    ]
+    assert len(replicas) == 1, replicas
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]))
+    t0 = time.perf_counter()
+    r = httpx.post(f"{url}/predict", json={"instances": rows}, timeout=30)
+    assert time.perf_counter() - t0 < 2.0  # the 250 ms deadline, not a hang
+    assert r.status_code == 200, r.text
+    body = r.json()
+    # Serve notices the dead replica and starts another within seconds; until then the
+    # member is either refused (failed) or never answers (late): either way it does not count.
+    assert body["degraded"] and body["members"]["counted"] == ["logreg", "xgb"]
+    assert "mlp" in body["members"]["late"] or "mlp" in body["members"]["failed"]
+    assert "Traceback" not in r.text

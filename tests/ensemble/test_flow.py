@@ -365,3 +365,29 @@ def test_a_quorum_missed_by_a_lost_replica_is_tried_again_but_not_by_an_error(st
         VotingEnsemble.from_args(args, members, None, LocalHandle(recorder)), split.x_test[:2]
     )
     assert not body["degraded"] and "fan_out_2" in body["timings_ms"]
+
+
+def test_user_config_switches_a_member_fault_live(store) -> None:
+    """``EnsembleMember.reconfigure`` (what Serve calls for a new user_config): ``fault`` turns
+    the chaos knob on or off on the loaded member; a user_config without it keeps the fault;
+    a bad one is refused and changes nothing. (Through Serve: test_app.py's fault tests.)"""
+    from patterns.ensemble.deployments import EnsembleMember
+
+    spec = EnsembleArgs().members[1]
+    deployment = EnsembleMember.func_or_class(spec.model_dump(), None, False)
+    knobs = dict(EnsembleMember.user_config)
+    deployment.reconfigure(knobs)
+    assert deployment.info()["fault"] == {"delay_s": 0.0, "error_rate": 0.0}
+    deployment.reconfigure({**knobs, "fault": {"error_rate": 1.0}})
+    with pytest.raises(RuntimeError, match="injected fault in member xgb"):
+        asyncio.run(deployment.member.inject_fault())
+    deployment.reconfigure({**knobs, "max_batch_size": 8})
+    assert (
+        deployment.info()["fault"]["error_rate"] == 1.0 and deployment.batching.max_batch_size == 8
+    )
+    with pytest.raises(ValueError):
+        deployment.reconfigure({"fault": {"delay_s": -1}})
+    assert deployment.info()["fault"]["error_rate"] == 1.0
+    deployment.reconfigure({"fault": {}})
+    asyncio.run(deployment.member.inject_fault())  # off again: no error
+    assert deployment.info()["fault"] == {"delay_s": 0.0, "error_rate": 0.0}
