@@ -37,7 +37,15 @@ def _storage_options(store_uri: str | None) -> dict[str, Any]:
     return {} if store_uri else dict(get_settings().model_store_options)
 
 
-@serve.deployment(num_replicas=1, max_ongoing_requests=16)
+# Each of the two is the only replica of its deployment: while a dead one goes unnoticed
+# nobody trains (or updates the posterior). Serve notices a dead replica at its next health
+# check; a short period (Serve's default is 10 s) costs a cheap call and shortens that gap.
+SOLE_REPLICA_HEALTH_CHECK_S = 2.0
+
+
+@serve.deployment(
+    num_replicas=1, max_ongoing_requests=16, health_check_period_s=SOLE_REPLICA_HEALTH_CHECK_S
+)
 class OnlineTrainer:
     """Consumes the labels stream, saves a version per round, gates and promotes it."""
 
@@ -110,7 +118,12 @@ class OnlineTrainer:
         self._stop.set()
 
 
-@serve.deployment(max_surge_percent=SURGE, num_replicas=1, max_ongoing_requests=64)
+@serve.deployment(
+    max_surge_percent=SURGE,
+    num_replicas=1,
+    max_ongoing_requests=64,
+    health_check_period_s=SOLE_REPLICA_HEALTH_CHECK_S,
+)
 class BanditPolicy:
     """Chooses an action per context; learns from the rewards stream; saved as safetensors."""
 

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from patterns.online_learning.stream import N_FEATURES, DriftingStream
+
+
+def baseline_store_in(d: Path, baseline: Path) -> str:
+    """A model store of its own under ``d`` that starts as a copy of ``baseline`` (the
+    session's ``online_baseline_models``); its URI."""
+    shutil.copytree(baseline, d / "models")
+    return (d / "models").as_uri()
 
 
 def wait_for(check, timeout_s: float = 30.0, every_s: float = 0.2, what: str = "condition"):

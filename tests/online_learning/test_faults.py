@@ -18,11 +18,10 @@ import pytest
 
 from core.model_store import ModelStore
 from patterns.online_learning.app import OnlineArgs, build_app
-from patterns.online_learning.artifacts import ensure_artifacts
 from patterns.online_learning.learning import GatePolicy, TrainerArgs
 from patterns.online_learning.model import MODEL_NAME, is_holdout
 from patterns.online_learning.stream import DriftingStream
-from tests.online_learning.helpers import play, wait_for, wait_until_served
+from tests.online_learning.helpers import baseline_store_in, play, wait_for, wait_until_served
 
 STREAM = DriftingStream()
 
@@ -31,10 +30,9 @@ STREAM = DriftingStream()
     scope="module",
     params=["sqlite", pytest.param("redis", marks=[pytest.mark.redis, pytest.mark.slow])],
 )
-def app(request, deploy, tmp_path_factory):
+def app(request, deploy, tmp_path_factory, online_baseline_models):
     d = tmp_path_factory.mktemp(f"faults-{request.param}")
-    store_uri = (d / "models").as_uri()
-    ensure_artifacts(ModelStore(store_uri))
+    store_uri = baseline_store_in(d, online_baseline_models)  # trained once for both backends
     log_url = f"sqlite:///{d / 'feedback.db'}"
     if request.param == "redis":
         log_url = request.getfixturevalue("redis_server").url
@@ -77,7 +75,7 @@ def test_sigkill_mid_batch_loses_nothing_and_applies_nothing_twice(app) -> None:
     wait_for(
         lambda: (s := trainer_status(name)) and s["pid"] != status["pid"] and s["consumed"] == last,
         90,
-        0.5,
+        0.1,
         what="the restarted trainer to consume every acknowledged event",
     )
     store = ModelStore(app["store_uri"])
@@ -106,9 +104,9 @@ def test_a_poisoned_model_that_got_live_is_rolled_back_by_live_labels(app) -> No
     url, name = app["url"], app["name"]
     start = 16_000  # concept 0 again, events no other test sent
     honest = play(url, STREAM, start, 320, tag="rb")
-    wait_for(lambda: _consumed(name, honest["acks"][-1]["offset"]), 90, 0.5)
+    wait_for(lambda: _consumed(name, honest["acks"][-1]["offset"]), 90, 0.1)
     flood = play(url, STREAM, start + 320, 320, client="mallory", flip=True, tag="rb")
-    wait_for(lambda: _consumed(name, flood["acks"][-1]["offset"]), 90, 0.5)
+    wait_for(lambda: _consumed(name, flood["acks"][-1]["offset"]), 90, 0.1)
     poisoned = httpx.get(f"{url}/model", timeout=30).json()["pointer_history"][0]
     assert poisoned["reason"].startswith("gate")  # the disabled gate let it through...
     after = play(url, STREAM, start + 640, 400, tag="rb")
@@ -120,7 +118,7 @@ def test_a_poisoned_model_that_got_live_is_rolled_back_by_live_labels(app) -> No
             if h["reason"].startswith("auto-rollback") and h["seq"] > poisoned["seq"]
         ],
         90,
-        0.5,
+        0.1,
         what="the live labels to trigger an automatic rollback",
     )
     assert int(history[-1]["version"].lstrip("v")) < int(poisoned["version"].lstrip("v"))

@@ -16,8 +16,9 @@
   process behind (within 30 s: Ray's workers take a few seconds to go).
 
 The cluster runs in the development profile a reviewer's ``make serve`` runs (keyed routes
-open, and documented so), on a copy of the artifacts so the fuzzer's writes (decisions,
-feedback, new online versions) stay out of the checkout.
+open, and documented so), started the way ``make serve`` starts it (``scripts.serve_all`` on a
+serve config), with one replica per deployment (``_config``), on a copy of the artifacts so
+the fuzzer's writes (decisions, feedback, new online versions) stay out of the checkout.
 """
 
 from __future__ import annotations
@@ -68,10 +69,21 @@ def listeners(procs: list[psutil.Process]) -> list[tuple[str, str, int, list[str
 
 
 def _config() -> dict:
+    """serve_config.yaml as ``make serve`` runs it, in a lighter profile: one replica per
+    deployment the config lists (``num_replicas``, or the autoscaler's ``min_replicas``;
+    ``max_replicas`` stays), through the config's own deployment options. What this module
+    proves (every app up, no finding, the listeners, the stop) does not depend on a second
+    replica, and each one is a process to start on a shared 2-core box; the reliability
+    tests that lose a replica run on their own clusters."""
     import yaml
 
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     for app in config["applications"]:
+        for deployment in app.get("deployments", []):
+            if "num_replicas" in deployment:
+                deployment["num_replicas"] = 1
+            if "autoscaling_config" in deployment:
+                deployment["autoscaling_config"]["min_replicas"] = 1
         if app["name"] == "multiplexing":
             # Fuzzed chats may ask for the largest answer: keep generation short on a CPU box
             # (the limit is a real knob, chat.limits in config.yaml).
