@@ -1,8 +1,10 @@
-"""In-process stand-ins for DeploymentHandles, so the request flow runs without Serve."""
+"""In-process stand-ins for DeploymentHandles, so the request flow runs without Serve, and the
+vote check both the flow's and the app's tests make on an answer."""
 
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 
@@ -27,3 +29,20 @@ class LocalHandle:
                 return call()
 
         return _Method
+
+
+def assert_votes_decide(body: dict[str, Any], mode: str) -> None:
+    """Every prediction in ``body`` is what ``mode`` makes of its members' own votes, with
+    the default members' weights: the ensemble added nothing of its own."""
+    import numpy as np
+
+    from patterns.ensemble.flow import EnsembleArgs
+    from patterns.ensemble.voting import aggregate
+
+    assert body["voting"] == mode and body["members"]["counted"] == ["logreg", "mlp", "xgb"]
+    weights = {m.name: m.weight for m in EnsembleArgs().members}
+    for pred in body["predictions"]:
+        votes = {k: np.array([v]) for k, v in pred["votes"].items()}
+        cls, p = aggregate(votes, mode, weights)
+        assert pred["label"] == int(cls[0]) and pred["decided_by"] == "ensemble"
+        assert math.isclose(pred["p_benign"], float(p[0]), abs_tol=2e-4)

@@ -18,7 +18,7 @@ from patterns.ensemble.data import N_FEATURES, load_split
 from patterns.ensemble.deployments import EnsembleMember
 from patterns.ensemble.flow import FLOAT32_MAX, EnsembleArgs
 from patterns.ensemble.members import FaultInjection
-from patterns.ensemble.voting import aggregate
+from tests.ensemble.local import assert_votes_decide
 from tests.servers import wait_http_ok
 
 # Three apps, deployed together once for the module from one Serve config: a redeploy with
@@ -390,14 +390,7 @@ def test_vote_matches_member_outputs(apps, split, mode) -> None:
     url = apps.url("weighted")  # rolled back above: the challenger does not vote
     r = httpx.post(f"{url}/predict", json={"instances": split.x_test[:40].tolist()}, timeout=30)
     assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["voting"] == mode and body["members"]["counted"] == ["logreg", "mlp", "xgb"]
-    weights = {m.name: m.weight for m in EnsembleArgs().members}
-    for pred in body["predictions"]:
-        votes = {k: np.array([v]) for k, v in pred["votes"].items()}
-        cls, p = aggregate(votes, mode, weights)
-        assert pred["label"] == int(cls[0]) and pred["decided_by"] == "ensemble"
-        assert math.isclose(pred["p_benign"], float(p[0]), abs_tol=2e-4)
+    assert_votes_decide(r.json(), mode)
 
 
 def test_quorum_lost_is_a_fast_503(apps, split) -> None:
