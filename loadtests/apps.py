@@ -1,9 +1,10 @@
 """The pipeline pattern as a monolith and as microservices: plain FastAPI apps, no Ray.
 
-Both reuse the pattern's own code (``patterns.pipeline``: ``PipelineFlow``, the stage classes,
-``PipelineArgs`` defaults), so all three architectures of the study give the same answers from
-the same models. The factories are for ``uvicorn --factory``; ``loadtests.targets`` starts
-them (one command per architecture).
+Both reuse the pattern's own public code (``patterns.pipeline``: ``PipelineFlow``, the stage
+classes of ``stages``, ``PipelineArgs`` defaults, the monolith's routes in ``bench.monolith``),
+so all three architectures of the study give the same answers from the same models. The
+factories are for ``uvicorn --factory``; ``loadtests.targets`` starts them (one command per
+architecture).
 
 - ``monolith_app``: every stage in the worker process (``InProcessStages``); run it with
   ``--workers N``, each worker holding all the models.
@@ -28,7 +29,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-from core.ingress import install_ingress, request_id_of
+from core.ingress import install_ingress
 
 MODEL_STAGES = {"detector": "detector", "scene": "scene", "digits": "digits"}
 
@@ -43,24 +44,6 @@ def _store(args: Any) -> Any:
     from core.model_store import ModelStore
 
     return ModelStore.open(args.model_store_uri)
-
-
-def _routes(api: FastAPI, state: dict[str, Any]) -> None:
-    """The pattern's two main routes, under its prefix, over ``state["flow"]``."""
-
-    @api.post("/pipeline/read")
-    async def read(request: Request) -> dict[str, Any]:
-        from patterns.pipeline.uploads import one_image
-
-        args = state["args"]
-        data = await one_image(
-            request, max_image_bytes=args.max_image_bytes, max_files=args.max_batch_images
-        )
-        return await state["flow"].read(data, request_id_of(request))
-
-    @api.get("/pipeline/model")
-    async def model() -> dict[str, Any]:
-        return await state["flow"].model_info()
 
 
 # ---------------------------------------------------------------------------- monolith
@@ -231,6 +214,8 @@ def _task(coro: Any) -> asyncio.Task:
 
 
 def gateway_app() -> FastAPI:
+    from patterns.pipeline.bench.monolith import add_routes
+
     upstreams = json.loads(os.environ.get("LOADTEST_UPSTREAMS", "{}"))
     missing = {"preprocess", *MODEL_STAGES} - set(upstreams)
     if missing:
@@ -255,5 +240,5 @@ def gateway_app() -> FastAPI:
 
     api = FastAPI(title="Vision pipeline (microservices gateway)", lifespan=lifespan)
     install_ingress(api, app_name="pipeline-gateway", max_body_bytes=64 * 1024 * 1024)
-    _routes(api, state)
+    add_routes(api, state)
     return api

@@ -260,7 +260,7 @@ class RiskService:
 
 def business_env(raw: Path, risk: RiskService) -> dict[str, str]:
     """Fresh copies of the embedded SQLite files (the study writes decisions), the risk API."""
-    from patterns.business_logic.settings import data_dir
+    from patterns.business_logic.artifacts import data_dir
 
     data = raw / "business-data"
     data.mkdir(parents=True, exist_ok=True)

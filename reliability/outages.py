@@ -345,45 +345,22 @@ def _business_writes(database_url: str) -> Callable[[WriteStream], dict[str, Any
     answered 2xx has neither."""
 
     def check(writer: WriteStream) -> dict[str, Any]:
-        from sqlalchemy import func, select
+        from patterns.business_logic.audit import written
 
-        from patterns.business_logic.database import make_engine
-        from patterns.business_logic.records import decisions, idempotency_keys
-
-        engine = make_engine(database_url, timeout_s=10)
-        try:
-            with engine.connect() as conn:
-                prefix = f"score-{writer.run_id}-%"
-                keyed = dict(
-                    conn.execute(
-                        select(
-                            idempotency_keys.c.idempotency_key, idempotency_keys.c.request_id
-                        ).where(idempotency_keys.c.idempotency_key.like(prefix))
-                    ).all()
-                )
-                ids = [b["request_id"] for b in writer.accepted.values()]
-                rows: Counter[str] = Counter()
-                for chunk in range(0, len(ids), 500):
-                    part = ids[chunk : chunk + 500]
-                    for rid, n in conn.execute(
-                        select(decisions.c.request_id, func.count())
-                        .where(decisions.c.request_id.in_(part))
-                        .group_by(decisions.c.request_id)
-                    ):
-                        rows[rid] = n
-        finally:
-            engine.dispose()
+        ids = [b["request_id"] for b in writer.accepted.values()]
+        rows = written(database_url, key_prefix=f"score-{writer.run_id}-", request_ids=ids)
+        keyed = rows.keys
         lost = [
             k
             for k, body in writer.accepted.items()
-            if keyed.get(k) != body["request_id"] or rows[body["request_id"]] < 1
+            if keyed.get(k) != body["request_id"] or rows.decisions[body["request_id"]] < 1
         ]
         return {
             "accepted": len(writer.accepted),
             "key_rows": len(keyed),
-            "decision_rows": sum(rows.values()),
+            "decision_rows": sum(rows.decisions.values()),
             "lost": len(lost),
-            "duplicated": sum(n - 1 for n in rows.values() if n > 1),
+            "duplicated": sum(n - 1 for n in rows.decisions.values() if n > 1),
             "half_written": len([k for k in writer.given_up if k in keyed]),
         }
 
@@ -635,16 +612,11 @@ def _online_writes(base_url: str, log_url: str) -> Callable[[WriteStream], dict[
     them: learned + held out = the labels in this (fresh) log."""
 
     def check(writer: WriteStream) -> dict[str, Any]:
-        from patterns.online_learning.feedback_log import offset_key, open_log
-        from patterns.online_learning.learning import LABELS_STREAM
+        from patterns.online_learning.label_log import labels, last_offset, offset_key
 
-        log_ = open_log(log_url)
-        try:
-            entries = log_.tail(LABELS_STREAM, "999999999999999-0", 1_000_000)
-        finally:
-            log_.close()
+        entries = labels(log_url)
         ids = Counter(e.event_id for e in entries)
-        last = max((e.offset for e in entries), key=offset_key, default="0")
+        last = last_offset(entries)
         applied: dict[str, Any] = {}
 
         def caught_up() -> bool:

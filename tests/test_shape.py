@@ -20,6 +20,7 @@ import ast
 import importlib
 import inspect
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -254,6 +255,122 @@ def test_the_circle_check_sees_every_package_and_a_hidden_circle(tmp_path: Path)
 def test_no_import_circles() -> None:
     cycles = _cycles(_import_graph(ROOT))
     assert not cycles, "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+# ------------------------------------------------------------------------------ public entry points
+# The harnesses and tools around the patterns: they use a pattern the way a user's code would.
+OUTSIDE = ("reliability", "loadtests", "scripts", "cluster")
+# A module path in a string: ``python -m patterns.x.y``, ``uvicorn patterns.x.y:factory``, an
+# ``import_module`` name; ``*`` stands for an f-string's placeholder (``f"patterns.{app}.client"``).
+_MODULE_PATH = re.compile(r"patterns\.(\w+|\*)((?:\.\w+)*)(?::\w+)?")
+
+
+def _public(name: str, root: Path = ROOT) -> tuple[str, ...]:
+    """``PUBLIC`` of ``patterns/<name>/__init__.py``, read without importing the pattern."""
+    tree = ast.parse((root / "patterns" / name / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["PUBLIC"]:
+            return tuple(ast.literal_eval(node.value))
+    return ()
+
+
+def _pattern_references(path: Path) -> list[tuple[int, str, str]]:
+    """(line, pattern or ``*``, first module under it or "") for every pattern module ``path``
+    names: in an import (a function body included), or as a string that is a module path."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found += [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.append((node.lineno, node.value))
+        elif isinstance(node, ast.JoinedStr):
+            text = "".join(v.value if isinstance(v, ast.Constant) else "*" for v in node.values)
+            found.append((node.lineno, text))
+    out = []
+    for line, text in found:
+        m = _MODULE_PATH.fullmatch(text)
+        if m:
+            out.append((line, m.group(1), m.group(2).lstrip(".").split(".")[0]))
+    return out
+
+
+def _reach_ins(root: Path, packages: tuple[str, ...]) -> list[str]:
+    """Imports by ``packages`` of a pattern module that is not in that pattern's ``PUBLIC``;
+    and any pattern naming another pattern's module at all."""
+    patterns = sorted(p.parent.name for p in root.glob("patterns/*/__init__.py"))
+    public = {p: _public(p, root) for p in patterns}
+
+    def is_module(pattern: str, name: str) -> bool:
+        here = root / "patterns" / pattern
+        return (here / f"{name}.py").is_file() or (here / name / "__init__.py").is_file()
+
+    bad = []
+    files = [(f, None) for pkg in packages for f in sorted((root / pkg).rglob("*.py"))]
+    files += [(f, p) for p in patterns for f in sorted((root / "patterns" / p).rglob("*.py"))]
+    for path, own in files:
+        where = path.relative_to(root)
+        for line, pattern, module in _pattern_references(path):
+            if own is not None:  # inside a pattern: its own modules only
+                if pattern not in (own, "*"):
+                    bad.append(f"{where}:{line} patterns/{own} uses patterns.{pattern}")
+                continue
+            for p in patterns if pattern == "*" else [pattern]:
+                if module and is_module(p, module) and module not in public.get(p, ()):
+                    bad.append(f"{where}:{line} patterns.{p}.{module} (not in its PUBLIC)")
+    return list(dict.fromkeys(bad))  # one line per module named, however many names
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+def test_public_entry_points_are_listed_once_for_readme_and_code(name: str) -> None:
+    """``PUBLIC`` in the pattern's ``__init__.py`` names real modules, and the README's
+    "Public entry points" lists exactly those (``- `x.py`: ...`` or ``- `bench/`: ...``)."""
+    here = ROOT / "patterns" / name
+    public = _public(name)
+    assert {"app", "flow", "client", "artifacts", "bench"} <= set(public), public
+    missing = [m for m in public if not ((here / f"{m}.py").is_file() or (here / m).is_dir())]
+    assert not missing, f"patterns/{name} PUBLIC names no such module: {missing}"
+    readme = (here / "README.md").read_text()
+    assert "\n## Public entry points\n" in readme, f"patterns/{name}/README.md lacks the section"
+    section = readme.split("\n## Public entry points\n", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^- `(\w+)(?:\.py|/)`", section, flags=re.M)
+    assert sorted(listed) == sorted(public), (listed, public)
+
+
+def test_the_reach_in_check_sees_imports_strings_and_f_strings(tmp_path: Path) -> None:
+    """A harness importing a module its pattern keeps inside is caught, whether it imports it
+    (at the top or in a function), starts it by name, or builds the name in an f-string."""
+    pat = tmp_path / "patterns" / "demo"
+    pat.mkdir(parents=True)
+    (tmp_path / "patterns" / "__init__.py").write_text("")
+    (pat / "__init__.py").write_text('PUBLIC = ("client", "bench")\n')
+    for m in ("client", "records", "helper"):
+        (pat / f"{m}.py").write_text("")
+    (pat / "bench").mkdir()
+    (pat / "bench" / "__init__.py").write_text("from patterns.demo import records\n")
+    (tmp_path / "harness").mkdir()
+    (tmp_path / "harness" / "ok.py").write_text(
+        "from patterns.demo import PUBLIC, client\nfrom patterns.demo.bench import x\n"
+        "import patterns.demo.client\nARGV = ['-m', 'patterns.demo.client']\n"
+    )
+    assert _reach_ins(tmp_path, ("harness",)) == []
+    (tmp_path / "harness" / "bad.py").write_text(
+        "def f(app):\n    from patterns.demo.records import decisions\n"
+        "    from patterns.demo import helper\n"
+        "    return ['-m', 'patterns.demo.records:main', f'patterns.{app}.helper']\n"
+    )
+    assert _reach_ins(tmp_path, ("harness",)) == [
+        f"harness/bad.py:{n} patterns.demo.{m} (not in its PUBLIC)"
+        for n, m in ((2, "records"), (3, "helper"), (4, "records"), (4, "helper"))
+    ]
+
+
+def test_harnesses_use_only_the_patterns_public_entry_points() -> None:
+    """reliability/, loadtests/, scripts/ and cluster/ import from a pattern only what its
+    ``PUBLIC`` names (README, "Public entry points"); no pattern imports another."""
+    bad = _reach_ins(ROOT, OUTSIDE)
+    assert not bad, "reach-ins:\n" + "\n".join(bad)
 
 
 # ------------------------------------------------------------------------------ copy test

@@ -6,8 +6,11 @@
   (``training_data``): ``business-fraud-gbm/v1`` in the core model store (skops, a safe
   format; the held-out AUC in its manifest, shown by ``GET /business/model``);
 - the records database and the feature store, seeded deterministically (``seed.py``): the
-  embedded SQLite files under artifacts/business_logic/, or whatever BUSINESS_DATABASE_URL and
-  BUSINESS_FEATURE_STORE_URL point to.
+  embedded SQLite files under artifacts/business_logic/ (``data_dir()``: ``records.db``,
+  ``features.db``), or whatever BUSINESS_DATABASE_URL and BUSINESS_FEATURE_STORE_URL point to.
+
+``ensure_model`` alone is the model without the databases, for a harness that seeds databases
+of its own (``seed.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from core.model_store import ModelStore
 from patterns.business_logic.model import DEFAULT_SIGNAL, MODEL_INPUTS, MODEL_NAME, MODEL_VERSION
 from patterns.business_logic.seed import seed_database, seed_feature_store
 from patterns.business_logic.settings import BusinessSettings
+from patterns.business_logic.settings import data_dir as data_dir  # where the SQLite files go
 
 
 def _log(msg: str) -> None:

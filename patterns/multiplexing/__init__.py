@@ -1,0 +1,10 @@
+"""Multiplexing: a thousand tenants' models behind two replicas, and an LLM chat with an
+adapter per tenant. See README.md.
+
+Public entry points: ``PUBLIC`` below names the modules (and ``bench/``) that code outside
+this folder may import; the README's "Public entry points" lists the same, and
+tests/test_shape.py holds reliability/, loadtests/, scripts/ and cluster/ to it. The other
+modules are the pattern's inside and may change without notice.
+"""
+
+PUBLIC = ("app", "flow", "client", "artifacts", "bench")

@@ -434,3 +434,30 @@ def test_an_idempotency_key_answers_a_repeat_once_and_refuses_another_payment(
         assert rows("idem-5") == 0
 
     asyncio.run(run())
+
+
+def test_the_audit_read_back_finds_key_rows_by_prefix_and_counts_decision_rows(
+    sqlite_urls,
+) -> None:
+    """``audit.written``, what reliability/outages.py checks writes with: the keys under one
+    prefix with their first answer's request id, and decision rows per request id."""
+    from patterns.business_logic.audit import written
+
+    async def run() -> tuple[str, str]:
+        scorer = _scorer(sqlite_urls, log_decisions=True)
+        first, racer = await asyncio.gather(
+            scorer.score(_req("C00042"), "aud-1", "audit-1"),
+            scorer.score(_req("C00042"), "aud-2", "audit-1"),
+        )
+        assert first["request_id"] == racer["request_id"]
+        await scorer.score(_req("C00043"), "aud-3", "other-audit-1")  # another prefix
+        await scorer.score(_req("C00044"), "aud-4")  # no key: a decision row only
+        return first["request_id"], "aud-3"
+
+    keyed, other = asyncio.run(run())
+    rows = written(
+        sqlite_urls["database"], key_prefix="audit-", request_ids=[keyed, other, "aud-4", "nope"]
+    )
+    assert rows.keys == {"audit-1": keyed}
+    assert dict(rows.decisions) == {keyed: 1, other: 1, "aud-4": 1}
+    assert rows.decisions["nope"] == 0

@@ -93,3 +93,25 @@ def test_prediction_records_and_the_champion_pointer(make_log) -> None:
     assert [h["version"] for h in log.champion_history()] == ["v000007", "v000001"]
     assert make_log().champion()["version"] == "v000007"  # durable, seen by a new process
     assert make_log().log_id() == log.log_id()
+
+
+def test_the_label_log_read_back_lists_each_label_once_in_offset_order(tmp_path) -> None:
+    """``label_log``, what reliability/outages.py checks feedback with: every label appended
+    (a repeated event id once), oldest first; offsets ordered as numbers, not strings."""
+    from patterns.online_learning.feedback_log import Entry
+    from patterns.online_learning.label_log import labels, last_offset
+
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    log = SqliteLog(tmp_path / "log.db")
+    try:
+        assert labels(url) == [] and last_offset([]) == START
+        acks = log.append("labels", [ev(i) for i in range(12)] + [ev(3)])
+        log.append("other", [ev(99)])
+    finally:
+        log.close()
+    entries = labels(url)
+    assert [e.event_id for e in entries] == [f"e{i}" for i in range(12)]
+    assert last_offset(entries) == acks[11].offset == "12"  # "9" > "12" as strings
+    assert [e.event_id for e in labels(url, limit=2)] == ["e10", "e11"]
+    redis_ids = [Entry(o, o, {}) for o in ("1700-9", "1700-10", "999-0")]
+    assert last_offset(redis_ids) == "1700-10"

@@ -96,6 +96,14 @@ def create_app(batched: bool = False) -> FastAPI:
     title = "Vision pipeline (monolith, batched)" if batched else "Vision pipeline (monolith)"
     api = FastAPI(title=title, lifespan=lifespan)
     install_ingress(api, app_name="pipeline-monolith", max_body_bytes=64 * 1024 * 1024)
+    add_routes(api, state)
+    return api
+
+
+def add_routes(api: FastAPI, state: dict[str, Any]) -> None:
+    """The Serve app's two main routes under its prefix, over ``state["flow"]`` (a
+    ``PipelineFlow``) and ``state["args"]`` (``PipelineArgs``), set by the app's lifespan.
+    The load study's microservices gateway (``loadtests.apps``) answers with these too."""
 
     @api.post("/pipeline/read")
     async def read(request: Request) -> dict[str, Any]:
@@ -110,5 +118,3 @@ def create_app(batched: bool = False) -> FastAPI:
     @api.get("/pipeline/model")
     async def model() -> dict[str, Any]:
         return await state["flow"].model_info()
-
-    return api
