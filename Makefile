@@ -48,7 +48,7 @@ test: setup
 # every app killed each minute, a long schema-driven fuzz; prints one table, writes
 # reliability/report/chaos.json and fails when a goal is missed (about 45 minutes on 2 cores).
 # CHAOS_ARGS="--minutes 3 --only kill,soak" for a shorter run; the same runs as pytest tests:
-# `pytest --chaos -m chaos tests/reliability`.
+# `pytest --chaos -m chaos tests/reliability tests/cluster`.
 CHAOS_ARGS ?=
 chaos: setup
 	$(PY) -m reliability.chaos $(CHAOS_ARGS)

@@ -23,7 +23,8 @@ Scenarios, each under ``reliability.load.Load`` on ALL apps (2 in flight per app
   modules exist (they are written separately).
 - ``nodes``: ``reliability.nodes``, on a three-raylet cluster of its own: the GCS server, the
   general node and the accelerator node SIGKILLed under load (timeline in
-  reliability/report/nodes.png).
+  reliability/report/nodes.png); then, on another, the online trainer's node (labels on
+  Redis Streams, exactly once across the kill).
 
 Exit status 1 when any goal is missed. Nothing here times a fast path: it counts failures and
 statuses; the only bound in seconds is the issue's "serves normally again within 10 s".
@@ -464,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
 
         node_rows, extra["nodes"] = nodes.node_rows(png=REPORT_DIR / "nodes.png")
         rows.extend(node_rows)
+        rows.extend(nodes.online_rows())  # the online trainer's node, on a cluster of its own
     meta["apps"] = apps
     meta["wall_s"] = round(time.monotonic() - t0)
     path = write_report(rows, meta, extra)

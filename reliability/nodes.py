@@ -19,6 +19,16 @@ send forecasts throughout; each fault is one row in the chaos table's format:
 - ``node accelerator``: the same for the node that runs both forecaster replicas: they start
   again on the general nodes (the placement is a preference with a fallback).
 
+The online learner gets a cluster of its own (``online_rows``): the online_learning app from
+its config.yaml with its log on Redis Streams (a Redis started for it with ``appendonly yes``,
+``appendfsync always``), the trainer preferring the accelerator node (a worker, not the head):
+
+- ``node accelerator SIGKILL (the trainer's)``: the trainer's node lost while clients predict
+  and one client sends keyed labels (``reliability.outages``' writer and check). Goal: as for a
+  node above, plus the trainer running again on a surviving node, every label answered 202 in
+  the log once, and the new trainer caught up to the last offset with learned + held out ==
+  labels logged (its counters and offset come back with the version that learned them).
+
 ``timeline`` draws the answers over time, one panel per fault, coloured by outcome.
 """
 
@@ -86,16 +96,17 @@ def gcs_tolerant(server: Any) -> bool:
     return "--gcs-redis" in server.extra_args
 
 
-def ready_lines(server: Any) -> tuple[dict[str, int], dict[str, list[str]]]:
+def ready_lines(server: Any, app: str = APP) -> tuple[dict[str, int], dict[str, list[str]]]:
     """From serve_all's ready message: the raylet pid of each node (kind -> pid; the head's
-    as ``general-head``) and the placement (deployment -> node kind of each replica)."""
+    as ``general-head``) and the placement of ``app`` (deployment -> node kind of each
+    replica)."""
     text = server.log_file.read_text()
     nodes = {}
     for kind, head, pid in re.findall(r"(\w+)( \(head\))? raylet pid (\d+)", text):
         nodes[f"{kind}{'-head' if head else ''}"] = int(pid)
     placed = {
         m[0]: [k.strip() for k in m[1].split(",")]
-        for m in re.findall(rf"^  {APP}/(\w+): (.+)$", text, re.MULTILINE)
+        for m in re.findall(rf"^  {app}/(\w+): (.+)$", text, re.MULTILINE)
     }
     return nodes, placed
 
@@ -116,19 +127,21 @@ def replicas_in(procs: list[psutil.Process]) -> list[str]:
     return sorted(out)
 
 
-def running(server: Any, deployment: str, gone: frozenset[int] | set[int] = frozenset()) -> int:
-    """RUNNING replicas of one of the app's deployments (Serve's details, as `serve status`),
+def running(
+    server: Any, deployment: str, gone: frozenset[int] | set[int] = frozenset(), app: str = APP
+) -> int:
+    """RUNNING replicas of one of ``app``'s deployments (Serve's details, as `serve status`),
     not counting those whose process is in ``gone`` (a killed node's, until Serve notices)."""
-    return sum(r.pid not in gone for r in Cluster(server.dashboard_url).replicas(APP, deployment))
+    return sum(r.pid not in gone for r in Cluster(server.dashboard_url).replicas(app, deployment))
 
 
-def lose_node(server: Any, load: Load, kind: str, *, watch_s: float = 30.0) -> Row:
+def lose_node(server: Any, load: Load, kind: str, *, watch_s: float = 30.0, app: str = APP) -> Row:
     """SIGKILL the ``kind`` worker node (``general`` or ``accelerator``) under ``load``; the row
-    counts the answers to requests sent in the ``watch_s`` after it (the window of the chaos
-    harness's kills: failures are bounded by what was in flight, so the ratio needs a fixed
-    window). ``detail``: what ran there, the kill time on the load clock, and how long until its
-    replicas ran again (None: not within 90 s)."""
-    nodes, _ = ready_lines(server)
+    counts the answers to ``app``'s requests sent in the ``watch_s`` after it (the window of the
+    chaos harness's kills: failures are bounded by what was in flight, so the ratio needs a
+    fixed window). ``detail``: what ran there, the kill time on the load clock, how long until
+    its replicas ran again (None: not within 90 s), the pids killed."""
+    nodes, _ = ready_lines(server, app)
     doomed = tree(nodes[kind])
     lost = replicas_in(doomed)
     dead = {p.pid for p in doomed}
@@ -140,23 +153,23 @@ def lose_node(server: Any, load: Load, kind: str, *, watch_s: float = 30.0) -> R
             p.kill()
     log(f"SIGKILLed the {kind} node (raylet {nodes[kind]}; replicas {lost})")
     deployments = sorted({r.split(":", 1)[1] for r in lost})
-    wanted = {d: len(ready_lines(server)[1].get(d, [])) for d in deployments}
+    wanted = {d: len(ready_lines(server, app)[1].get(d, [])) for d in deployments}
     replaced_s: float | None = None
     counts = None
     while True:  # the watch window's counts, and when the lost replicas ran again (<= 90 s)
         elapsed = load.now() - t_kill
         if replaced_s is None:
             with contextlib.suppress(Exception):  # the dashboard may be slow to answer now
-                if all(running(server, d, dead) >= n for d, n in wanted.items()):
+                if all(running(server, d, dead, app) >= n for d, n in wanted.items()):
                     replaced_s = round(elapsed, 1)
         if counts is None and elapsed >= watch_s:
-            counts = load.window()[APP]
+            counts = load.window()[app]
         if counts is not None and (replaced_s is not None or elapsed >= 90):
             break
         time.sleep(1)
     # Back: only ok answers after the last failure, and a request sent after the kill answered
     # ok (requests held while a stage restarts fail nothing but answer nothing either).
-    settled, first_ok = load.recovered_after(APP, t_kill), first_ok_after(load, APP, t_kill)
+    settled, first_ok = load.recovered_after(app, t_kill), first_ok_after(load, app, t_kill)
     back = None if settled is None or first_ok is None else max(settled, first_ok)
     met = (
         counts.total > 50
@@ -168,13 +181,13 @@ def lose_node(server: Any, load: Load, kind: str, *, watch_s: float = 30.0) -> R
     )
     return Row.from_counts(
         f"node {kind} SIGKILL",
-        APP,
+        app,
         counts,
         goal="<= 1% failed, all 503+RA; back <= 30 s; replicas running again",
         met=met,
         recovery_s=back,
         notes=f"lost {', '.join(lost) or 'no replica'}; running again after {replaced_s} s",
-        detail={"t_kill": t_kill, "lost": lost, "replaced_s": replaced_s},
+        detail={"t_kill": t_kill, "lost": lost, "replaced_s": replaced_s, "dead": sorted(dead)},
     )
 
 
@@ -231,6 +244,152 @@ def lose_gcs(server: Any, load: Load, *, after_s: float = 10.0) -> Row:
             "deploy_after_s": deployed_s,
         },
     )
+
+
+# ------------------------------------------------------------------------------ online learner
+ONLINE = "online_learning"
+TRAINER = "OnlineTrainer"
+
+
+def online_config(log_url: str, store_uri: str) -> dict[str, Any]:
+    """The online-learning app's own config with its log on ``log_url`` (Redis Streams: any
+    node reaches it) and its model store at ``store_uri`` (a directory every raylet of this
+    one-machine cluster sees; on real machines ``s3://``). The trainer learns, so here it
+    prefers the accelerator node: a worker, not the head, so that the node lost is the
+    trainer's and the head (the proxy, the controller) is not."""
+    cfg = yaml.safe_load((ROOT / "patterns" / "online_learning" / "config.yaml").read_text())
+    (app,) = cfg["applications"]
+    app["args"].update(log_url=log_url, model_store_uri=store_uri)
+    app["args"]["trainer_resources"] = {
+        **app["args"]["trainer_resources"],
+        "node_kind": "accelerator",
+    }
+    return dict(cfg)
+
+
+@contextlib.contextmanager
+def online_cluster(*, timeout_s: float = 600) -> Iterator[tuple[Any, str]]:
+    """``serve_all --nodes 3`` on ``online_config``: a durable Redis (``appendonly yes``,
+    ``appendfsync always``) and a model store with the baseline, both started for it; yields
+    the running ``tests.servers.ServeCluster`` and the log's URL."""
+    import shutil
+    import tempfile
+
+    from core.model_store import ModelStore
+    from patterns.online_learning.artifacts import ensure_artifacts
+    from reliability.outages import durable_redis
+    from tests.servers import ServeCluster, wait_http_ok
+
+    redis = durable_redis()  # skips (pytest.skip) without redis-server
+    redis.start()
+    d = Path(tempfile.mkdtemp(prefix="nodes-ol-"))
+    server = None
+    try:
+        store_uri = (d / "models").as_uri()
+        ensure_artifacts(ModelStore(store_uri))
+        extra = ["--nodes", "3"]
+        server = ServeCluster(
+            online_config(redis.url, store_uri), num_cpus=3, timeout_s=timeout_s, extra_args=extra
+        )
+        server.start()
+        wait_http_ok(server.http_url + "/online/healthz", 120)
+        yield server, redis.url
+    finally:
+        if server is not None:
+            server.stop()
+        redis.cleanup()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def node_of(server: Any, pid: int) -> str | None:
+    """The kind of the node (``ready_lines``' names) whose raylet ``pid`` runs under."""
+    for kind, raylet in ready_lines(server, ONLINE)[0].items():
+        with contextlib.suppress(psutil.Error):
+            if pid in {p.pid for p in tree(raylet)}:
+                return kind
+    return None
+
+
+def lose_trainer_node(server: Any, log_url: str, *, concurrency: int = 2) -> Row:
+    """SIGKILL the node the online trainer runs on while clients predict and one client sends
+    keyed labels (``reliability.outages.online_writer``, retrying a 503 as Retry-After says).
+    Goals: no 500 or dropped connection, at most 1% answered 503 with Retry-After, the trainer
+    running again on a surviving node, every acknowledged label in the Redis log once, and the
+    new trainer caught up to the last offset having applied each exactly once (learned +
+    held out == logged: none twice after the restart, none skipped)."""
+    from reliability.outages import (
+        ONLINE_SLOW_S,
+        online_requests,
+        online_writer,
+        online_writes,
+        trainer_pid,
+        trainer_status,
+    )
+
+    base = server.http_url + "/online"
+    old_pid = trainer_pid(base)
+    kind = node_of(server, old_pid)
+    if kind is None or kind.endswith("-head"):
+        raise RuntimeError(f"the trainer (pid {old_pid}) is not on a worker node: {kind}")
+    load = Load(
+        server.http_url,
+        [ONLINE],
+        concurrency=concurrency,
+        slow_s=ONLINE_SLOW_S,
+        timeout_s=ONLINE_SLOW_S + 30,
+        requests={ONLINE: online_requests("/online")},
+    )
+    writer = online_writer(base)
+    with load:
+        if not load.wait_ok(ONLINE, 10, 120):
+            raise RuntimeError(f"no load through the cluster: {load.counts()[ONLINE].examples}")
+        writer.start()
+        row = lose_node(server, load, kind, app=ONLINE)
+        time.sleep(SETTLE_S)  # labels after the new trainer runs count too
+        writer.stop()
+    writes = online_writes(base, log_url)(writer)  # waits (<= 120 s) for the trainer to catch up
+    now = trainer_status(base)
+    new_pid = int(now.get("pid") or 0)
+    moved_to = node_of(server, new_pid) if new_pid else None
+    w = writer.as_dict()
+    exactly_once = (
+        writes["lost"] == writes["duplicated"] == writes["half_written"] == 0
+        and writes["trainer_caught_up"]
+        and writes["applied"] == writes["logged"]
+    )
+    met = (
+        row.met
+        and exactly_once
+        and not writer.other
+        and not writer.given_up
+        and new_pid not in set(row.detail["dead"]) | {0}
+        and moved_to is not None
+    )
+    row.fault = f"node {kind} SIGKILL (the trainer's)"
+    row.goal = (
+        "<= 1% failed, all 503+RA; trainer running again; every 202 label logged once, applied once"
+    )
+    row.met = met
+    row.notes = (
+        f"{row.notes}; trainer pid {old_pid} -> {new_pid} on the {moved_to} node; labels: "
+        f"{writes['accepted']} 202, {writes['logged']} logged, {writes['lost']} lost, "
+        f"{writes['duplicated']} dup; applied {writes['applied']} of {writes['logged']} "
+        f"(caught up: {writes['trainer_caught_up']}); label writes {w['statuses']}"
+    )
+    row.detail.update(
+        writes=w,
+        write_check=writes,
+        trainer={"old_pid": old_pid, "new_pid": new_pid, "moved_to": moved_to, **now},
+    )
+    return row
+
+
+def online_rows() -> list[Row]:
+    """``lose_trainer_node`` on an online-learning cluster of its own."""
+    with online_cluster() as (server, log_url):
+        _, placed = ready_lines(server, ONLINE)
+        log(f"three-node online-learning cluster up; placement {placed}")
+        return [lose_trainer_node(server, log_url)]
 
 
 def timeline(
@@ -311,6 +470,7 @@ def node_rows(*, concurrency: int = 4, png: Path | None = None) -> tuple[list[Ro
 
 def main() -> int:
     rows, extra = node_rows(png=REPORT_DIR / "nodes.png")
+    rows += online_rows()
     print(table(rows))
     for r in rows:
         print(f"- {r.fault}: {r.notes}")

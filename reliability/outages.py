@@ -106,7 +106,7 @@ def _risk_service() -> Any:
     return RiskService()
 
 
-def _durable_redis() -> Any:
+def durable_redis() -> Any:
     """Redis with ``appendonly yes`` and ``appendfsync always`` (tests.servers): a SIGKILL
     loses nothing it acknowledged."""
     from tests.servers import DurableRedisServer
@@ -457,7 +457,7 @@ def business_redis_down(ctx: dict[str, Any] | None = None, outage_s: float = 8.0
     the store's breaker lets a trial call through."""
     from patterns.business_logic.seed import seed_feature_store
 
-    redis = _durable_redis()
+    redis = durable_redis()
     risk = _risk_service()
     redis.start()
     risk.start()
@@ -566,7 +566,8 @@ def business_postgres_down(ctx: dict[str, Any] | None = None, outage_s: float = 
 ONLINE_SLOW_S = 25.0
 
 
-def _online_requests(prefix: str) -> Callable[[int], dict[str, Any]]:
+# The writer and its check are shared with reliability/nodes.py (the trainer's node lost).
+def online_requests(prefix: str) -> Callable[[int], dict[str, Any]]:
     from patterns.online_learning.client import sample_request
 
     def make(i: int) -> dict[str, Any]:
@@ -575,7 +576,7 @@ def _online_requests(prefix: str) -> Callable[[int], dict[str, Any]]:
     return make
 
 
-def _online_writer(base_url: str) -> WriteStream:
+def online_writer(base_url: str) -> WriteStream:
     """Predict one stream event, then send its label with an event id and an Idempotency-Key
     (both retried as they are on a 503)."""
     from patterns.online_learning.stream import DriftingStream
@@ -601,13 +602,13 @@ def _online_writer(base_url: str) -> WriteStream:
     return WriteStream("fb", send)
 
 
-def _trainer(base_url: str) -> dict[str, Any]:
+def trainer_status(base_url: str) -> dict[str, Any]:
     r = httpx.get(f"{base_url}/model", timeout=30)
     r.raise_for_status()
     return dict(r.json()["trainer"])
 
 
-def _online_writes(base_url: str, log_url: str) -> Callable[[WriteStream], dict[str, Any]]:
+def online_writes(base_url: str, log_url: str) -> Callable[[WriteStream], dict[str, Any]]:
     """Every acknowledged label is in the log once, and the trainer applies every one of
     them: learned + held out = the labels in this (fresh) log."""
 
@@ -620,7 +621,7 @@ def _online_writes(base_url: str, log_url: str) -> Callable[[WriteStream], dict[
         applied: dict[str, Any] = {}
 
         def caught_up() -> bool:
-            t = _trainer(base_url)
+            t = trainer_status(base_url)
             applied.update(t)
             return offset_key(str(t.get("consumed", "0"))) >= offset_key(last)
 
@@ -635,6 +636,7 @@ def _online_writes(base_url: str, log_url: str) -> Callable[[WriteStream], dict[
             "trainer_caught_up": caught,
             "applied": learned,
             "not_applied": max(0, len(entries) - learned) if caught else len(entries),
+            "applied_twice": max(0, learned - len(entries)),
         }
 
     return check
@@ -679,19 +681,19 @@ def _online_scenario(
             concurrency=2,
             slow_s=ONLINE_SLOW_S,
             timeout_s=ONLINE_SLOW_S + 30,
-            requests={"online_learning": _online_requests(prefix)},
+            requests={"online_learning": online_requests(prefix)},
         )
 
         def predict_ok() -> bool:
             r = httpx.post(f"{base_url}/predict", json={"instances": [[0.1] * 5]}, timeout=30)
             return r.status_code == 200
 
-        writes = _online_writes(base_url, log_url)
+        writes = online_writes(base_url, log_url)
         row = run_outage(
             app="online_learning",
             dependency=dependency,
             load=load,
-            writer=_online_writer(base_url),
+            writer=online_writer(base_url),
             down=lambda: down(base_url),
             up=lambda: up(base_url),
             normal=(lambda: normal(base_url)) if normal else predict_ok,
@@ -700,7 +702,7 @@ def _online_scenario(
             expect=expect,
         )
         check = row["detail"]["write_check"]
-        if not check["trainer_caught_up"] or check["not_applied"]:
+        if not check["trainer_caught_up"] or check["not_applied"] or check["applied_twice"]:
             row["met"] = False
             row["notes"] = f"trainer applied {check['applied']} of {check['logged']} labels"
         return row
@@ -734,7 +736,7 @@ def online_redis_log_down(ctx: dict[str, Any] | None = None, outage_s: float = 8
     """Redis (the feedback log, Streams) SIGKILLed and restarted from its AOF: predict and
     feedback answer 503 with Retry-After; afterwards every acknowledged label is in the stream
     once and the trainer applies all of them."""
-    redis = _durable_redis()
+    redis = durable_redis()
     redis.start()
     try:
         return _online_scenario(
@@ -750,10 +752,10 @@ def online_redis_log_down(ctx: dict[str, Any] | None = None, outage_s: float = 8
         redis.cleanup()
 
 
-def _trainer_pid(base_url: str) -> int:
+def trainer_pid(base_url: str) -> int:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        pid = _trainer(base_url).get("pid")
+        pid = trainer_status(base_url).get("pid")
         if pid:
             return int(pid)
         time.sleep(0.5)
@@ -762,7 +764,7 @@ def _trainer_pid(base_url: str) -> int:
 
 def _trainer_live(old_pid: int | None = None) -> Callable[[str], bool]:
     def check(base_url: str) -> bool:
-        t = _trainer(base_url)
+        t = trainer_status(base_url)
         return t.get("status") != "unavailable" and (old_pid is None or t.get("pid") != old_pid)
 
     return check
@@ -776,7 +778,7 @@ def online_trainer_killed(ctx: dict[str, Any] | None = None, outage_s: float = 2
     killed: dict[str, int] = {}
 
     def down(base_url: str) -> None:
-        killed["pid"] = _trainer_pid(base_url)
+        killed["pid"] = trainer_pid(base_url)
         os.kill(killed["pid"], signal.SIGKILL)
 
     try:
@@ -805,7 +807,7 @@ def online_trainer_stuck(ctx: dict[str, Any] | None = None, outage_s: float = 10
     stuck: dict[str, int] = {}
 
     def down(base_url: str) -> None:
-        stuck["pid"] = _trainer_pid(base_url)
+        stuck["pid"] = trainer_pid(base_url)
         os.kill(stuck["pid"], signal.SIGSTOP)
 
     def up(_: str) -> None:

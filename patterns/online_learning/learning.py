@@ -137,19 +137,21 @@ class Trainer:
         head = versions[-1]
         self.head_model, meta = self._load(head)
         self.head_version = head
+        # The offset and the counters of the events it covers come from the same version:
+        # learned + held_out counts this log's events up to ``consumed``, exactly once.
         self.consumed = str(meta.get("consumed", START))
+        self.learned = int(meta.get("learned", 0))
+        self.held_out = int(meta.get("held_out", 0))
         if meta.get("log_id") not in (None, self.log.log_id()):
             # This version learned from another log (a fresh database, another Redis): none
-            # of the current log is inside it yet.
+            # of the current log is inside it yet, so its offset and counts mean nothing here.
             logger.warning(
                 "head %s learned from log %s; reading %s from the start",
                 head,
                 meta.get("log_id"),
                 self.log.log_id(),
             )
-            self.consumed = START
-        self.learned = int(meta.get("learned", 0))
-        self.held_out = int(meta.get("held_out", 0))
+            self.consumed, self.learned, self.held_out = START, 0, 0
         self.history.extend(meta.get("history", []))
         pointer = self.log.champion()
         champion = pointer["version"] if pointer else BASELINE_VERSION
@@ -263,9 +265,11 @@ class Trainer:
             "history": list(self.history)[-20:],
         }
         self.store.save_sklearn(MODEL_NAME, candidate, self.head_model, meta)
-        # The version is durable: from here on these events are inside it.
-        self.head_version, self.consumed = candidate, last
+        # The version is durable: from here on these events are inside it. The counters move
+        # before the offset: ``status`` (read without the lock) reads the offset first, so
+        # whoever sees the new offset sees the counts that go with it.
         self.learned, self.held_out = meta["learned"], meta["held_out"]
+        self.head_version, self.consumed = candidate, last
         self.log.commit(self.stream, last)
         if decision == "promote":
             self._promote(candidate, metrics)
@@ -482,11 +486,12 @@ class Trainer:
         )
 
     def status(self) -> dict[str, Any]:
+        consumed = self.consumed  # before the counters (see ``_round``)
         return {
             "head": self.head_version,
             "champion": self.champion_version,
             "anchor": self.anchor_version,
-            "consumed": self.consumed,
+            "consumed": consumed,
             "learned": self.learned,
             "held_out": self.held_out,
             "window": len(self.window),

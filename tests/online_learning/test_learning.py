@@ -234,7 +234,12 @@ def test_a_fresh_log_is_read_from_the_start_even_if_the_store_has_learned(world,
     feed(other, 0, 50)
     trainer = Trainer(other, store, TrainerArgs())
     assert trainer.consumed == "0"
+    # The counts start over with the offset: they count this log's events, each once.
+    assert trainer.learned == trainer.held_out == 0
     assert trainer.step(block_s=0)["offsets"] == ["1", "50"]
+    assert trainer.learned + trainer.held_out == 50
+    restarted = Trainer(other, store, TrainerArgs())  # the counts come back with the offset
+    assert (restarted.consumed, restarted.learned + restarted.held_out) == ("50", 50)
 
 
 def test_a_pointer_to_a_version_the_store_lacks_falls_back_to_what_exists(world) -> None:
