@@ -9,11 +9,13 @@ first (``cluster.ingress_mode``), then ``ray.init`` on 127.0.0.1 with a few logi
 (deployments ask for small fractions, so several fit on a 2-core box), tried a second time
 when a busy machine makes the node miss its startup deadline. ``local_serve`` adds Serve's HTTP
 on a free port, so a running ``make serve`` is never in the way, and takes both down after.
+``uvicorn_command`` is the other side of every comparison: the same app without Ray.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -204,3 +206,24 @@ def local_serve(
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def uvicorn_command(factory: str, port: int, workers: int) -> list[str]:
+    """``uvicorn --factory`` for ``factory`` (``module:function``), ``workers`` processes on
+    loopback, quiet: how the benchmarks and the load study run an app without Ray."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        factory,
+        "--workers",
+        str(workers),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster.local import uvicorn_command
 from cluster.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,22 +52,7 @@ def _env() -> dict[str, str]:
 
 
 def _uvicorn(factory: str, port: int, workers: int, env: dict[str, str]) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        f"loadtests.apps:{factory}",
-        "--workers",
-        str(workers),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ]
+    cmd = uvicorn_command(f"loadtests.apps:{factory}", port, workers)
     return subprocess.Popen(cmd, cwd=ROOT, env=env)
 
 

@@ -42,7 +42,6 @@ Routes: ``POST /business/score`` and ``GET /healthz`` (dependency state, as the 
 
 import json
 import os
-import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -246,22 +245,9 @@ def microservice_sizes(cpus: int) -> dict[str, int]:
 
 
 def _uvicorn(factory: str, port: int, workers: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        f"{FACTORIES}:{factory}",
-        "--workers",
-        str(workers),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ]
+    from cluster.local import uvicorn_command
+
+    return uvicorn_command(f"{FACTORIES}:{factory}", port, workers)
 
 
 def commands(

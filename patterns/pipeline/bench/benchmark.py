@@ -39,7 +39,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -107,11 +106,9 @@ def wait_ready(url: str, png: bytes, timeout_s: float = 300.0, answers: int = 4)
 
 
 def start_monolith(port: int, workers: int) -> subprocess.Popen:
-    cmd = [
-        sys.executable, "-m", "uvicorn", "--factory", "patterns.pipeline.bench.monolith:create_app",
-        "--workers", str(workers), "--host", "127.0.0.1", "--port", str(port),
-        "--log-level", "warning", "--no-access-log",
-    ]  # fmt: skip
+    from cluster.local import uvicorn_command
+
+    cmd = uvicorn_command("patterns.pipeline.bench.monolith:create_app", port, workers)
     return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
