@@ -72,7 +72,8 @@ def node_cluster(*, gcs_redis: bool = True, timeout_s: float = 600) -> Iterator[
     ``tests.servers.ServeCluster``."""
     import pytest
 
-    from tests.servers import RedisServer, ServeCluster, wait_http_ok
+    from cluster.ports import wait_http_ok
+    from tests.servers import RedisServer, ServeCluster
 
     extra = ["--nodes", "3"]
     redis = None
@@ -275,10 +276,11 @@ def online_cluster(*, timeout_s: float = 600) -> Iterator[tuple[Any, str]]:
     import shutil
     import tempfile
 
+    from cluster.ports import wait_http_ok
     from core.model_store import ModelStore
     from patterns.online_learning.artifacts import ensure_artifacts
     from reliability.outages import durable_redis
-    from tests.servers import ServeCluster, wait_http_ok
+    from tests.servers import ServeCluster
 
     redis = durable_redis()  # skips (pytest.skip) without redis-server
     redis.start()

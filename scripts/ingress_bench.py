@@ -37,8 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.ports import free_port
-from tests.servers import wait_http_ok
+from cluster.ports import free_port, wait_http_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTE = "/bench/healthz"

@@ -37,19 +37,6 @@ def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s")
 
 
-def wait_http_ok(url: str, timeout_s: float = 20.0) -> None:
-    """Until ``GET url`` answers 200 (a server up and its routes ready)."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout_s:g} s")
-
-
 # ------------------------------------------------------------------------------ PostgreSQL
 def _pg_bin(name: str) -> str | None:
     found = shutil.which(name)

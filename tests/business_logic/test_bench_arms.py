@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.ports import free_port
+from cluster.ports import free_port, wait_http_ok
 from patterns.business_logic.bench import arms
 from patterns.business_logic.client import sample_request
 from patterns.business_logic.flow import ScoreRequest
-from tests.servers import RiskService, wait_http_ok
+from tests.servers import RiskService
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 6  # requests compared per arm

@@ -252,8 +252,7 @@ def test_a_replica_lost_with_a_write_is_a_503_even_on_a_keep_alive_connection(
     client's connection without an answer, as it does for a stale keep-alive."""
     import httpx
 
-    from cluster.ports import free_port
-    from tests.servers import wait_http_ok
+    from cluster.ports import free_port, wait_http_ok
 
     ports = (free_port(), free_port(), free_port(), free_port(), free_port())
     text = harden(ray_config(tmp_path, ports=ports), files_dir=tmp_path)

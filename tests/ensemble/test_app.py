@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
+from cluster.ports import wait_http_ok
 from patterns.ensemble import client
 from patterns.ensemble.app import CHALLENGER_BATCHING
 from patterns.ensemble.artifacts import ensure_artifacts
@@ -19,7 +20,6 @@ from patterns.ensemble.deployments import EnsembleMember
 from patterns.ensemble.flow import FLOAT32_MAX, EnsembleArgs
 from patterns.ensemble.members import FaultInjection
 from tests.ensemble.local import assert_votes_decide
-from tests.servers import wait_http_ok
 
 # Three apps, deployed together once for the module from one Serve config: a redeploy with
 # other args restarts every replica, so the args a test needs are one of these three. What it

@@ -13,12 +13,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster.ports import free_port
+from cluster.ports import free_port, wait_http_ok
 from loadtests import compare
 from loadtests.cost import cost_per_million, gpu_counts
 from loadtests.run import require_up
 from loadtests.study import CpuLedger, Ladder, LadderRun, rate_ladder, score
-from tests.servers import wait_http_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -29,21 +29,11 @@ from typing import Any
 import httpx
 import numpy as np
 
-from cluster.ports import free_port
+from cluster.ports import free_port, wait_http_ok
 from patterns.business_logic.bench.arms import ARCHS, commands
 from patterns.business_logic.client import sample_request
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-def _wait_ok(url: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer 200 within {timeout_s:g} s")
 
 
 async def _load(url: str, seconds: float, concurrency: int) -> dict[str, Any]:
@@ -109,7 +99,7 @@ def measure(arch: str, env: dict[str, str], cpus: int, seconds: float, conc: int
     started = [subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.DEVNULL) for c, e in cmds]
     try:
         for cmd, _ in cmds:
-            _wait_ok(f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}/healthz")
+            wait_http_ok(f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}/healthz", 120)
         procs = {}
         for (cmd, _), p in zip(cmds, started, strict=True):
             name = cmd[cmd.index("--factory") + 1].rsplit(":", 1)[1]
@@ -167,7 +157,7 @@ def main() -> None:
         "BUSINESS_RISK_SERVICE_URL": f"http://127.0.0.1:{risk_port}",
     }
     try:
-        _wait_ok(f"http://127.0.0.1:{risk_port}/healthz")
+        wait_http_ok(f"http://127.0.0.1:{risk_port}/healthz", 120)
         print(
             f"[arms] {a.cpus} cores per arm, {a.concurrency} callers, {a.seconds:g} s, "
             f"risk service {a.risk_delay_ms:g} ms; machine: {os.cpu_count()} CPUs",
