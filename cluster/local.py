@@ -129,6 +129,32 @@ def raylet_pids(cluster: Any) -> list[tuple[str, int]]:
     ]
 
 
+def lost_nodes(cluster: Any) -> list[Any]:
+    """The worker nodes of a ``start_ray_nodes`` cluster whose raylet has exited."""
+    from ray._private import ray_constants
+
+    return [
+        node
+        for node in list(cluster.worker_nodes)
+        if node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.poll() is not None
+    ]
+
+
+def replace_node(cluster: Any, node: Any) -> tuple[str, int]:
+    """Start a node like lost ``node`` (its CPUs and labels) in its place, as a machine that
+    comes back, or the replacement KubeRay starts for a lost pod; (node kind, raylet pid)."""
+    from ray._private import ray_constants
+
+    from core.resources import NODE_KIND_LABEL
+
+    params = node._ray_params
+    labels = dict(params.labels or {})
+    cluster.remove_node(node, allow_graceful=False)  # reap what is left of it
+    new = cluster.add_node(num_cpus=params.num_cpus, node_ip_address="127.0.0.1", labels=labels)
+    pid = new.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    return labels.get(NODE_KIND_LABEL, "unlabelled"), int(pid)
+
+
 def gcs_pid(cluster: Any) -> int | None:
     """The head's GCS server process id, or None once it has exited."""
     from ray._private import ray_constants

@@ -18,6 +18,10 @@ send forecasts throughout; each fault is one row in the chaos table's format:
   running again on a surviving node.
 - ``node accelerator``: the same for the node that runs both forecaster replicas: they start
   again on the general nodes (the placement is a preference with a fallback).
+- ``node accelerator back``: serve_all starts a node like the lost one 30 s after the loss (a
+  machine that comes back) and moves the forecasters back to it one at a time
+  (``cluster.placement``). Goal: both on the accelerator node within 60 s of it joining, no
+  500 or dropped connection, <= 1% answered 503 with Retry-After.
 
 The online learner gets a cluster of its own (``online_rows``): the online_learning app from
 its config.yaml with its log on Redis Streams (a Redis started for it with ``appendonly yes``,
@@ -52,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = "multiplexing"
 NODE_FAIL_RATIO = 0.01
 NODE_RECOVERY_S = 30.0
+RETURN_S = 60.0  # from a node joining until the replicas that prefer it run there
 GCS_SUCCESS = 0.99
 SETTLE_S = 5.0  # steady load before each fault
 
@@ -189,6 +194,67 @@ def lose_node(server: Any, load: Load, kind: str, *, watch_s: float = 30.0, app:
         recovery_s=back,
         notes=f"lost {', '.join(lost) or 'no replica'}; running again after {replaced_s} s",
         detail={"t_kill": t_kill, "lost": lost, "replaced_s": replaced_s, "dead": sorted(dead)},
+    )
+
+
+def node_returns(
+    server: Any,
+    load: Load,
+    kind: str = "accelerator",
+    deployment: str = "ForecastModels",
+    *,
+    within_s: float = RETURN_S,
+    app: str = APP,
+) -> Row:
+    """After the ``kind`` node was lost (``lose_node``): wait (<= 120 s) until serve_all has
+    started one like it, then until every running replica of ``deployment`` is on it again
+    (serve_all's placement check moves them, one at a time), under ``load``. The row counts
+    the answers from the node joining until ``SETTLE_S`` after the last replica is back;
+    ``detail``: the join time on the load clock, seconds until back (None: not within 120 s),
+    the moves serve_all printed."""
+    pattern = rf"node back: {kind} raylet pid (\d+) \(at ([\d.]+)\)"
+    deadline = time.monotonic() + 120
+    while not (found := re.findall(pattern, server.log_file.read_text())):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"serve_all started no {kind} node in 120 s")
+        time.sleep(0.5)
+    pid, at = found[-1]
+    t_join = load.now() - (time.time() - float(at))  # serve_all's wall clock to the load's
+    log(f"a {kind} node joined (raylet {pid}, {load.now() - t_join:.1f} s ago)")
+    c = Cluster(server.dashboard_url)
+    back_s = None
+    placed: list[str | None] = []
+    while load.now() - t_join < 120:
+        with contextlib.suppress(Exception):  # the dashboard may be slow to answer now
+            placed = [node_of(server, r.pid) for r in c.replicas(app, deployment)]
+            if len(placed) >= 2 and all(k == kind for k in placed):
+                back_s = round(load.now() - t_join, 1)
+                break
+        time.sleep(1)
+    time.sleep(SETTLE_S)  # answers after the last move count too
+    t_end = load.now()
+    counts = load.counts([o for o in list(load.outcomes) if t_join <= o.t < t_end])[app]
+    moves = [
+        m
+        for m in re.findall(r"\[serve\] (moved a .+)$", server.log_file.read_text(), re.MULTILINE)
+        if f"/{deployment} " in m
+    ]
+    met = (
+        counts.total > 50
+        and counts.other == 0
+        and counts.retry_later <= max(1, int(counts.total * NODE_FAIL_RATIO))
+        and back_s is not None
+        and back_s <= within_s
+    )
+    return Row.from_counts(
+        f"node {kind} back",
+        app,
+        counts,
+        goal=f"{deployment} back on it <= {within_s:g} s; 0 other, <= 1% 503+RA",
+        met=met,
+        recovery_s=back_s,
+        notes=f"{deployment} on {placed} after {back_s} s; {len(moves)} moves",
+        detail={"t_kill": t_join, "back_s": back_s, "placed": placed, "moves": moves},
     )
 
 
@@ -444,7 +510,8 @@ def timeline(
 
 def node_rows(*, concurrency: int = 4, png: Path | None = None) -> tuple[list[Row], dict[str, Any]]:
     """Every fault above on a cluster of its own, in order (GCS, general node, accelerator
-    node); the rows, and the placement before the faults. ``png``: the timeline's file."""
+    node, the accelerator node back); the rows, and the placement before the faults.
+    ``png``: the timeline's file."""
     rows: list[Row] = []
     with node_cluster() as server:
         _, placed = ready_lines(server)
@@ -460,6 +527,8 @@ def node_rows(*, concurrency: int = 4, png: Path | None = None) -> tuple[list[Ro
                 rows.append(lose_node(server, load, kind))
                 what = ", ".join(rows[-1].detail["lost"]) or "no replica"
                 titles.append(f"the {kind} node SIGKILLed ({what})")
+            rows.append(node_returns(server, load))
+            titles.append("an accelerator node back (the forecasters move back to it)")
             time.sleep(SETTLE_S)
             # each panel runs until just before the next fault (or the end of the load)
             kills = [r.detail["t_kill"] for r in rows] + [load.now() + 0.5]

@@ -18,6 +18,11 @@ container runtime that restarts a dead head: when the GCS server exits it is sta
 after ``--gcs-restart-after`` seconds, and reloads the cluster from Redis. Without
 ``--gcs-redis`` a dead GCS is reported, not restarted: the raylets give up on it after
 ``gcs_rpc_server_reconnect_timeout_s`` (60 s) and take every replica with them.
+
+With ``--nodes``, a lost worker node is started again ``--node-restart-after`` seconds later
+(30; a machine that comes back), and every ``--rebalance-every`` seconds (5) replicas that run
+on a node kind they do not prefer while one they prefer has room are moved back, one at a time
+(``cluster.placement``; Serve itself never moves a running replica).
 """
 
 from __future__ import annotations
@@ -76,6 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=5.0,
         help="seconds a dead GCS stays down before it is started again (with --gcs-redis)",
+    )
+    parser.add_argument(
+        "--node-restart-after",
+        type=float,
+        default=30.0,
+        help="seconds until a lost worker node is started again (--nodes; <= 0: never)",
+    )
+    parser.add_argument(
+        "--rebalance-every",
+        type=float,
+        default=5.0,
+        help="seconds between moves of replicas back to the node kind they prefer "
+        "(--nodes; cluster.placement; <= 0: never)",
     )
     parser.add_argument("--timeout-s", type=float, default=600.0)
     parser.add_argument("--port", type=int, help="HTTP port (default: the config's, 8000)")
@@ -243,7 +261,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if ok else 1
         print("[serve] Ctrl-C to stop", flush=True)
         if args.nodes > 1:
-            watch_gcs(started, args.gcs_redis, args.gcs_restart_after)
+            supervise(
+                started,
+                args.gcs_redis,
+                args.gcs_restart_after,
+                args.node_restart_after,
+                args.rebalance_every,
+            )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -251,31 +275,78 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def watch_gcs(cluster: Any, redis: str | None, restart_after_s: float) -> None:
-    """Forever: when the head's GCS server exits, say so; with fault tolerance, start it again
-    ``restart_after_s`` later (the head's restart, on a real cluster) and say when it is back."""
-    from cluster.local import gcs_pid, restart_gcs
+def supervise(
+    cluster: Any,
+    redis: str | None,
+    restart_after_s: float,
+    node_restart_after_s: float,
+    rebalance_every_s: float,
+) -> None:
+    """Forever, as the machines and the container runtime around a real cluster would:
+
+    - when the head's GCS server exits, say so; with fault tolerance, start it again
+      ``restart_after_s`` later (the head's restart) and say when it is back;
+    - when a worker node is lost, start one like it ``node_restart_after_s`` later (a machine
+      that comes back; KubeRay's replacement pod) and print its raylet pid (<= 0: never);
+    - every ``rebalance_every_s`` (<= 0: never), in a thread of its own, move replicas that
+      run on a node kind they do not prefer back where they do (``cluster.placement``), one
+      at a time, printing each move."""
+    import threading
+
+    from cluster.local import gcs_pid, lost_nodes, replace_node, restart_gcs
 
     print(f"[serve] GCS pid {gcs_pid(cluster)}", flush=True)
+    if rebalance_every_s > 0:
+        threading.Thread(target=keep_placed, args=(rebalance_every_s,), daemon=True).start()
+    lost_at: dict[int, float] = {}
     while True:
         time.sleep(0.5)
-        if gcs_pid(cluster) is not None:
-            continue
-        if not redis:
+        if gcs_pid(cluster) is None:
+            if not redis:
+                print(
+                    "[serve] the GCS server exited; without fault tolerance (--gcs-redis) it "
+                    "cannot come back: the raylets give up after 60 s, and every replica with "
+                    "them",
+                    flush=True,
+                )
+                while True:
+                    time.sleep(3600)
+            print(f"[serve] the GCS exited; starting it again in {restart_after_s:g} s", flush=True)
+            time.sleep(restart_after_s)
+            took = restart_gcs(cluster)
             print(
-                "[serve] the GCS server exited; without fault tolerance (--gcs-redis) it "
-                "cannot come back: the raylets give up after 60 s, and every replica with them",
+                f"[serve] GCS back from Redis ({took:.1f} s to start), pid {gcs_pid(cluster)}",
                 flush=True,
             )
-            while True:
-                time.sleep(3600)
-        print(f"[serve] the GCS exited; starting it again in {restart_after_s:g} s", flush=True)
-        time.sleep(restart_after_s)
-        took = restart_gcs(cluster)
-        print(
-            f"[serve] GCS back from Redis ({took:.1f} s to start), pid {gcs_pid(cluster)}",
-            flush=True,
-        )
+        if node_restart_after_s <= 0:
+            continue
+        for node in lost_nodes(cluster):
+            if id(node) not in lost_at:
+                lost_at[id(node)] = time.monotonic()
+                print(
+                    f"[serve] a worker node was lost; starting one like it in "
+                    f"{node_restart_after_s:g} s",
+                    flush=True,
+                )
+            if time.monotonic() - lost_at[id(node)] >= node_restart_after_s:
+                kind, pid = replace_node(cluster, node)
+                lost_at.pop(id(node))
+                # "<kind> raylet pid <pid>" as in the ready message: the node's pid from now on
+                print(
+                    f"[serve] node back: {kind} raylet pid {pid} (at {time.time():.1f})", flush=True
+                )
+
+
+def keep_placed(every_s: float) -> None:
+    """Forever: ``cluster.placement.rebalance_once`` every ``every_s``, printing each move."""
+    from cluster.placement import rebalance_once
+
+    while True:
+        time.sleep(every_s)
+        try:
+            rebalance_once(report=lambda m: print(f"[serve] {m.line()}", flush=True))
+        except Exception as exc:  # the GCS or controller restarting: the next round tries again
+            print(f"[serve] placement check skipped: {type(exc).__name__}: {exc}", flush=True)
 
 
 if __name__ == "__main__":

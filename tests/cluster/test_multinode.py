@@ -15,6 +15,9 @@ suite: placement is a preference with a fallback (``core.resources``).
   that dies): no 500, no dropped connection, at most 1% answered 503 with Retry-After, traffic
   back within 30 s, the lost ingress replica running again on a surviving node.
 - The ``accelerator`` node the same: the forecasters start again on the general nodes.
+- An accelerator node back (serve_all starts one 30 s after the loss, as a machine that comes
+  back): the forecasters move back to it one at a time within 60 s, under the same load, no
+  500 or dropped connection, at most 1% answered 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -94,4 +97,17 @@ def test_losing_the_accelerator_node_degrades_to_503s_then_the_models_move(clust
     assert c["other_failures"] == 0, row
     assert c["retry_later_503"] <= max(1, c["total"] // 100), row
     assert row.detail["replaced_s"] is not None, row  # on the general nodes now
+    assert row.met, row
+
+
+def test_when_an_accelerator_node_is_back_the_models_move_back_to_it(cluster, load) -> None:
+    row = nodes.node_returns(cluster, load, "accelerator", "ForecastModels")
+    print(row)
+    assert row.detail["placed"] == ["accelerator", "accelerator"], row
+    assert row.recovery_s is not None and row.recovery_s <= nodes.RETURN_S, row
+    # moved one at a time, each a replica stopped and started again: no request lost to it
+    assert row.detail["moves"], row  # serve_all printed each move (from which kind to which)
+    c = row.detail["counts"]
+    assert c["total"] > 50 and c["other_failures"] == 0, row
+    assert c["retry_later_503"] <= max(1, c["total"] // 100), row
     assert row.met, row
