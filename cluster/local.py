@@ -15,7 +15,9 @@ on a free port, so a running ``make serve`` is never in the way, and takes both 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -150,7 +152,14 @@ def replace_node(cluster: Any, node: Any) -> tuple[str, int]:
     params = node._ray_params
     labels = dict(params.labels or {})
     cluster.remove_node(node, allow_graceful=False)  # reap what is left of it
-    new = cluster.add_node(num_cpus=params.num_cpus, node_ip_address="127.0.0.1", labels=labels)
+    # Starting a node installs Ray's SIGTERM handler (drain the node, then exit) in this
+    # process: keep the caller's (serve_all's shutdown) in place.
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        new = cluster.add_node(num_cpus=params.num_cpus, node_ip_address="127.0.0.1", labels=labels)
+    finally:
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
     pid = new.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
     return labels.get(NODE_KIND_LABEL, "unlabelled"), int(pid)
 

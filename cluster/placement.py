@@ -9,7 +9,8 @@ replicas. ``rebalance_once`` does, from outside the apps:
 - a replica is misplaced when its node's labels do not match its deployment's
   ``label_selector`` while an alive node that matches has room for it (the replica's CPUs,
   GPUs, memory and custom resources free there);
-- it is stopped (``ray.kill`` of the replica actor) and Serve starts its replacement, which the
+- it is stopped (drained as Serve stops a replica, then ``ray.kill`` of the replica actor)
+  and Serve starts its replacement, which the
   preference now places on the matching node; the next move waits until that replacement runs,
   so a deployment never loses more than one replica to a move;
 - never the last running replica of a deployment, never one of a deployment that is not
@@ -160,8 +161,9 @@ def misplaced(
     return out
 
 
-def move(c: Candidate, *, timeout_s: float = 120.0) -> Move:
-    """Stop ``c``'s replica and wait until Serve runs its replacement; where it landed."""
+def move(c: Candidate, *, timeout_s: float = 120.0, drain_s: float = 15.0) -> Move:
+    """Stop ``c``'s replica (drained first, for at most ``drain_s``) and wait until Serve runs
+    its replacement; where it landed."""
     import ray
 
     t0 = time.monotonic()
@@ -170,7 +172,16 @@ def move(c: Candidate, *, timeout_s: float = 120.0) -> Move:
         for r in serve_details()["applications"][c.app]["deployments"][c.deployment]["replicas"]
         if r.get("state") == "RUNNING"
     }
-    ray.kill(ray.get_actor(c.replica["actor_name"], namespace=NAMESPACE), no_restart=True)
+    actor = ray.get_actor(c.replica["actor_name"], namespace=NAMESPACE)
+    # What Serve's controller does before it kills a replica it stops: the replica finishes
+    # what it serves, then turns new calls away (routers send them to another replica, no
+    # error). Without it, calls routed to it in the moment between its death and the routers
+    # hearing of it fail as ActorUnavailableError. Bounded: then it is killed all the same.
+    try:
+        ray.get(actor.perform_graceful_shutdown.remote(), timeout=drain_s)
+    except Exception as exc:
+        logger.info("replica %s did not drain in %s s: %s", c.replica["replica_id"], drain_s, exc)
+    ray.kill(actor, no_restart=True)
     landed: str | None = None
     preferred = False
     while time.monotonic() - t0 < timeout_s:
