@@ -67,12 +67,26 @@ def idempotent_routes(applications: Iterable[dict[str, Any]]) -> list[str]:
 
 def edge_environment(applications: Iterable[dict[str, Any]] = ()) -> dict[str, str]:
     """What every node of a cluster needs for HAProxy mode with the edge (the RayService
-    sets the same on its containers): the switches, the launcher and the replayable routes."""
+    sets the same on its containers): the switches, the launcher, the replayable routes and
+    the HAProxy settings replays depend on."""
     env = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(LAUNCHER),
         ADMIN_HOST_ENV: "127.0.0.1",
+        # A replica's port that refuses a connection is a dead replica: take it out of the
+        # rotation on the first refusal (Ray's default waits for 3), so a replayed request's
+        # next attempt goes to a live replica instead of exhausting its retries on the dead one.
+        "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT": "1",
+        # A request is replayable only when its whole body sits in HAProxy's buffer
+        # (`option http-buffer-request`, cluster/haproxy_edge.py). Ray's 16 KB buffer (less
+        # 1 KB kept for rewrites) is smaller than most of the pipeline's uploads (PNGs of
+        # 15-24 KB): they streamed to the replica, could not be sent again when it died under
+        # them, and on the pooled replica connections of a replayable route HAProxy then
+        # closes the client's connection without an answer. A larger upload still can; size
+        # this to your uploads. HAProxy takes buffers per active stream, not per connection:
+        # about 2 x 256 KB each while busy.
+        "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(256 * 1024),
     }
     routes = idempotent_routes(applications)
     if routes:
@@ -147,10 +161,6 @@ def apply_ingress_mode(mode: str | None = None, applications: Iterable[dict[str,
             else:
                 os.environ.setdefault(name, value)
         os.environ.setdefault("COOKBOOK_HAPROXY_PYTHON", sys.executable)
-        # A replica's port that refuses a connection is a dead replica: take it out of the
-        # rotation on the first refusal (Ray's default waits for 3), so a replayed request's
-        # next attempt goes to a live replica instead of exhausting its retries on the dead one.
-        os.environ.setdefault("RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT", "1")
         # HAProxy threads beyond the machine's cores only contend (Ray's default is 4).
         os.environ.setdefault("RAY_SERVE_HAPROXY_NBTHREAD", str(min(4, os.cpu_count() or 1)))
         _own_files_and_ports()

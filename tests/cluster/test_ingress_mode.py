@@ -51,6 +51,12 @@ def test_haproxy_with_the_edge_is_the_default() -> None:
     names = [k for k in env if k.endswith("_PORT") and ("HAPROXY" in k or "FALLBACK" in k)]
     ports = [env[k] for k in names]
     assert len(ports) == len(set(ports)) == 4, ports  # stats, metrics, fallback HTTP and gRPC
+    # The pipeline's uploads fit HAProxy's buffer whole (with its 1 KB kept for rewrites), so a
+    # /pipeline/read whose replica dies under it is replayed, not cut off.
+    from patterns.pipeline.client import sample_request
+
+    largest = max(len(sample_request(i)["data"]) for i in range(50))
+    assert int(env["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"]) >= 2 * largest + 1024, largest
 
 
 def test_replayable_routes_come_from_the_apps_openapi() -> None:
