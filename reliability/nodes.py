@@ -178,9 +178,7 @@ def lose_node(server: Any, load: Load, kind: str, *, watch_s: float = 30.0, app:
     settled, first_ok = load.recovered_after(app, t_kill), first_ok_after(load, app, t_kill)
     back = None if settled is None or first_ok is None else max(settled, first_ok)
     met = (
-        counts.total > 50
-        and counts.other == 0
-        and counts.retry_later <= max(1, int(counts.total * NODE_FAIL_RATIO))
+        _at_most_a_few_503s(counts)
         and back is not None
         and back <= NODE_RECOVERY_S
         and replaced_s is not None
@@ -194,6 +192,16 @@ def lose_node(server: Any, load: Load, kind: str, *, watch_s: float = 30.0, app:
         recovery_s=back,
         notes=f"lost {', '.join(lost) or 'no replica'}; running again after {replaced_s} s",
         detail={"t_kill": t_kill, "lost": lost, "replaced_s": replaced_s, "dead": sorted(dead)},
+    )
+
+
+def _at_most_a_few_503s(counts: Any) -> bool:
+    """Enough answers to judge (> 50), none a 500 or a dropped connection, and at most 1%
+    (at least one allowed) a 503 with Retry-After: the node rows' shared bar."""
+    return bool(
+        counts.total > 50
+        and counts.other == 0
+        and counts.retry_later <= max(1, int(counts.total * NODE_FAIL_RATIO))
     )
 
 
@@ -239,13 +247,7 @@ def node_returns(
         for m in re.findall(r"\[serve\] (moved a .+)$", server.log_file.read_text(), re.MULTILINE)
         if f"/{deployment} " in m
     ]
-    met = (
-        counts.total > 50
-        and counts.other == 0
-        and counts.retry_later <= max(1, int(counts.total * NODE_FAIL_RATIO))
-        and back_s is not None
-        and back_s <= within_s
-    )
+    met = _at_most_a_few_503s(counts) and back_s is not None and back_s <= within_s
     return Row.from_counts(
         f"node {kind} back",
         app,
