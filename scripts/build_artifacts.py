@@ -26,10 +26,14 @@ from pathlib import Path
 from core.timing import heartbeat
 
 PATTERNS_DIR = Path(__file__).resolve().parents[1] / "patterns"
+# Started first: the pipeline's training is the longest build and the chat's adapters the next,
+# so the short builds fill in beside them instead of delaying the longest one's start.
+LONGEST_FIRST = ("pipeline", "multiplexing")
 
 
 def discover() -> list[str]:
-    return sorted(p.parent.name for p in PATTERNS_DIR.glob("*/artifacts.py"))
+    names = sorted(p.parent.name for p in PATTERNS_DIR.glob("*/artifacts.py"))
+    return sorted(names, key=lambda n: LONGEST_FIRST.index(n) if n in LONGEST_FIRST else 99)
 
 
 def build_one(name: str, force: bool, tag: str) -> None:
