@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import typing
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -417,10 +418,24 @@ def _one_replica_each(name: str) -> list[dict[str, Any]]:
     return out
 
 
-def _run_copy(name: str, tmp: Path, timings: dict[str, float]) -> str | dict[str, Any]:
+def _stop(proc: subprocess.Popen, timings: dict[str, float], t0: float) -> None:
+    """Ctrl-C to ``serve run``'s process group, as in a terminal; SIGKILL after 60 s."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    timings["stopped"] = time.monotonic() - t0
+
+
+def _run_copy(
+    name: str, tmp: Path, timings: dict[str, float], stopper: Executor
+) -> str | dict[str, Any]:
     """Copy core/ and ``patterns/<name>/`` into ``tmp``, build its artifacts, ``serve run`` it
     and send its sample request: the answer's JSON, or why there was none. ``timings`` gets
-    the seconds from the copy's start to each phase's end, to see where a copy's time goes."""
+    the seconds from the copy's start to each phase's end, to see where a copy's time goes.
+    ``stopper`` stops it: the next copy starts while this one's Ray winds down (mostly
+    waiting for its workers to exit)."""
     from patterns.multiplexing.llm import base_cache_dir
     from tests.conftest import free_port
 
@@ -510,19 +525,12 @@ def _run_copy(name: str, tmp: Path, timings: dict[str, float]) -> str | dict[str
                 time.sleep(0.5)
             return f"no 200 from the copied {name}: {last}\n" + log_path.read_text()[-3000:]
         finally:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-            timings["stopped"] = time.monotonic() - t0
+            stopper.submit(_stop, proc, timings, t0)
 
 
 @pytest.fixture(scope="module")
 def copies(request, tmp_path_factory) -> dict[str, str | dict[str, Any]]:
     """Every copy this session's tests ask for, run side by side."""
-    from concurrent.futures import ThreadPoolExecutor
-
     names = sorted(
         {
             item.callspec.params["name"]
@@ -533,9 +541,10 @@ def copies(request, tmp_path_factory) -> dict[str, str | dict[str, Any]]:
     )
     timings: dict[str, dict[str, float]] = {n: {} for n in names}
     t0 = time.monotonic()
-    with ThreadPoolExecutor(COPIES_AT_ONCE) as pool:
+    # The stopper's pool is left last: every copy has stopped when the fixture returns.
+    with ThreadPoolExecutor(len(names)) as stopper, ThreadPoolExecutor(COPIES_AT_ONCE) as pool:
         runs = {
-            n: pool.submit(_run_copy, n, tmp_path_factory.mktemp(f"copy-{n}"), timings[n])
+            n: pool.submit(_run_copy, n, tmp_path_factory.mktemp(f"copy-{n}"), timings[n], stopper)
             for n in names
         }
         results = {n: run.result() for n, run in runs.items()}

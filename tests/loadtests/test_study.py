@@ -219,10 +219,10 @@ def test_quick_study_on_both_workloads(tmp_path) -> None:
     t0 = time.monotonic()
     out = tmp_path / "report"
     # The autoscaling run is left out here (a second Serve start): its load and its summary
-    # have tests of their own above; `make loadtest ARGS=--quick` runs it whole.
-    rc = compare.main(
-        ["--quick", "--no-autoscale", "--arms", "monolith,serve-fused,serve", "--out", str(out)]
-    )
+    # have tests of their own above; `make loadtest ARGS=--quick` runs it whole. Two steps of
+    # 2 s per arm: the ladder's climb has a test of its own above.
+    argv = ["--quick", "--no-autoscale", "--max-steps", "2", "--step-s", "2"]
+    rc = compare.main([*argv, "--arms", "monolith,serve-fused,serve", "--out", str(out)])
     report = (out / "report.md").read_text()
     assert rc == 0, report
     assert "PARTIAL" not in report
