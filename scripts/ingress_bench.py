@@ -7,7 +7,11 @@ then again, ``--rounds`` times), median and min-max per cell:
 - ``uvicorn``: the same FastAPI app in one plain uvicorn process (no Ray): the ceiling;
 - ``default``: Serve's default Python proxy as Ray ships it (the cookbook's ingress before);
 - ``haproxy``: the shipped default: HAProxy + direct ingress + ``RAY_SERVE_THROUGHPUT_OPTIMIZED``,
-  hardened by ``cluster/haproxy_edge.py`` (``cluster/ingress_mode.py``).
+  hardened by ``cluster/haproxy_edge.py`` (``cluster/ingress_mode.py``);
+- ``haproxy-bare`` (``--bare``): the same without Serve's per-request HTTP metrics
+  (``RAY_SERVE_HAPROXY_METRICS_ENABLED=0``: HAProxy then sends no log line per request to Ray's
+  HAProxyManager actor, which parses it in Python). Not shipped: the dashboards read those
+  series; this arm prices them.
 
 Part 2, ``apps`` (``--apps``): ensemble, business_logic, online_learning and the multiplexed
 forecasters (a Zipf trace over 1,000 store ids), each with its own ``client.sample_request``
@@ -96,6 +100,8 @@ def _start(mode: str, port: int) -> tuple[subprocess.Popen, dict[str, Any]]:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
         wait_http_ok(f"http://127.0.0.1:{port}/healthz", 180)
         return proc, {"mode": "uvicorn", "listen": []}
+    if mode == "haproxy-bare":
+        mode, env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] = "haproxy", "0"
     env["COOKBOOK_INGRESS_MODE"] = mode
     cmd = [sys.executable, "-m", "scripts.ingress_bench", "--child", str(port)]
     proc = subprocess.Popen(
@@ -130,7 +136,7 @@ def noop(args: argparse.Namespace) -> None:
     from patterns.pipeline.bench.loadgen import Request, run_load
 
     levels = [int(c) for c in args.concurrency.split(",")]
-    arms = ["uvicorn", "default", "haproxy"]
+    arms = ["uvicorn", "default", "haproxy"] + (["haproxy-bare"] if args.bare else [])
     servers: dict[str, tuple[subprocess.Popen, dict[str, Any], int]] = {}
     try:
         for arm in arms:
@@ -159,15 +165,15 @@ def noop(args: argparse.Namespace) -> None:
         for proc, _, _ in servers.values():
             _stop(proc)
     print(f"\nNo-op GET, {args.rounds} alternating rounds of {args.duration:g} s per cell, "
-          f"median (min-max); the three servers ran side by side the whole time")  # fmt: skip
-    print(f"{'server':<10}{'in flight':>10}{'req/s':>22}{'p95 ms':>10}{'x uvicorn':>11}  goal")
+          f"median (min-max); the servers ran side by side the whole time")  # fmt: skip
+    print(f"{'server':<13}{'in flight':>10}{'req/s':>22}{'p95 ms':>10}{'x uvicorn':>11}  goal")
     for c in levels:
         base = statistics.median(rps[("uvicorn", c)])
         for arm in arms:
             ratio = statistics.median(rps[(arm, c)]) / base if base else 0.0
-            goal = "" if arm == "uvicorn" else (
+            goal = "" if arm in ("uvicorn", "haproxy-bare") else (
                 f">= {GOAL} {'met' if ratio >= GOAL else 'not met'}")  # fmt: skip
-            print(f"{arm:<10}{c:>10}{_spread(rps[(arm, c)]):>22}"
+            print(f"{arm:<13}{c:>10}{_spread(rps[(arm, c)]):>22}"
                   f"{statistics.median(p95[(arm, c)]):>10.1f}{ratio:>11.2f}  {goal}")  # fmt: skip
     for arm in arms[1:]:
         listen = servers[arm][1]["listen"]
@@ -249,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slo-ms", type=float, default=500.0, help="apps: p95 bound")
     parser.add_argument("--apps", default=",".join(APPS))
     parser.add_argument("--processes", type=int, default=2, help="client processes")
+    parser.add_argument(
+        "--bare", action="store_true", help="noop: also HAProxy mode without request metrics"
+    )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
