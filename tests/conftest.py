@@ -9,6 +9,7 @@ module deployed are deleted when the module ends, so modules do not see each oth
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,8 +84,6 @@ def deploy(serve_http: str) -> Iterator[Callable[..., str]]:
     deployed: list[str] = []
 
     def _deploy(app, name: str, route_prefix: str) -> str:
-        import time
-
         import httpx
 
         serve.run(app, name=name, route_prefix=route_prefix)
@@ -102,8 +101,12 @@ def deploy(serve_http: str) -> Iterator[Callable[..., str]]:
         return serve_http + route_prefix
 
     yield _deploy
+    # All at once: each waits out its ingress's draining period, side by side.
     for name in deployed:
-        serve.delete(name)
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + 120
+    while set(deployed) & set(serve.status().applications) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
