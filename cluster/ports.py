@@ -27,11 +27,9 @@ def _ephemeral_floor() -> int:
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now, from a range no one else hands
     out: between this call and the server's bind, no Ray process starting beside it and no
-    outgoing connection can be given the same port (with ``bind(0)`` both could, and a
-    cluster's HTTP port was taken that way once in the suite)."""
-    candidates = list(range(_FIRST, min(_LAST + 1, _ephemeral_floor())))
-    random.shuffle(candidates)
-    for port in candidates[:200]:
+    outgoing connection can be given the same port (with ``bind(0)`` both could)."""
+    candidates = range(_FIRST, min(_LAST + 1, _ephemeral_floor()))
+    for port in random.sample(candidates, min(200, len(candidates))):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

@@ -33,7 +33,8 @@ LONGEST_FIRST = ("pipeline", "multiplexing")
 
 def discover() -> list[str]:
     names = sorted(p.parent.name for p in PATTERNS_DIR.glob("*/artifacts.py"))
-    return sorted(names, key=lambda n: LONGEST_FIRST.index(n) if n in LONGEST_FIRST else 99)
+    first = {n: i for i, n in enumerate(LONGEST_FIRST)}
+    return sorted(names, key=lambda n: first.get(n, len(first)))
 
 
 def build_one(name: str, force: bool, tag: str) -> None:

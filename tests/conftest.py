@@ -101,11 +101,18 @@ def deploy(serve_http: str) -> Iterator[Callable[..., str]]:
         return serve_http + route_prefix
 
     yield _deploy
-    # All at once: each waits out its ingress's draining period, side by side.
-    for name in deployed:
+    delete_apps(deployed)
+
+
+def delete_apps(names: list[str], timeout_s: float = 120.0) -> None:
+    """Delete these apps of the session's Serve, all at once (each waits out its ingress's
+    draining period, side by side), and wait until they are gone."""
+    from ray import serve
+
+    for name in names:
         serve.delete(name, _blocking=False)
-    deadline = time.monotonic() + 120
-    while set(deployed) & set(serve.status().applications) and time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout_s
+    while set(names) & set(serve.status().applications) and time.monotonic() < deadline:
         time.sleep(0.2)
 
 

@@ -19,6 +19,7 @@ from patterns.ensemble.data import N_FEATURES, load_split
 from patterns.ensemble.deployments import EnsembleMember
 from patterns.ensemble.flow import FLOAT32_MAX, EnsembleArgs
 from patterns.ensemble.members import FaultInjection
+from tests.conftest import delete_apps
 from tests.ensemble.local import assert_votes_decide
 
 # Three apps, deployed together once for the module from one Serve config: a redeploy with
@@ -177,19 +178,12 @@ class Apps:
 
 @pytest.fixture(scope="module")
 def apps(serve_http, split) -> Iterator[Apps]:
-    from ray import serve
-
     deployed = Apps(serve_http)
     try:
         deployed.deploy(split)
         yield deployed
-    finally:  # all three at once: each waits out its ingress's draining period
-        names = [name for name, _ in APPS.values()]
-        for name in names:
-            serve.delete(name, _blocking=False)
-        deadline = time.monotonic() + 120
-        while set(names) & set(serve.status().applications) and time.monotonic() < deadline:
-            time.sleep(0.2)
+    finally:
+        delete_apps([name for name, _ in APPS.values()])
 
 
 @pytest.fixture(scope="module")
